@@ -1,0 +1,108 @@
+"""Pure numpy algebra of structural re-parameterization.
+
+No onnx import here: every function takes and returns numpy arrays, computes in
+float64, and is tested against a direct convolution in tests/test_algebra.py.
+
+Conventions (ONNX/PyTorch): a conv kernel has shape (Cout, Cin/groups, k1, ..., kn);
+a bias has shape (Cout,). A "branch" is the affine map x -> conv(x, W) + b written
+on a common kernel grid, so a block of parallel branches is their sum.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+
+def bn_scale_shift(gamma, beta, mean, var, eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """Inference-mode BatchNormalization as y = x*scale + shift, per channel.
+
+    scale = gamma / sqrt(var + eps), shift = beta - mean*scale.
+    """
+    gamma, beta, mean, var = (np.asarray(a, dtype=np.float64) for a in (gamma, beta, mean, var))
+    scale = gamma / np.sqrt(var + float(eps))
+    return scale, beta - mean * scale
+
+
+def fold_bn(weight, bias, gamma, beta, mean, var, eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """Fold BN(conv(x, W) + b) into one conv: W' = W*scale, b' = (b - mean)*scale + beta."""
+    weight = np.asarray(weight, dtype=np.float64)
+    cout = weight.shape[0]
+    bias = np.zeros(cout) if bias is None else np.asarray(bias, dtype=np.float64)
+    scale, shift = bn_scale_shift(gamma, beta, mean, var, eps)
+    folded_weight = weight * scale.reshape((cout,) + (1,) * (weight.ndim - 1))
+    return folded_weight, bias * scale + shift
+
+
+def embed_kernel(kernel, spatial_shape: Sequence[int], offsets: Sequence[int]) -> np.ndarray:
+    """Zero-pad a kernel into a larger spatial grid, its first tap at `offsets` per axis."""
+    kernel = np.asarray(kernel, dtype=np.float64)
+    spatial_shape = tuple(int(s) for s in spatial_shape)
+    offsets = tuple(int(o) for o in offsets)
+    if len(spatial_shape) != kernel.ndim - 2 or len(offsets) != kernel.ndim - 2:
+        raise ValueError("spatial_shape and offsets need one entry per spatial axis")
+    for k, size, off in zip(kernel.shape[2:], spatial_shape, offsets):
+        if off < 0 or off + k > size:
+            raise ValueError(f"kernel of size {k} at offset {off} does not fit in {size}")
+    out = np.zeros(kernel.shape[:2] + spatial_shape, dtype=np.float64)
+    window = tuple(slice(o, o + k) for o, k in zip(offsets, kernel.shape[2:]))
+    out[(slice(None), slice(None)) + window] = kernel
+    return out
+
+
+def identity_kernel(channels: int, groups: int, spatial_shape: Sequence[int],
+                    position: Sequence[int]) -> np.ndarray:
+    """The kernel of a grouped conv with Cin == Cout == channels that copies its input.
+
+    Output channel i reads input channel i, which is local channel i % (channels/groups)
+    of its group; the 1 sits at `position` of the spatial grid.
+    """
+    if channels % groups:
+        raise ValueError(f"{channels} channels do not split into {groups} groups")
+    in_per_group = channels // groups
+    spatial_shape = tuple(int(s) for s in spatial_shape)
+    kernel = np.zeros((channels, in_per_group) + spatial_shape, dtype=np.float64)
+    rows = np.arange(channels)
+    kernel[(rows, rows % in_per_group) + tuple(np.full(channels, int(p)) for p in position)] = 1.0
+    return kernel
+
+
+def scale_output_channels(weight, bias, scale, shift=None) -> tuple[np.ndarray, np.ndarray]:
+    """The affine branch (W, b) followed by y*scale + shift, per output channel."""
+    weight = np.asarray(weight, dtype=np.float64)
+    scale = np.asarray(scale, dtype=np.float64)
+    out_w = weight * scale.reshape((-1,) + (1,) * (weight.ndim - 1))
+    out_b = np.asarray(bias, dtype=np.float64) * scale
+    if shift is not None:
+        out_b = out_b + np.asarray(shift, dtype=np.float64)
+    return out_w, out_b
+
+
+def sum_branches(branches: Sequence[tuple[np.ndarray, np.ndarray, Sequence[int]]],
+                 spatial_shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Sum branches (kernel, bias, offsets) on one kernel grid of `spatial_shape`."""
+    if not branches:
+        raise ValueError("no branches to sum")
+    kernel_sum = None
+    bias_sum = None
+    for kernel, bias, offsets in branches:
+        placed = embed_kernel(kernel, spatial_shape, offsets)
+        if kernel_sum is None:
+            kernel_sum = placed
+            bias_sum = np.asarray(bias, dtype=np.float64).copy()
+        else:
+            if placed.shape != kernel_sum.shape:
+                raise ValueError(f"branch kernel {placed.shape[:2]} does not match {kernel_sum.shape[:2]}")
+            kernel_sum += placed
+            bias_sum += np.asarray(bias, dtype=np.float64)
+    return kernel_sum, bias_sum
+
+
+def cast_like(values: np.ndarray, dtype) -> np.ndarray:
+    """Cast float64 results back to the model's dtype, refusing overflow to inf."""
+    with np.errstate(over="ignore"):
+        out = np.asarray(values).astype(dtype)
+    if np.issubdtype(np.dtype(dtype), np.floating) and not np.all(np.isfinite(out)[np.isfinite(values)]):
+        raise OverflowError(f"fused values overflow {np.dtype(dtype).name}")
+    return out

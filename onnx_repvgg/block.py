@@ -1,0 +1,68 @@
+"""What a rule hands to the rewriter: a matched Block, or a Reason it was not one."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Reason:
+    """Why a candidate block was left as it is: a stable code and a message for people."""
+
+    code: str
+    message: str
+
+    def __str__(self) -> str:
+        return self.message
+
+
+@dataclass
+class Term:
+    """One branch as an affine conv on the block's kernel grid (float64)."""
+
+    label: str               # "3x3", "1x1", "id", "bn", ...
+    kernel: np.ndarray       # (Cout, Cin/groups, k1, ..., kn)
+    bias: np.ndarray         # (Cout,)
+    offsets: tuple[int, ...]  # where the kernel's first tap sits in the fused grid
+
+
+@dataclass
+class ConvGeometry:
+    kernel_shape: tuple[int, ...]
+    strides: tuple[int, ...]
+    dilations: tuple[int, ...]
+    pads: tuple[int, ...]    # ONNX order: all begins, then all ends
+    group: int
+
+
+@dataclass
+class Block:
+    """Parallel linear branches of one input, summed, to be replaced by one Conv."""
+
+    anchor: str                   # name of the root Add node
+    root_output: str              # the tensor the block's sum writes
+    input: str                    # the shared input X
+    terms: list[Term]
+    geometry: ConvGeometry
+    dtype: np.dtype
+    removed_nodes: list[int]      # node indices the fused Conv replaces
+    other_leaves: list[str] = field(default_factory=list)  # addends that stay in the sum
+    name_hint: str = ""           # a name for the fused Conv node
+
+    @property
+    def branch_labels(self) -> list[str]:
+        return [t.label for t in self.terms]
+
+
+@dataclass
+class Candidate:
+    """A structure that looked like a block; `block` or `reason` is set."""
+
+    anchor: str
+    branch_labels: list[str]
+    block: Block | None = None
+    reason: Reason | None = None
+    group: int | None = None
+    strides: tuple[int, ...] | None = None

@@ -1,0 +1,197 @@
+"""Command line: argument parsing, exit codes, and printing the Report. Nothing else."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from . import __version__, io
+from .pipeline import UnsupportedModel, fuse
+from .validate import DEFAULT_ATOL, DEFAULT_RTOL, ValidationError, validate
+
+EXIT_OK = 0
+EXIT_VALIDATION_FAILED = 1
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+
+EPILOG = """\
+exit codes:
+  0  success, including "nothing to fuse" (the model is re-saved unchanged)
+  1  validation failed or could not run on the fused model; no output is written
+  2  bad usage or bad input (missing, unreadable or invalid model, bad output path)
+  130 interrupted; no output is written
+"""
+
+
+class UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump, exit code 2 via main()
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="onnx-repvgg",
+                description="Fuse re-parameterizable multi-branch blocks (RepVGG and kin) of an ONNX "
+                            "model into single convolutions, and prove the result with onnxruntime.",
+                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("input", help="ONNX model to read (external data is loaded from beside it)")
+    p.add_argument("output", nargs="?", help="where to write the fused model (not needed with --dry-run)")
+    p.add_argument("--no-check", action="store_true", help="skip validation with onnxruntime")
+    p.add_argument("--check", type=int, default=1, metavar="N",
+                   help="number of seeded random input sets to validate with (default 1)")
+    p.add_argument("--rtol", type=float, default=None,
+                   help=f"relative tolerance (default {DEFAULT_RTOL:g}; 1e-2 for float16 outputs)")
+    p.add_argument("--atol", type=float, default=None,
+                   help=f"absolute tolerance (default {DEFAULT_ATOL:g}; 1e-3 for float16 outputs)")
+    p.add_argument("--input-shape", action="append", default=[], metavar="NAME:D0,D1,...",
+                   help="shape for an input with dynamic dims during validation (repeatable); "
+                        "dynamic dims default to 1")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random validation inputs (default 0)")
+    p.add_argument("--dry-run", action="store_true", help="find and report blocks; write nothing")
+    p.add_argument("--overwrite", action="store_true", help="allow the output to be the input file")
+    p.add_argument("--json", metavar="REPORT.json", help="also write the report as JSON")
+    p.add_argument("-v", "--verbose", action="store_true", help="list every block")
+    p.add_argument("-q", "--quiet", action="store_true", help="print errors only")
+    p.add_argument("--version", action="version", version=f"onnx-repvgg {__version__}")
+    return p
+
+
+def parse_shapes(specs: list[str]) -> dict[str, list[int]]:
+    shapes = {}
+    for spec in specs:
+        name, sep, dims = spec.rpartition(":")
+        if not sep or not name:
+            raise UsageError(f"--input-shape {spec!r}: expected NAME:D0,D1,...")
+        try:
+            shapes[name] = [int(d) for d in dims.split(",") if d.strip()]
+        except ValueError:
+            raise UsageError(f"--input-shape {spec!r}: dims must be integers") from None
+        if any(d < 0 for d in shapes[name]):
+            raise UsageError(f"--input-shape {spec!r}: dims must be >= 0")
+    return shapes
+
+
+def _same_file(a: str, b: str) -> bool:
+    if os.path.exists(b):
+        return os.path.samefile(a, b)
+    return os.path.abspath(a) == os.path.abspath(b)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as exit_:  # --help / --version
+            return int(exit_.code or 0)
+        if args.output is None and not args.dry_run:
+            raise UsageError("an output path is required (or use --dry-run)")
+        if args.check < 1:
+            raise UsageError("--check needs at least 1 input set")
+        shapes = parse_shapes(args.input_shape)
+        return _run(args, shapes)
+    except UsageError as err:
+        print(f"onnx-repvgg: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except io.BadInput as err:
+        print(f"onnx-repvgg: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("onnx-repvgg: interrupted; nothing written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _check_output_path(args) -> None:
+    if args.output is None or args.dry_run:
+        return
+    if os.path.exists(args.input) and _same_file(args.input, args.output) and not args.overwrite:
+        raise UsageError("output is the input file; pass --overwrite to replace it")
+    if os.path.isdir(args.output):
+        raise io.BadInput(f"output {args.output} is a directory")
+    out_dir = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(out_dir):
+        raise io.BadInput(f"output folder {out_dir} does not exist")
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise io.BadInput(f"output folder {out_dir} is not writable")
+
+
+def _run(args, shapes) -> int:
+    say = (lambda *a: None) if args.quiet else print
+    timings: dict[str, float] = {}
+    _check_output_path(args)
+
+    t = time.perf_counter()
+    loaded = io.load(args.input)
+    timings["load"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    try:
+        model, report = fuse(loaded.model, inplace=True)
+    except UnsupportedModel as err:
+        raise io.BadInput(str(err)) from None
+    timings["fuse"] = time.perf_counter() - t
+    report.input_path = args.input
+    report.size_before = loaded.size
+    report.timings = timings
+
+    if args.dry_run:
+        say(f"onnx-repvgg {__version__}: {args.input} (dry run, nothing written)")
+        say(report.to_text(verbose=args.verbose))
+        _write_json(args, report)
+        return EXIT_OK
+
+    external = loaded.used_external_data or io.tensor_bytes(model) > io.EXTERNAL_THRESHOLD
+    staging = None
+    try:
+        t = time.perf_counter()
+        staging = io.write_to_staging(model, args.output, external)
+        timings["save"] = time.perf_counter() - t
+        del model, loaded  # the staged file is the fused model from here on
+        if not args.no_check:
+            t = time.perf_counter()
+            try:
+                report.validation = validate(args.input, io.staged_model_path(staging, args.output),
+                                             input_sets=args.check, rtol=args.rtol, atol=args.atol,
+                                             input_shapes=shapes, seed=args.seed)
+            except ValidationError as err:
+                timings["validate"] = time.perf_counter() - t
+                from .report import Validation
+                report.validation = Validation(passed=False, input_sets=args.check, error=str(err))
+                print(f"onnx-repvgg: error: validation could not run: {err}. "
+                      "Use --no-check to write the model unvalidated.", file=sys.stderr)
+                _write_json(args, report)
+                return EXIT_BAD_INPUT if err.side == "original" else EXIT_VALIDATION_FAILED
+            timings["validate"] = time.perf_counter() - t
+        if report.validation is not None and not report.validation.passed:
+            say(f"onnx-repvgg {__version__}: {args.input} -> (not written)")
+            say(report.to_text(verbose=args.verbose))
+            print("onnx-repvgg: error: the fused model differs from the original; nothing written",
+                  file=sys.stderr)
+            _write_json(args, report)
+            return EXIT_VALIDATION_FAILED
+        report.size_after = io.commit(staging, args.output)
+        staging = None
+        report.output_path = args.output
+    finally:
+        io.discard(staging)
+
+    say(f"onnx-repvgg {__version__}: {args.input} -> {args.output}")
+    say(report.to_text(verbose=args.verbose))
+    _write_json(args, report)
+    return EXIT_OK
+
+
+def _write_json(args, report) -> None:
+    if not args.json:
+        return
+    try:
+        with open(args.json, "w") as f:
+            json.dump(report.to_dict(), f, indent=2)
+            f.write("\n")
+    except OSError as err:
+        raise io.BadInput(f"cannot write the JSON report {args.json}: {err.strerror or err}") from None

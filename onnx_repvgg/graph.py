@@ -1,0 +1,167 @@
+"""A read-only index over one onnx GraphProto: producers, consumers, constants.
+
+Built once per matching round in O(nodes + initializers). It never converts a
+tensor to numpy until a rule asks for that constant, so a large model's weights
+are touched only where a block is matched.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Iterator
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+# Names of ops whose output is a constant when all their inputs are.
+_PASS_THROUGH_OPS = {"Identity"}
+
+
+def subgraphs_of(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            yield attr.g
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            yield from attr.graphs
+
+
+def names_used_in_subgraph(graph: onnx.GraphProto) -> set[str]:
+    """Every value name a subgraph reads, including outer-scope captures."""
+    used: set[str] = set()
+    for node in graph.node:
+        used.update(name for name in node.input if name)
+        for sub in subgraphs_of(node):
+            used |= names_used_in_subgraph(sub)
+    used.update(out.name for out in graph.output)
+    return used
+
+
+def all_names(graph: onnx.GraphProto) -> set[str]:
+    """Every value, initializer and node name in a graph and its subgraphs."""
+    names: set[str] = set()
+    names.update(t.name for t in graph.initializer)
+    names.update(v.name for v in graph.input)
+    names.update(v.name for v in graph.output)
+    names.update(v.name for v in graph.value_info)
+    for node in graph.node:
+        names.add(node.name)
+        names.update(node.input)
+        names.update(node.output)
+        for sub in subgraphs_of(node):
+            names |= all_names(sub)
+    names.discard("")
+    return names
+
+
+class GraphView:
+    """Producers, consumers, graph outputs and constant values of one graph.
+
+    `consumers[name]` lists (node_index, input_slot) pairs, one per use. Uses from
+    inside a node's subgraphs (If/Loop/Scan bodies capturing an outer value) count
+    as uses by that node, with slot -1, so such a value is never treated as private.
+    """
+
+    def __init__(self, graph: onnx.GraphProto):
+        self.graph = graph
+        self.nodes = list(graph.node)
+        self.producer: dict[str, int] = {}
+        self.consumers: dict[str, list[tuple[int, int]]] = defaultdict(list)
+        for index, node in enumerate(self.nodes):
+            for out in node.output:
+                if out:
+                    self.producer[out] = index
+            for slot, name in enumerate(node.input):
+                if name:
+                    self.consumers[name].append((index, slot))
+            for sub in subgraphs_of(node):
+                for name in names_used_in_subgraph(sub):
+                    self.consumers[name].append((index, -1))
+        self.graph_outputs = {v.name for v in graph.output}
+        self.graph_inputs = {v.name for v in graph.input}
+        self.initializers = {t.name: t for t in graph.initializer}
+        self._constant_cache: dict[str, np.ndarray | None] = {}
+
+    # -- structure -------------------------------------------------------------
+    def producer_of(self, name: str) -> onnx.NodeProto | None:
+        index = self.producer.get(name)
+        return None if index is None else self.nodes[index]
+
+    def use_count(self, name: str) -> int:
+        return len(self.consumers.get(name, ())) + (1 if name in self.graph_outputs else 0)
+
+    def is_private(self, name: str) -> bool:
+        """Exactly one use, by a node of this graph, and not a graph output."""
+        return name not in self.graph_outputs and len(self.consumers.get(name, ())) == 1
+
+    # -- constants -------------------------------------------------------------
+    def is_constant(self, name: str) -> bool:
+        return self.constant(name) is not None
+
+    def constant(self, name: str) -> np.ndarray | None:
+        """The value of `name` if it is a constant, else None.
+
+        A constant is an initializer that is not also a graph input (such an
+        initializer is only a default the caller may override), the output of a
+        Constant node, or an Identity of a constant (the TorchScript exporter
+        shares deduplicated initializers that way).
+        """
+        if name in self._constant_cache:
+            return self._constant_cache[name]
+        value = self._compute_constant(name)
+        self._constant_cache[name] = value
+        return value
+
+    def _compute_constant(self, name: str) -> np.ndarray | None:
+        if not name:
+            return None
+        if name in self.initializers:
+            if name in self.graph_inputs:
+                return None
+            return numpy_helper.to_array(self.initializers[name])
+        node = self.producer_of(name)
+        if node is None:
+            return None
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            return _constant_node_value(node)
+        if node.op_type in _PASS_THROUGH_OPS and node.domain in ("", "ai.onnx") and len(node.input) == 1:
+            return self.constant(node.input[0])
+        return None
+
+    def constant_sources(self, name: str) -> list[str]:
+        """The chain of names that make up a constant: name, then what it is an Identity of."""
+        chain = [name]
+        node = self.producer_of(name)
+        while node is not None and node.op_type in _PASS_THROUGH_OPS and len(node.input) == 1:
+            chain.append(node.input[0])
+            node = self.producer_of(node.input[0])
+        return chain
+
+
+def _constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
+    for attr in node.attribute:
+        if attr.name == "value":
+            return numpy_helper.to_array(attr.t)
+        if attr.name == "value_float":
+            return np.array(attr.f, dtype=np.float32)
+        if attr.name == "value_floats":
+            return np.array(list(attr.floats), dtype=np.float32)
+        if attr.name == "value_int":
+            return np.array(attr.i, dtype=np.int64)
+        if attr.name == "value_ints":
+            return np.array(list(attr.ints), dtype=np.int64)
+    return None  # sparse_value and string constants are not weights
+
+
+def attribute(node: onnx.NodeProto, name: str, default=None):
+    for attr in node.attribute:
+        if attr.name == name:
+            return onnx.helper.get_attribute_value(attr)
+    return default
+
+
+def opset_version(model: onnx.ModelProto, domain: str = "") -> int | None:
+    for entry in model.opset_import:
+        if entry.domain in (domain, "ai.onnx" if domain == "" else domain):
+            return entry.version
+    return None

@@ -1,0 +1,109 @@
+"""fuse(model) -> (model, Report): the whole flow of the pass, written down once.
+
+    for each graph (the main graph and every If/Loop/Scan body):
+        repeat until nothing changes:
+            index the graph                  (graph.GraphView)
+            match: each rule finds Candidates, each a Block or a Reason
+            fuse:  numpy algebra turns each Block into one kernel and bias (float64)
+            rewrite: swap the block's nodes for the fused Conv
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import onnx
+
+from . import algebra, rewrite
+from .block import Block
+from .graph import GraphView, all_names, opset_version, subgraphs_of
+from .report import BlockRecord, ModelStats, Report
+from .rules import RULES
+
+MAX_ROUNDS = 32
+
+
+class UnsupportedModel(ValueError):
+    """The model cannot be processed at all (as opposed to one block being skipped)."""
+
+
+def fused_weights(block: Block):
+    """The block's fused kernel and bias, summed in float64 and cast to the model's dtype."""
+    kernel, bias = algebra.sum_branches([(t.kernel, t.bias, t.offsets) for t in block.terms],
+                                        block.geometry.kernel_shape)
+    return algebra.cast_like(kernel, block.dtype), algebra.cast_like(bias, block.dtype)
+
+
+def fuse(model: onnx.ModelProto, *, rules: Iterable[str] | None = None,
+         inplace: bool = False) -> tuple[onnx.ModelProto, Report]:
+    """Fuse every re-parameterizable block of `model`.
+
+    Returns the fused model (the same object when inplace=True, else a copy) and a
+    Report of every block fused or skipped, with the reason for each skip.
+    """
+    if not inplace:
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        model = copy
+    opset = opset_version(model, "")
+    if opset is None:
+        raise UnsupportedModel("the model imports no default-domain (ai.onnx) opset")
+    chosen = list(RULES) if rules is None else list(rules)
+    unknown = [r for r in chosen if r not in RULES]
+    if unknown:
+        raise ValueError(f"unknown rule(s) {unknown}; known: {sorted(RULES)}")
+
+    report = Report(before=ModelStats.of(model))
+    names = rewrite.NameRegistry(all_names(model.graph))
+    for graph in _graphs(model.graph):
+        _fuse_graph(graph, opset, [RULES[r] for r in chosen], names, report)
+    report.after = ModelStats.of(model)
+    return model, report
+
+
+def _graphs(graph: onnx.GraphProto):
+    yield graph
+    for node in graph.node:
+        for sub in subgraphs_of(node):
+            yield from _graphs(sub)
+
+
+def _fuse_graph(graph: onnx.GraphProto, opset: int, rules, names: rewrite.NameRegistry,
+                report: Report) -> None:
+    last_skips: list[BlockRecord] = []
+    for _ in range(MAX_ROUNDS):
+        view = GraphView(graph)
+        replacements = []
+        claimed: set[int] = set()
+        skips: list[BlockRecord] = []
+        for rule in rules:
+            for candidate in rule.find(view, opset):
+                record = BlockRecord(anchor=candidate.anchor, branches=candidate.branch_labels,
+                                     status="skipped", group=candidate.group,
+                                     strides=list(candidate.strides) if candidate.strides else None)
+                block = candidate.block
+                if block is None:
+                    record.reason_code, record.reason = candidate.reason.code, candidate.reason.message
+                    skips.append(record)
+                    continue
+                if claimed.intersection(block.removed_nodes):
+                    continue  # overlaps a block fused this round; it is matched again next round
+                try:
+                    weight, bias = fused_weights(block)
+                except OverflowError as err:
+                    record.reason_code, record.reason = "overflow", str(err)
+                    skips.append(record)
+                    continue
+                claimed.update(block.removed_nodes)
+                nodes, tensors = rewrite.fused_nodes(block, weight, bias, names)
+                replacements.append((block, nodes, tensors))
+                record.status = "fused"
+                record.fused_node = nodes[0].name
+                report.blocks.append(record)
+        report.rounds += 1
+        last_skips = skips
+        if not replacements:
+            break
+        rewrite.apply(graph, view, replacements)
+    report.blocks.extend(last_skips)
+    rewrite.drop_stale_value_info(graph)

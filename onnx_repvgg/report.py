@@ -1,0 +1,167 @@
+"""The Report: one object behind the terminal text, --json and the Python API."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import onnx
+
+SCHEMA_VERSION = 1
+COUNTED_OPS = ("Conv", "BatchNormalization", "Add")
+
+
+@dataclass
+class BlockRecord:
+    anchor: str                  # name of the root Add node of the block
+    branches: list[str]          # e.g. ["3x3", "1x1", "bn"]
+    status: str                  # "fused" or "skipped"
+    reason_code: str | None = None
+    reason: str | None = None
+    group: int | None = None
+    strides: list[int] | None = None
+    fused_node: str | None = None
+
+    @property
+    def pattern(self) -> str:
+        return "+".join(self.branches)
+
+
+@dataclass
+class OutputCheck:
+    name: str
+    max_abs_diff: float
+    max_rel_diff: float
+    rtol: float
+    atol: float
+    passed: bool
+
+
+@dataclass
+class Validation:
+    passed: bool
+    input_sets: int
+    outputs: list[OutputCheck] = field(default_factory=list)
+    input_shapes: dict[str, list[int]] = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def max_abs_diff(self) -> float:
+        return max((o.max_abs_diff for o in self.outputs), default=0.0)
+
+    @property
+    def max_rel_diff(self) -> float:
+        return max((o.max_rel_diff for o in self.outputs), default=0.0)
+
+
+@dataclass
+class ModelStats:
+    op_counts: dict[str, int]
+    nodes: int
+    params: int
+
+    @classmethod
+    def of(cls, model: onnx.ModelProto) -> "ModelStats":
+        counts = Counter(node.op_type for node in model.graph.node)
+        params = 0
+        for tensor in model.graph.initializer:
+            size = 1
+            for d in tensor.dims:
+                size *= d
+            params += size
+        return cls(dict(counts), len(model.graph.node), params)
+
+
+@dataclass
+class Report:
+    blocks: list[BlockRecord] = field(default_factory=list)
+    before: ModelStats | None = None
+    after: ModelStats | None = None
+    rounds: int = 0
+    validation: Validation | None = None
+    input_path: str | None = None
+    output_path: str | None = None
+    size_before: int | None = None
+    size_after: int | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def fused(self) -> list[BlockRecord]:
+        return [b for b in self.blocks if b.status == "fused"]
+
+    @property
+    def skipped(self) -> list[BlockRecord]:
+        return [b for b in self.blocks if b.status == "skipped"]
+
+    def to_dict(self) -> dict:
+        from . import __version__
+        data = asdict(self)
+        data["schema_version"] = SCHEMA_VERSION
+        data["tool_version"] = __version__
+        data["summary"] = {"fused": len(self.fused), "skipped": len(self.skipped)}
+        return data
+
+    def to_text(self, verbose: bool = False, max_rows: int = 30) -> str:
+        lines = [f"blocks: {len(self.fused)} fused, {len(self.skipped)} skipped"]
+        rows = self.blocks if verbose or len(self.blocks) <= max_rows else self.skipped
+        for b in rows:
+            shape = b.pattern
+            extra = ""
+            if b.group is not None:
+                extra = f" g={b.group} s={','.join(map(str, b.strides or []))}"
+            if b.status == "fused":
+                lines.append(f"  fused    {b.anchor}  {shape}{extra}")
+            else:
+                lines.append(f"  skipped  {b.anchor}  {shape}: {b.reason}")
+        if rows is not self.blocks:
+            patterns = Counter(b.pattern for b in self.fused)
+            summary = ", ".join(f"{n}x {p}" for p, n in patterns.most_common())
+            lines.append(f"  fused: {summary} (-v lists every block)")
+        if self.before and self.after:
+            lines.append("")
+            lines.extend(_side_by_side(self))
+        if self.validation is not None:
+            lines.append("")
+            lines.append(_validation_text(self.validation))
+        if self.timings:
+            lines.append("time: " + ", ".join(f"{k} {v:.2f}s" for k, v in self.timings.items()))
+        return "\n".join(lines)
+
+
+def _human_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _side_by_side(report: Report) -> list[str]:
+    b, a = report.before, report.after
+    rows = [(op, str(b.op_counts.get(op, 0)), str(a.op_counts.get(op, 0))) for op in COUNTED_OPS]
+    rows.append(("nodes", str(b.nodes), str(a.nodes)))
+    rows.append(("params", f"{b.params:,}", f"{a.params:,}"))
+    if report.size_before is not None or report.size_after is not None:
+        rows.append(("file size", _human_bytes(report.size_before), _human_bytes(report.size_after)))
+    w0 = max(len(r[0]) for r in rows)
+    w1 = max(len("original"), *(len(r[1]) for r in rows))
+    w2 = max(len("fused"), *(len(r[2]) for r in rows))
+    out = [f"  {'':<{w0}}  {'original':>{w1}}  {'fused':>{w2}}"]
+    out += [f"  {r[0]:<{w0}}  {r[1]:>{w1}}  {r[2]:>{w2}}" for r in rows]
+    return out
+
+
+def _validation_text(v: Validation) -> str:
+    if v.error:
+        return f"validation: could not run: {v.error}"
+    head = "passed" if v.passed else "FAILED"
+    lines = [f"validation: {head} ({v.input_sets} random input set{'s' if v.input_sets != 1 else ''}, "
+             f"onnxruntime, optimizations disabled): max abs diff {v.max_abs_diff:.3g}, "
+             f"max rel diff {v.max_rel_diff:.3g}"]
+    for o in v.outputs:
+        if not o.passed:
+            lines.append(f"  output '{o.name}': max abs diff {o.max_abs_diff:.3g}, max rel diff "
+                         f"{o.max_rel_diff:.3g} exceed rtol {o.rtol:g}, atol {o.atol:g}")
+    return "\n".join(lines)

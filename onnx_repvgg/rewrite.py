@@ -1,0 +1,127 @@
+"""Apply matched Blocks to a graph: one Conv in, the block's nodes out.
+
+The fused Conv is inserted where the block's root sum was, so the node list stays
+topologically sorted (X and the constants come before every branch). It writes the
+root's output name, so downstream nodes and graph outputs are untouched. Only the
+constants that the removed nodes were the last users of are deleted; shared
+initializers are never modified.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .block import Block
+from .graph import GraphView
+
+
+class NameRegistry:
+    """Hands out names that collide with nothing in the model."""
+
+    def __init__(self, taken: set[str]):
+        self.taken = set(taken)
+
+    def fresh(self, base: str) -> str:
+        base = base or "repvgg"
+        name, n = base, 1
+        while name in self.taken:
+            name = f"{base}_{n}"
+            n += 1
+        self.taken.add(name)
+        return name
+
+
+def fused_nodes(block: Block, weight: np.ndarray, bias: np.ndarray, names: NameRegistry
+                ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """The Conv (and the Adds of addends that stay in the sum) replacing the block."""
+    stem = block.name_hint or block.anchor
+    weight_name = names.fresh(f"{stem}.fused_weight")
+    bias_name = names.fresh(f"{stem}.fused_bias")
+    g = block.geometry
+    conv_out = block.root_output if not block.other_leaves else names.fresh(f"{stem}.fused_output")
+    conv = helper.make_node(
+        "Conv", [block.input, weight_name, bias_name], [conv_out], name=names.fresh(stem),
+        kernel_shape=list(g.kernel_shape), strides=list(g.strides), dilations=list(g.dilations),
+        pads=list(g.pads), group=g.group)
+    nodes = [conv]
+    running = conv_out
+    for i, leaf in enumerate(block.other_leaves):
+        last = i == len(block.other_leaves) - 1
+        out = block.root_output if last else names.fresh(f"{block.anchor}.partial_sum")
+        nodes.append(helper.make_node("Add", [running, leaf], [out], name=names.fresh(f"{block.anchor}.rest")))
+        running = out
+    tensors = [numpy_helper.from_array(weight, weight_name), numpy_helper.from_array(bias, bias_name)]
+    return nodes, tensors
+
+
+def apply(graph: onnx.GraphProto, view: GraphView,
+          replacements: list[tuple[Block, list[onnx.NodeProto], list[onnx.TensorProto]]]) -> int:
+    """Rewrite `graph` (indexed by `view`) in place; return how many nodes were removed."""
+    removed: set[int] = set()
+    inserted: dict[int, list[onnx.NodeProto]] = defaultdict(list)
+    uses = {name: len(c) for name, c in view.consumers.items()}
+
+    def drop_use(name: str) -> None:
+        uses[name] = uses.get(name, 0) - 1
+
+    for block, nodes, tensors in replacements:
+        root = view.producer[block.root_output]
+        inserted[root].extend(nodes)
+        removed.update(block.removed_nodes)
+        for index in block.removed_nodes:
+            for name in view.nodes[index].input:
+                if name:
+                    drop_use(name)
+        for node in nodes:
+            for name in node.input:
+                uses[name] = uses.get(name, 0) + 1
+        graph.initializer.extend(tensors)
+
+    # Constants that lost their last use: their Constant/Identity producers, then initializers.
+    dead_initializers: set[str] = set()
+    frontier = [name for name, count in uses.items() if count <= 0]
+    while frontier:
+        name = frontier.pop()
+        if uses.get(name, 0) > 0 or name in view.graph_outputs:
+            continue
+        index = view.producer.get(name)
+        if index is not None:
+            node = view.nodes[index]
+            if index in removed or node.op_type not in ("Constant", "Identity"):
+                continue
+            if any(uses.get(out, 0) > 0 or out in view.graph_outputs for out in node.output if out):
+                continue
+            removed.add(index)
+            for inp in node.input:
+                if inp:
+                    drop_use(inp)
+                    if uses[inp] <= 0:
+                        frontier.append(inp)
+        elif name in view.initializers and name not in view.graph_inputs:
+            dead_initializers.add(name)
+
+    new_nodes = []
+    for index, node in enumerate(view.nodes):
+        new_nodes.extend(inserted.get(index, ()))
+        if index not in removed:
+            new_nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+
+    if dead_initializers:
+        for index in range(len(graph.initializer) - 1, -1, -1):
+            if graph.initializer[index].name in dead_initializers:
+                del graph.initializer[index]
+    return len(removed)
+
+
+def drop_stale_value_info(graph: onnx.GraphProto) -> None:
+    """Remove value_info entries of tensors that no node produces any more."""
+    produced = {out for node in graph.node for out in node.output}
+    stale = [i for i, v in enumerate(graph.value_info) if v.name not in produced]
+    for index in reversed(stale):
+        del graph.value_info[index]

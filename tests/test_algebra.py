@@ -1,0 +1,112 @@
+"""The fusion algebra against a direct numpy convolution, on random data."""
+
+import numpy as np
+import pytest
+
+from onnx_repvgg import algebra
+from tests.numpy_conv import batchnorm, conv
+
+rng = np.random.default_rng(1234)
+
+
+def random_bn(c):
+    return (rng.uniform(0.5, 1.5, c), rng.uniform(-1, 1, c), rng.uniform(-1, 1, c), rng.uniform(0.2, 2, c))
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_fold_bn_equals_bn_after_conv(with_bias):
+    x = rng.standard_normal((2, 4, 7, 7))
+    w = rng.standard_normal((6, 4, 3, 3))
+    b = rng.standard_normal(6) if with_bias else None
+    gamma, beta, mean, var = random_bn(6)
+    expected = batchnorm(conv(x, w, b, pads=[1, 1, 1, 1]), gamma, beta, mean, var, 1e-3)
+    fw, fb = algebra.fold_bn(w, b, gamma, beta, mean, var, 1e-3)
+    np.testing.assert_allclose(conv(x, fw, fb, pads=[1, 1, 1, 1]), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_fold_bn_uses_epsilon():
+    w = np.ones((1, 1, 1, 1))
+    fw, fb = algebra.fold_bn(w, None, [1.0], [0.0], [0.0], [0.0], 0.25)
+    assert fw.item() == pytest.approx(2.0)
+    assert fb.item() == 0.0
+
+
+def test_embed_kernel_places_taps_and_rejects_misfit():
+    k = rng.standard_normal((2, 3, 1, 3))
+    placed = algebra.embed_kernel(k, (3, 3), (1, 0))
+    assert placed.shape == (2, 3, 3, 3)
+    np.testing.assert_array_equal(placed[:, :, 1, :], k[:, :, 0, :])
+    assert np.count_nonzero(placed[:, :, [0, 2], :]) == 0
+    with pytest.raises(ValueError):
+        algebra.embed_kernel(k, (3, 3), (0, 1))
+
+
+def test_embedded_1x1_equals_1x1_conv_with_matching_pad():
+    x = rng.standard_normal((1, 5, 9, 9))
+    w1 = rng.standard_normal((5, 5, 1, 1))
+    expected = conv(x, w1, strides=[2, 2])
+    w3 = algebra.embed_kernel(w1, (3, 3), (1, 1))
+    np.testing.assert_allclose(conv(x, w3, strides=[2, 2], pads=[1, 1, 1, 1]), expected, atol=1e-12)
+
+
+@pytest.mark.parametrize("channels,groups", [(6, 1), (6, 2), (6, 3), (6, 6)])
+def test_identity_kernel_copies_input(channels, groups):
+    x = rng.standard_normal((2, channels, 5, 5))
+    k = algebra.identity_kernel(channels, groups, (3, 3), (1, 1))
+    np.testing.assert_allclose(conv(x, k, pads=[1, 1, 1, 1], group=groups), x, atol=1e-12)
+
+
+@pytest.mark.parametrize("ndim", [1, 2, 3])
+def test_identity_kernel_any_rank(ndim):
+    x = rng.standard_normal((1, 4) + (4,) * ndim)
+    k = algebra.identity_kernel(4, 2, (1,) * ndim, (0,) * ndim)
+    np.testing.assert_allclose(conv(x, k, group=2), x, atol=1e-12)
+
+
+def test_identity_kernel_rejects_bad_groups():
+    with pytest.raises(ValueError):
+        algebra.identity_kernel(6, 4, (3, 3), (1, 1))
+
+
+def test_repvgg_block_sum_equals_three_branches():
+    """BN(conv3(x)) + BN(conv1(x)) + BN(x) == one 3x3 conv, grouped."""
+    c, g = 8, 4
+    x = rng.standard_normal((2, c, 6, 6))
+    w3 = rng.standard_normal((c, c // g, 3, 3))
+    w1 = rng.standard_normal((c, c // g, 1, 1))
+    bn3, bn1, bni = random_bn(c), random_bn(c), random_bn(c)
+    expected = (batchnorm(conv(x, w3, pads=[1] * 4, group=g), *bn3, 1e-5)
+                + batchnorm(conv(x, w1, group=g), *bn1, 1e-5)
+                + batchnorm(x, *bni, 1e-5))
+    k3, b3 = algebra.fold_bn(w3, None, *bn3, 1e-5)
+    k1, b1 = algebra.fold_bn(w1, None, *bn1, 1e-5)
+    scale, shift = algebra.bn_scale_shift(*bni, 1e-5)
+    ki, bi = algebra.scale_output_channels(algebra.identity_kernel(c, g, (1, 1), (0, 0)), np.zeros(c), scale, shift)
+    kernel, bias = algebra.sum_branches([(k3, b3, (0, 0)), (k1, b1, (1, 1)), (ki, bi, (1, 1))], (3, 3))
+    np.testing.assert_allclose(conv(x, kernel, bias, pads=[1] * 4, group=g), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_asymmetric_and_dilated_branches():
+    """ACNet-style 3x3 + 1x3 + 3x1, dilation 2: the covering kernel reproduces the sum."""
+    x = rng.standard_normal((1, 3, 11, 11))
+    w33, w13, w31 = (rng.standard_normal((4, 3) + k) for k in [(3, 3), (1, 3), (3, 1)])
+    d = [2, 2]
+    expected = (conv(x, w33, pads=[2, 2, 2, 2], dilations=d)
+                + conv(x, w13, pads=[0, 2, 0, 2], dilations=d)
+                + conv(x, w31, pads=[2, 0, 2, 0], dilations=d))
+    zero = np.zeros(4)
+    kernel, bias = algebra.sum_branches([(w33, zero, (0, 0)), (w13, zero, (1, 0)), (w31, zero, (0, 1))], (3, 3))
+    np.testing.assert_allclose(conv(x, kernel, bias, pads=[2, 2, 2, 2], dilations=d), expected, atol=1e-10)
+
+
+def test_cast_like_refuses_overflow():
+    with pytest.raises(OverflowError):
+        algebra.cast_like(np.array([1e6]), np.float16)
+    out = algebra.cast_like(np.array([1.5]), np.float16)
+    assert out.dtype == np.float16 and out[0] == 1.5
+
+
+def test_sum_branches_rejects_mismatched_channels():
+    with pytest.raises(ValueError):
+        algebra.sum_branches([(np.ones((2, 2, 1, 1)), np.zeros(2), (0, 0)),
+                              (np.ones((3, 2, 1, 1)), np.zeros(3), (0, 0))], (1, 1))

@@ -1,0 +1,407 @@
+"""The branch_sum rule on hand-built graphs: what fuses, what is skipped, and why."""
+
+import itertools
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+from onnx_repvgg import fuse
+from tests.graphs import GraphBuilder, fuse_and_compare, op_counts
+
+
+def repvgg_block(b: GraphBuilder, c=4, identity="bn", order=(0, 1, 2), assoc="left", **conv_kw):
+    x = b.x
+    branches = [b.conv(x, c, c, 3, **conv_kw), b.conv(x, c, c, 1, pads=[0, 0, 0, 0],
+                                                       **{k: v for k, v in conv_kw.items() if k != "pads"})]
+    if identity == "bn":
+        branches.append(b.bn(x, c))
+    elif identity == "bare":
+        branches.append(x)
+    terms = [branches[i] for i in order if i < len(branches)]
+    if assoc == "left":
+        out = terms[0]
+        for t in terms[1:]:
+            out = b.add(out, t)
+    else:
+        out = terms[-1]
+        for t in reversed(terms[:-1]):
+            out = b.add(t, out)
+    return out
+
+
+def assert_single_conv(fused, report, fused_blocks=1):
+    counts = op_counts(fused)
+    assert counts.get("Conv") == fused_blocks
+    assert "BatchNormalization" not in counts
+    assert "Add" not in counts
+    assert len(report.fused) == fused_blocks
+    assert not report.skipped
+
+
+@pytest.mark.parametrize("identity", ["bn", "bare", None])
+def test_repvgg_block_fuses_to_one_conv(identity):
+    b = GraphBuilder()
+    out = repvgg_block(b, identity=identity)
+    fused, report = fuse_and_compare(b.model([out]))
+    assert_single_conv(fused, report)
+    assert fused.graph.node[0].output[0] == out  # takes over the root's name
+    conv = fused.graph.node[0]
+    assert helper.get_attribute_value(next(a for a in conv.attribute if a.name == "kernel_shape")) == [3, 3]
+    assert len(fused.graph.initializer) == 2
+    expected = {"bn": ["3x3", "1x1", "bn"], "bare": ["3x3", "1x1", "id"], None: ["3x3", "1x1"]}[identity]
+    assert report.fused[0].branches == expected
+
+
+@pytest.mark.parametrize("order", list(itertools.permutations(range(3))))
+@pytest.mark.parametrize("assoc", ["left", "right"])
+def test_any_add_order_and_association(order, assoc):
+    b = GraphBuilder()
+    out = repvgg_block(b, identity="bn", order=order, assoc=assoc)
+    assert_single_conv(*fuse_and_compare(b.model([out])))
+
+
+def test_unfolded_conv_bn_branches():
+    b = GraphBuilder(channels=6)
+    x = b.x
+    t3 = b.bn(b.conv(x, 6, 6, 3, bias=False), 6)
+    t1 = b.bn(b.conv(x, 6, 6, 1, pads=[0] * 4, bias=True), 6)
+    out = b.add(b.add(t3, t1), b.bn(x, 6))
+    fused, report = fuse_and_compare(b.model([out]))
+    assert_single_conv(fused, report)
+
+
+def test_nary_sum_node():
+    b = GraphBuilder()
+    x = b.x
+    out = b.op("Sum", [b.conv(x, 4, 4, 3), b.conv(x, 4, 4, 1, pads=[0] * 4), b.bn(x, 4)])
+    assert_single_conv(*fuse_and_compare(b.model([out])))
+
+
+@pytest.mark.parametrize("groups", [2, 4])
+def test_grouped_and_depthwise_with_identity(groups):
+    b = GraphBuilder(channels=4)
+    out = repvgg_block(b, identity="bn", group=groups)
+    fused, report = fuse_and_compare(b.model([out]))
+    assert_single_conv(fused, report)
+    assert report.fused[0].group == groups
+
+
+def test_stride_2_without_identity_changes_channels():
+    b = GraphBuilder(channels=4, spatial=(7, 7))
+    x = b.x
+    out = b.add(b.conv(x, 4, 8, 3, stride=2), b.conv(x, 4, 8, 1, stride=2, pads=[0] * 4))
+    fused, report = fuse_and_compare(b.model([out]))
+    assert_single_conv(fused, report)
+    assert report.fused[0].strides == [2, 2]
+
+
+@pytest.mark.parametrize("as_node,via_identity", [(True, False), (False, True)])
+def test_constant_nodes_and_identity_shared_constants(as_node, via_identity):
+    b = GraphBuilder()
+    x = b.x
+    t3 = b.conv(x, 4, 4, 3, as_node=as_node, via_identity=via_identity)
+    t1 = b.conv(x, 4, 4, 1, pads=[0] * 4, as_node=as_node, via_identity=via_identity)
+    out = b.add(b.add(t3, t1), b.bn(x, 4, as_node=as_node))
+    fused, report = fuse_and_compare(b.model([out]))
+    assert_single_conv(fused, report)
+    assert op_counts(fused) == {"Conv": 1}  # the now-dead Constant/Identity nodes are gone
+    assert len(fused.graph.initializer) == 2
+
+
+@pytest.mark.parametrize("spatial,k", [((9,), (3,)), ((5, 5, 5), (3, 3, 3))])
+def test_1d_and_3d(spatial, k):
+    b = GraphBuilder(spatial=spatial)
+    x = b.x
+    n = len(spatial)
+    out = b.add(b.add(b.conv(x, 4, 4, k), b.conv(x, 4, 4, (1,) * n, pads=[0] * 2 * n)), b.bn(x, 4))
+    assert_single_conv(*fuse_and_compare(b.model([out])))
+
+
+def test_auto_pad_same_upper_and_valid():
+    b = GraphBuilder()
+    x = b.x
+    out = b.add(b.add(b.conv(x, 4, 4, 3, auto_pad="SAME_UPPER"), b.conv(x, 4, 4, 1, auto_pad="VALID")), x)
+    fused, report = fuse_and_compare(b.model([out]))
+    assert_single_conv(fused, report)
+    attrs = {a.name: helper.get_attribute_value(a) for a in fused.graph.node[0].attribute}
+    assert "auto_pad" not in attrs and attrs["pads"] == [1, 1, 1, 1]
+
+
+def test_wider_pads_that_still_embed():
+    b = GraphBuilder(spatial=(5, 5))
+    x = b.x
+    out = b.add(b.conv(x, 4, 4, 3, pads=[2, 2, 2, 2], stride=2), b.conv(x, 4, 4, 1, pads=[1, 1, 1, 1], stride=2))
+    assert_single_conv(*fuse_and_compare(b.model([out])))
+
+
+def test_off_centre_pads_that_embed():
+    b = GraphBuilder(spatial=(6, 7))
+    x = b.x
+    t3 = b.conv(x, 4, 4, 3, pads=[2, 2, 0, 0])  # a causal-style 3x3
+    t1 = b.conv(x, 4, 4, 1, pads=[0, 0, 0, 0])  # its bottom-right tap
+    t2 = b.conv(x, 4, 4, 2, pads=[1, 1, 0, 0])
+    out = b.add(b.add(t3, t1), t2)
+    fused, report = fuse_and_compare(b.model([out]))
+    assert_single_conv(fused, report)
+    attrs = {a.name: helper.get_attribute_value(a) for a in fused.graph.node[0].attribute}
+    assert attrs["pads"] == [2, 2, 0, 0] and attrs["kernel_shape"] == [3, 3]
+
+
+def test_acnet_asymmetric_kernels_and_dilation():
+    b = GraphBuilder(spatial=(9, 9))
+    x = b.x
+    t33 = b.conv(x, 4, 4, 3, dilation=2)
+    t13 = b.conv(x, 4, 4, (1, 3), dilation=2, pads=[0, 2, 0, 2])
+    t31 = b.conv(x, 4, 4, (3, 1), dilation=2, pads=[2, 0, 2, 0])
+    out = b.add(b.add(b.add(t33, t13), t31), b.bn(x, 4))
+    fused, report = fuse_and_compare(b.model([out]))
+    assert_single_conv(fused, report)
+    assert report.fused[0].branches == ["3x3", "1x3", "3x1", "bn"]
+
+
+def test_other_addends_stay_in_the_sum():
+    b = GraphBuilder()
+    x = b.x
+    y = b.op("Relu", [x])
+    out = b.add(b.add(b.conv(x, 4, 4, 3), y), b.conv(x, 4, 4, 1, pads=[0] * 4))
+    fused, report = fuse_and_compare(b.model([out]))
+    assert op_counts(fused) == {"Relu": 1, "Conv": 1, "Add": 1}
+    assert len(report.fused) == 1
+
+
+def test_plain_residual_is_not_a_block():
+    b = GraphBuilder()
+    x = b.x
+    out = b.add(b.op("Relu", [b.conv(b.op("Relu", [x]), 4, 4, 3)]), x)
+    model = b.model([out])
+    fused, report = fuse_and_compare(model)
+    assert report.blocks == []
+    assert op_counts(fused) == op_counts(model)
+
+
+def test_two_blocks_on_one_input_get_unique_names():
+    b = GraphBuilder()
+    first = repvgg_block(b, identity="bn")
+    second = repvgg_block(b, identity="bare")
+    fused, report = fuse_and_compare(b.model([first, second]))
+    assert_single_conv(fused, report, fused_blocks=2)
+    names = [t.name for t in fused.graph.initializer]
+    assert len(names) == len(set(names)) == 4
+
+
+def test_chained_blocks_and_graph_output_name_kept():
+    b = GraphBuilder()
+    first = repvgg_block(b, identity="bn")
+    b.x = b.op("Relu", [first])
+    second = repvgg_block(b, identity="bn")
+    b.x = "x"
+    fused, report = fuse_and_compare(b.model([second]))
+    assert op_counts(fused) == {"Conv": 2, "Relu": 1}
+    assert fused.graph.output[0].name == second
+    assert fused.graph.node[-1].output[0] == second
+
+
+def test_shared_initializer_is_never_modified():
+    """Two blocks share a 1x1 weight; one is skipped, so the shared tensor must survive intact."""
+    b = GraphBuilder(spatial=(1, 1))
+    x = b.x
+    shared = b.constant(b.rng.standard_normal((4, 4, 1, 1)).astype(np.float32), "shared")
+    ok = b.add(b.conv(x, 4, 4, 3), b.conv(x, 4, 4, 1, pads=[0] * 4, weight_name=shared))
+    bad = b.add(b.conv(x, 4, 4, 3, stride=2), b.conv(x, 4, 4, 1, pads=[0] * 4, weight_name=shared, stride=1))
+    model = b.model([ok])
+    # the second block is only valid as a separate output of mismatched shape; keep it as an output
+    model.graph.output.append(helper.make_tensor_value_info(bad, onnx.TensorProto.FLOAT, None))
+    before = onnx.numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == shared)).copy()
+    fused, report = fuse(model)
+    assert [r.status for r in report.blocks] == ["fused", "skipped"]
+    after = onnx.numpy_helper.to_array(next(t for t in fused.graph.initializer if t.name == shared))
+    np.testing.assert_array_equal(before, after)
+
+
+def test_float16_model():
+    b = GraphBuilder(dtype=np.float16)
+    out = repvgg_block(b, identity="bn")
+    fused, report = fuse_and_compare(b.model([out]), rtol=1e-2, atol=1e-2)
+    assert_single_conv(fused, report)
+    assert fused.graph.initializer[0].data_type == onnx.TensorProto.FLOAT16
+
+
+def test_input_model_is_not_modified():
+    b = GraphBuilder()
+    model = b.model([repvgg_block(b, identity="bn")])
+    before = model.SerializeToString()
+    fuse(model)
+    assert model.SerializeToString() == before
+
+
+def test_block_inside_if_subgraph():
+    inner = GraphBuilder()
+    out = repvgg_block(inner, identity="bn")
+    then_graph = helper.make_graph(inner.nodes, "then", [], [helper.make_tensor_value_info(out, 1, [2, 4, 6, 6])],
+                                   initializer=inner.initializers)
+    else_graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y_else"])], "else", [],
+                                   [helper.make_tensor_value_info("y_else", 1, [2, 4, 6, 6])])
+    node = helper.make_node("If", ["cond"], ["y"], then_branch=then_graph, else_branch=else_graph)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", 1, [2, 4, 6, 6]),
+                                            helper.make_tensor_value_info("cond", onnx.TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info("y", 1, [2, 4, 6, 6])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    fused, report = fuse(model)
+    onnx.checker.check_model(fused, full_check=True)
+    assert len(report.fused) == 1
+    then_nodes = [n.op_type for a in fused.graph.node[0].attribute if a.name == "then_branch" for n in a.g.node]
+    assert then_nodes == ["Conv"]
+    from tests.graphs import run
+    xv = np.random.default_rng(0).standard_normal((2, 4, 6, 6)).astype(np.float32)
+    for c in (True, False):
+        feeds = {"x": xv, "cond": np.array(c)}
+        np.testing.assert_allclose(run(fused, feeds)[0], run(model, feeds)[0], rtol=1e-4, atol=1e-5)
+
+
+# --- near misses: skipped with a reason, and the model is left exactly as it was ---------------
+
+def _skip(model, code):
+    fused, report = fuse(model)
+    assert [r.status for r in report.blocks] == ["skipped"], report.blocks
+    assert report.blocks[0].reason_code == code, report.blocks[0].reason
+    assert fused.SerializeToString() == model.SerializeToString()
+    return report.blocks[0].reason
+
+
+def test_skip_weight_that_is_a_graph_input():
+    b = GraphBuilder()
+    b.extra_inputs.append(helper.make_tensor_value_info("w_in", 1, [4, 4, 3, 3]))
+    x = b.x
+    out = b.add(b.conv(x, 4, 4, 3, weight_name="w_in"), b.conv(x, 4, 4, 1, pads=[0] * 4))
+    assert "w_in" in _skip(b.model([out]), "non_constant")
+
+
+def test_skip_initializer_listed_as_graph_input():
+    b = GraphBuilder()
+    x = b.x
+    out = b.add(b.conv(x, 4, 4, 3), b.conv(x, 4, 4, 1, pads=[0] * 4))
+    model = b.model([out])
+    w = model.graph.initializer[0]
+    model.graph.input.append(helper.make_tensor_value_info(w.name, w.data_type, list(w.dims)))
+    assert "graph input" in _skip(model, "non_constant")
+
+
+def test_skip_bn_in_training_mode():
+    b = GraphBuilder()
+    x = b.x
+    out = b.add(b.add(b.conv(x, 4, 4, 3), b.conv(x, 4, 4, 1, pads=[0] * 4)), b.bn(x, 4, training_mode=1))
+    assert "training_mode=1" in _skip(b.model([out]), "bn_training")
+
+
+def test_skip_bn_spatial_0_in_old_opset():
+    b = GraphBuilder(opset=8)
+    x = b.x
+    t = b.bn(x, 4)
+    b.nodes[-1].attribute.append(helper.make_attribute("spatial", 0))
+    out = b.add(b.add(b.conv(x, 4, 4, 3), b.conv(x, 4, 4, 1, pads=[0] * 4)), t)
+    model = b.model([out])
+    _skip(model, "bn_spatial")
+
+
+def test_skip_stride_mismatch():
+    b = GraphBuilder(spatial=(1, 1))
+    x = b.x
+    out = b.add(b.conv(x, 4, 4, 3, stride=2), b.conv(x, 4, 4, 1, pads=[0] * 4))
+    assert "stride" in _skip(b.model([out]), "stride_mismatch")
+
+
+def test_skip_identity_with_stride_2():
+    b = GraphBuilder(spatial=(1, 1))
+    x = b.x
+    out = b.add(b.add(b.conv(x, 4, 4, 3, stride=2), b.conv(x, 4, 4, 1, stride=2, pads=[0] * 4)), x)
+    _skip(b.model([out]), "identity_stride")
+
+
+def test_skip_identity_that_broadcasts_channels():
+    b = GraphBuilder(channels=1)
+    x = b.x
+    out = b.add(b.add(b.conv(x, 1, 4, 3), b.conv(x, 1, 4, 1, pads=[0] * 4)), x)
+    _skip(b.model([out]), "identity_channels")
+
+
+def test_skip_channel_broadcast_between_convs():
+    b = GraphBuilder()
+    x = b.x
+    out = b.add(b.conv(x, 4, 4, 3), b.conv(x, 4, 1, 1, pads=[0] * 4))
+    _skip(b.model([out]), "channel_mismatch")
+
+
+def test_skip_group_mismatch():
+    b = GraphBuilder()
+    x = b.x
+    out = b.add(b.conv(x, 4, 4, 3, group=2), b.conv(x, 4, 4, 1, pads=[0] * 4))
+    _skip(b.model([out]), "group_mismatch")
+
+
+def test_skip_dilation_mismatch():
+    b = GraphBuilder(spatial=(9, 9))
+    x = b.x
+    out = b.add(b.conv(x, 4, 4, 3, dilation=2), b.conv(x, 4, 4, 3, dilation=1))
+    _skip(b.model([out]), "dilation_mismatch")
+
+
+def test_skip_pads_that_do_not_align():
+    b = GraphBuilder(spatial=(3, 3))
+    x = b.x
+    # On a 3x3 input both give 2x2, but the 1x1's pad makes it read one row/column further:
+    # the geometry only agrees at some input sizes, so the block is refused.
+    out = b.add(b.conv(x, 4, 4, 3, pads=[1, 1, 1, 1], stride=2), b.conv(x, 4, 4, 1, pads=[1, 1, 0, 0], stride=2))
+    assert "output size" in _skip(b.model([out]), "output_shape_mismatch")
+
+
+def test_skip_offset_off_the_dilation_grid():
+    b = GraphBuilder(spatial=(9, 9))
+    x = b.x
+    out = b.add(b.conv(x, 4, 4, 3, dilation=2, pads=[2, 2, 2, 2]), b.conv(x, 4, 4, 2, dilation=2, pads=[1, 1, 1, 1]))
+    _skip(b.model([out]), "kernel_offset")
+
+
+def test_skip_auto_pad_same_with_stride_2():
+    b = GraphBuilder(spatial=(8, 8))
+    x = b.x
+    out = b.add(b.conv(x, 4, 4, 3, stride=2, auto_pad="SAME_UPPER"), b.conv(x, 4, 4, 1, stride=2, auto_pad="SAME_UPPER"))
+    _skip(b.model([out]), "auto_pad")
+
+
+def test_skip_intermediate_with_another_consumer():
+    b = GraphBuilder()
+    x = b.x
+    t3 = b.conv(x, 4, 4, 3)
+    side = b.op("Relu", [t3])
+    out = b.add(t3, b.conv(x, 4, 4, 1, pads=[0] * 4))
+    assert "2 uses" in _skip(b.model([out, side]), "intermediate_shared")
+
+
+def test_skip_intermediate_that_is_a_graph_output():
+    b = GraphBuilder()
+    x = b.x
+    t3 = b.conv(x, 4, 4, 3)
+    out = b.add(t3, b.conv(x, 4, 4, 1, pads=[0] * 4))
+    _skip(b.model([out, t3]), "intermediate_is_output")
+
+
+def test_skip_conv_output_feeding_bn_used_elsewhere():
+    b = GraphBuilder()
+    x = b.x
+    c3 = b.conv(x, 4, 4, 3)
+    side = b.op("Relu", [c3])
+    out = b.add(b.bn(c3, 4), b.conv(x, 4, 4, 1, pads=[0] * 4))
+    _skip(b.model([out, side]), "intermediate_shared")
+
+
+def test_skip_fp16_overflow():
+    b = GraphBuilder(dtype=np.float16)
+    x = b.x
+    out = b.add(b.bn(b.conv(x, 4, 4, 3), 4, eps=1e-7, params=[
+        b.constant(np.full(4, 60000, np.float16), "g"), b.constant(np.zeros(4, np.float16), "b"),
+        b.constant(np.zeros(4, np.float16), "m"), b.constant(np.full(4, 1e-4, np.float16), "v")]),
+        b.conv(x, 4, 4, 1, pads=[0] * 4))
+    _skip(b.model([out]), "overflow")
