@@ -182,6 +182,8 @@ def _run(args, shapes) -> int:
 
     say(f"onnx-repvgg {__version__}: {args.input} -> {args.output}")
     say(report.to_text(verbose=args.verbose))
+    if args.no_check:
+        say("validation: skipped (--no-check)")
     _write_json(args, report)
     return EXIT_OK
 

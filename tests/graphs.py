@@ -77,7 +77,8 @@ class GraphBuilder:
         attrs = {"epsilon": eps}
         if training_mode is not None:
             attrs["training_mode"] = training_mode
-        self.nodes.append(helper.make_node("BatchNormalization", [x, *params], [out], name=self.fresh("BN"), **attrs))
+        outputs = [out] + ([self.fresh("running_mean"), self.fresh("running_var")] if training_mode else [])
+        self.nodes.append(helper.make_node("BatchNormalization", [x, *params], outputs, name=self.fresh("BN"), **attrs))
         return out
 
     def op(self, op_type, inputs, **attrs):

@@ -1,0 +1,227 @@
+"""The command line through main([...]): outputs, reports, exit codes and bad input."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+
+from onnx_repvgg.cli import main
+from tests.graphs import GraphBuilder, op_counts
+from tests.test_branch_sum import repvgg_block
+
+MODELS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models")
+
+
+def block_model(path, identity="bn"):
+    b = GraphBuilder()
+    model = b.model([repvgg_block(b, identity=identity)])
+    onnx.save(model, str(path))
+    return model
+
+
+def listing(folder):
+    return sorted(os.listdir(folder))
+
+
+def test_fuses_and_reports(tmp_path, capsys):
+    block_model(tmp_path / "in.onnx")
+    assert main([str(tmp_path / "in.onnx"), str(tmp_path / "out.onnx")]) == 0
+    out = capsys.readouterr().out
+    assert "blocks: 1 fused, 0 skipped" in out
+    assert "validation: passed" in out
+    assert "BatchNormalization" in out and "params" in out and "file size" in out
+    assert op_counts(onnx.load(str(tmp_path / "out.onnx"))) == {"Conv": 1}
+    assert listing(tmp_path) == ["in.onnx", "out.onnx"]  # no temp files left
+
+
+def test_nothing_to_fuse_resaves_model(tmp_path, capsys):
+    b = GraphBuilder()
+    model = b.model([b.op("Relu", [b.x])])
+    onnx.save(model, str(tmp_path / "in.onnx"))
+    assert main([str(tmp_path / "in.onnx"), str(tmp_path / "out.onnx")]) == 0
+    assert "blocks: 0 fused, 0 skipped" in capsys.readouterr().out
+    assert onnx.load(str(tmp_path / "out.onnx")).graph == model.graph
+
+
+def test_skipped_block_reason_is_printed(tmp_path, capsys):
+    b = GraphBuilder()
+    x = b.x
+    out = b.add(b.add(b.conv(x, 4, 4, 3), b.conv(x, 4, 4, 1, pads=[0] * 4)), b.bn(x, 4, training_mode=1))
+    onnx.save(b.model([out]), str(tmp_path / "in.onnx"))
+    assert main([str(tmp_path / "in.onnx"), str(tmp_path / "out.onnx")]) == 0
+    text = capsys.readouterr().out
+    assert "skipped" in text and "training_mode=1" in text
+
+
+def test_json_report_and_dry_run(tmp_path, capsys):
+    block_model(tmp_path / "in.onnx")
+    report_path = tmp_path / "r.json"
+    assert main([str(tmp_path / "in.onnx"), "--dry-run", "--json", str(report_path)]) == 0
+    assert "dry run" in capsys.readouterr().out
+    assert listing(tmp_path) == ["in.onnx", "r.json"]
+    data = json.loads(report_path.read_text())
+    assert data["schema_version"] == 1
+    assert data["summary"] == {"fused": 1, "skipped": 0}
+    assert data["blocks"][0]["branches"] == ["3x3", "1x1", "bn"]
+    assert data["before"]["op_counts"]["BatchNormalization"] == 1
+    assert data["after"]["op_counts"] == {"Conv": 1}
+
+
+def test_validation_failure_writes_nothing(tmp_path, capsys, monkeypatch):
+    block_model(tmp_path / "in.onnx")
+    import onnx_repvgg.pipeline as pipeline
+    real = pipeline.fused_weights
+    monkeypatch.setattr(pipeline, "fused_weights", lambda block: tuple(v * 1.01 for v in real(block)))
+    assert main([str(tmp_path / "in.onnx"), str(tmp_path / "out.onnx")]) == 1
+    captured = capsys.readouterr()
+    assert "FAILED" in captured.out and "exceed rtol" in captured.out
+    assert "nothing written" in captured.err
+    assert listing(tmp_path) == ["in.onnx"]
+
+
+def test_tolerance_and_check_flags(tmp_path, capsys):
+    block_model(tmp_path / "in.onnx")
+    args = [str(tmp_path / "in.onnx"), str(tmp_path / "out.onnx"), "--check", "3", "--rtol", "1e-3",
+            "--atol", "1e-4", "--json", str(tmp_path / "r.json")]
+    assert main(args) == 0
+    v = json.loads((tmp_path / "r.json").read_text())["validation"]
+    assert v["input_sets"] == 3 and v["passed"]
+    assert v["outputs"][0]["rtol"] == 1e-3 and v["outputs"][0]["atol"] == 1e-4
+
+
+def test_no_check_skips_validation(tmp_path, capsys):
+    block_model(tmp_path / "in.onnx")
+    assert main([str(tmp_path / "in.onnx"), str(tmp_path / "out.onnx"), "--no-check"]) == 0
+    out = capsys.readouterr().out
+    assert "validation: skipped (--no-check)" in out and "validation: passed" not in out
+
+
+def test_input_shape_for_dynamic_dims(tmp_path, capsys):
+    b = GraphBuilder()
+    model = b.model([repvgg_block(b, identity="bn")], input_shape=["N", 4, "H", "W"])
+    onnx.save(model, str(tmp_path / "in.onnx"))
+    assert main([str(tmp_path / "in.onnx"), str(tmp_path / "out.onnx"), "--input-shape", "x:2,4,9,7",
+                 "--json", str(tmp_path / "r.json")]) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["validation"]["input_shapes"] == {"x": [2, 4, 9, 7]}
+
+
+@pytest.mark.parametrize("name", sorted(f for f in os.listdir(MODELS) if f.endswith(".onnx")))
+def test_sample_models(tmp_path, capsys, name):
+    src = os.path.join(MODELS, name)
+    assert main([src, str(tmp_path / "out.onnx"), "--check", "2"]) == 0
+    text = capsys.readouterr().out
+    assert " 0 skipped" in text and "validation: passed" in text
+    fused = onnx.load(str(tmp_path / "out.onnx"))
+    assert "BatchNormalization" not in op_counts(fused)
+    if os.path.exists(src + ".data"):  # external data in, external data out
+        assert os.path.exists(tmp_path / "out.onnx.data")
+
+
+def test_external_data_input_folder_elsewhere(tmp_path, capsys):
+    src = os.path.join(MODELS, "repvgg_a0_tiny_dynamo.onnx")
+    shutil.copy(src, tmp_path / "m.onnx")
+    shutil.copy(src + ".data", tmp_path / "repvgg_a0_tiny_dynamo.onnx.data")
+    (tmp_path / "out").mkdir()
+    before = (tmp_path / "m.onnx").read_bytes()
+    assert main([str(tmp_path / "m.onnx"), str(tmp_path / "out" / "fused.onnx")]) == 0
+    assert listing(tmp_path / "out") == ["fused.onnx", "fused.onnx.data"]
+    assert (tmp_path / "m.onnx").read_bytes() == before
+
+
+# --- bad input: one line on stderr, exit 2, no traceback, nothing written --------------------
+
+def _bad(tmp_path, capsys, args, fragment):
+    before = listing(tmp_path)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert fragment in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert listing(tmp_path) == before
+
+
+def test_missing_file(tmp_path, capsys):
+    _bad(tmp_path, capsys, [str(tmp_path / "nope.onnx"), str(tmp_path / "o.onnx")], "no such file")
+
+
+def test_directory(tmp_path, capsys):
+    (tmp_path / "d").mkdir()
+    _bad(tmp_path, capsys, [str(tmp_path / "d"), str(tmp_path / "o.onnx")], "is a directory")
+
+
+def test_empty_file(tmp_path, capsys):
+    (tmp_path / "e.onnx").write_bytes(b"")
+    _bad(tmp_path, capsys, [str(tmp_path / "e.onnx"), str(tmp_path / "o.onnx")], "is empty")
+
+
+def test_random_bytes(tmp_path, capsys):
+    (tmp_path / "r.onnx").write_bytes(np.random.default_rng(0).bytes(4096))
+    _bad(tmp_path, capsys, [str(tmp_path / "r.onnx"), str(tmp_path / "o.onnx")], "not an ONNX model")
+
+
+def test_truncated_protobuf(tmp_path, capsys):
+    data = open(os.path.join(MODELS, "repvgg_tiny_g4_ts.onnx"), "rb").read()
+    (tmp_path / "t.onnx").write_bytes(data[: len(data) // 2])
+    _bad(tmp_path, capsys, [str(tmp_path / "t.onnx"), str(tmp_path / "o.onnx")], "error")
+
+
+def test_valid_protobuf_not_a_model(tmp_path, capsys):
+    tensor = onnx.numpy_helper.from_array(np.ones(3, np.float32), "t")
+    (tmp_path / "t.onnx").write_bytes(tensor.SerializeToString())
+    _bad(tmp_path, capsys, [str(tmp_path / "t.onnx"), str(tmp_path / "o.onnx")], "not an ONNX model")
+
+
+def test_missing_external_data(tmp_path, capsys):
+    shutil.copy(os.path.join(MODELS, "repvgg_a0_tiny_dynamo.onnx"), tmp_path / "m.onnx")
+    _bad(tmp_path, capsys, [str(tmp_path / "m.onnx"), str(tmp_path / "o.onnx")], "is missing")
+
+
+def test_external_data_path_escaping_folder_is_refused(tmp_path, capsys):
+    model = onnx.load(os.path.join(MODELS, "repvgg_a0_tiny_dynamo.onnx"), load_external_data=False)
+    for t in model.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = "../../etc/passwd"
+    (tmp_path / "sub").mkdir()
+    onnx.save(model, str(tmp_path / "sub" / "m.onnx"))
+    _bad(tmp_path, capsys, [str(tmp_path / "sub" / "m.onnx"), str(tmp_path / "o.onnx")], "leaves the model's folder")
+
+
+def test_unsupported_opset(tmp_path, capsys):
+    model = block_model(tmp_path / "m.onnx")
+    model.opset_import[0].version = 999
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    _bad(tmp_path, capsys, [str(tmp_path / "m.onnx"), str(tmp_path / "o.onnx")], "opset 999")
+
+
+def test_model_failing_checker(tmp_path, capsys):
+    model = block_model(tmp_path / "m.onnx")
+    model.graph.node[0].input[1] = "undefined_weight"
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    _bad(tmp_path, capsys, [str(tmp_path / "m.onnx"), str(tmp_path / "o.onnx")], "checker")
+
+
+def test_output_folder_missing(tmp_path, capsys):
+    block_model(tmp_path / "m.onnx")
+    _bad(tmp_path, capsys, [str(tmp_path / "m.onnx"), str(tmp_path / "no" / "o.onnx")], "does not exist")
+
+
+def test_output_is_input_needs_overwrite(tmp_path, capsys):
+    block_model(tmp_path / "m.onnx")
+    _bad(tmp_path, capsys, [str(tmp_path / "m.onnx"), str(tmp_path / "m.onnx")], "--overwrite")
+    assert main([str(tmp_path / "m.onnx"), str(tmp_path / "m.onnx"), "--overwrite"]) == 0
+    assert op_counts(onnx.load(str(tmp_path / "m.onnx"))) == {"Conv": 1}
+
+
+def test_bad_usage(tmp_path, capsys):
+    block_model(tmp_path / "m.onnx")
+    _bad(tmp_path, capsys, [str(tmp_path / "m.onnx")], "output path is required")
+    _bad(tmp_path, capsys, [str(tmp_path / "m.onnx"), "o.onnx", "--input-shape", "x:1,a"], "integers")
+    _bad(tmp_path, capsys, [str(tmp_path / "m.onnx"), "o.onnx", "--bogus"], "unrecognized")
+
+
+def test_version_flag(capsys):
+    assert main(["--version"]) == 0
+    assert "onnx-repvgg" in capsys.readouterr().out

@@ -1,0 +1,91 @@
+"""End to end on real exporter output: our PyTorch RepVGG, exported with both exporters.
+
+For each model: fuse the train-time export, and compare with the export of the
+authors'-style deploy conversion (tests/reference/repvgg.py): the same op counts,
+and the same outputs (1e-4 relative), against PyTorch and onnxruntime both.
+"""
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from onnx_repvgg import fuse, validate
+from onnx_repvgg.io import load
+from tests.graphs import op_counts, run
+from tests.reference.export import export
+from tests.reference.repvgg import RepVGG, RepVGGBlock, deploy_copy, randomize_bn
+
+EXPORTERS = [pytest.param(False, id="torchscript"), pytest.param(True, id="dynamo")]
+
+
+def small_repvgg(**kw):
+    return RepVGG(num_blocks=(1, 2, 2, 1), widths=(8, 8, 16, 16, 32), **kw)
+
+
+NETS = {
+    "plain": lambda: small_repvgg(),
+    "grouped": lambda: small_repvgg(group_layers=(2, 3, 4, 5), groups=2),
+    "depthwise-order": lambda: torch.nn.Sequential(
+        RepVGGBlock(8, 8, groups=8, order="i1d"), RepVGGBlock(8, 8, groups=4, order="1id"),
+        RepVGGBlock(8, 16, stride=2, order="1d")),
+}
+
+
+def _export_pair(tmp_path, net, dynamo, x, dynamic_batch=False):
+    train = randomize_bn(net(), seed=7)
+    deploy = deploy_copy(train)
+    with torch.no_grad():
+        torch.testing.assert_close(deploy(x), train(x), rtol=1e-4, atol=1e-4)
+    suffix = "dynamo" if dynamo else "ts"
+    train_path = export(train, x, str(tmp_path / f"train_{suffix}.onnx"), dynamo, dynamic_batch)
+    deploy_path = export(deploy, x, str(tmp_path / f"deploy_{suffix}.onnx"), dynamo, dynamic_batch)
+    with torch.no_grad():
+        expected = train(x).numpy()
+    return load(train_path).model, load(deploy_path).model, expected
+
+
+@pytest.mark.parametrize("dynamo", EXPORTERS)
+@pytest.mark.parametrize("net", list(NETS))
+def test_fused_export_matches_deploy_export(tmp_path, net, dynamo):
+    x = torch.randn(1, 3 if net != "depthwise-order" else 8, 32, 32)
+    train, deploy, expected = _export_pair(tmp_path, NETS[net], dynamo, x)
+    fused, report = fuse(train)
+    onnx.checker.check_model(fused, full_check=True)
+    assert not report.skipped, [b.reason for b in report.skipped]
+    assert op_counts(fused) == op_counts(deploy)
+    assert len(fused.graph.node) == len(deploy.graph.node)
+    assert "BatchNormalization" not in op_counts(fused)
+    feed = {fused.graph.input[0].name: x.numpy()}
+    np.testing.assert_allclose(run(fused, feed)[0], expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(run(fused, feed)[0], run(deploy, feed)[0], rtol=1e-4, atol=1e-4)
+    result = validate(train, fused, input_sets=2)
+    assert result.passed and result.max_rel_diff < 1e-4
+
+
+@pytest.mark.parametrize("dynamo", EXPORTERS)
+def test_dynamic_batch_export(tmp_path, dynamo):
+    x = torch.randn(2, 3, 32, 32)
+    train, deploy, _ = _export_pair(tmp_path, NETS["plain"], dynamo, x, dynamic_batch=True)
+    fused, report = fuse(train)
+    assert op_counts(fused) == op_counts(deploy)
+    dim = fused.graph.input[0].type.tensor_type.shape.dim[0]
+    assert dim.dim_param  # still dynamic
+    assert validate(train, fused, input_shapes={fused.graph.input[0].name: [3, 3, 32, 32]}).passed
+
+
+def test_unfolded_torchscript_export(tmp_path):
+    """do_constant_folding=False keeps every Conv -> BatchNormalization pair in the graph."""
+    net = randomize_bn(small_repvgg(), seed=3)
+    x = torch.randn(1, 3, 32, 32)
+    path = str(tmp_path / "unfolded.onnx")
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (x,), path, dynamo=False, do_constant_folding=False)
+    train = load(path).model
+    assert op_counts(train)["BatchNormalization"] > 6
+    fused, report = fuse(train)
+    assert "BatchNormalization" not in op_counts(fused)
+    assert op_counts(fused)["Conv"] == 7  # stem + 6 blocks
+    assert validate(train, fused).passed
