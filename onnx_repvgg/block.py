@@ -50,6 +50,7 @@ class Block:
     removed_nodes: list[int]      # node indices the fused Conv replaces
     other_leaves: list[str] = field(default_factory=list)  # addends that stay in the sum
     name_hint: str = ""           # a name for the fused Conv node
+    constant_bias: np.ndarray | None = None  # per-channel constants summed into the bias (float64)
 
     @property
     def branch_labels(self) -> list[str]:

@@ -31,6 +31,8 @@ def fused_weights(block: Block):
     """The block's fused kernel and bias, summed in float64 and cast to the model's dtype."""
     kernel, bias = algebra.sum_branches([(t.kernel, t.bias, t.offsets) for t in block.terms],
                                         block.geometry.kernel_shape)
+    if block.constant_bias is not None:
+        bias = bias + block.constant_bias
     return algebra.cast_like(kernel, block.dtype), algebra.cast_like(bias, block.dtype)
 
 

@@ -405,3 +405,110 @@ def test_skip_fp16_overflow():
         b.constant(np.zeros(4, np.float16), "m"), b.constant(np.full(4, 1e-4, np.float16), "v")]),
         b.conv(x, 4, 4, 1, pads=[0] * 4))
     _skip(b.model([out]), "overflow")
+
+
+# --- linear trees: BN after the sum, scales, Sub, constants -----------------------------------
+
+def test_bn_after_the_sum_repvit_style():
+    """RepViT's RepVggDw: BN(dw3x3_bn(x) + dw1x1(x) + x)."""
+    b = GraphBuilder(channels=6)
+    x = b.x
+    t = b.add(b.add(b.bn(b.conv(x, 6, 6, 3, group=6, bias=False), 6), b.conv(x, 6, 6, 1, group=6, pads=[0] * 4)), x)
+    out = b.bn(t, 6)
+    fused, report = fuse_and_compare(b.model([out]))
+    assert_single_conv(fused, report)
+    assert fused.graph.node[0].output[0] == out
+
+
+def test_qarepvgg_bn_after_sum_without_branch_bn():
+    b = GraphBuilder()
+    x = b.x
+    out = b.bn(b.add(b.add(b.bn(b.conv(x, 4, 4, 3, bias=False), 4), b.conv(x, 4, 4, 1, pads=[0] * 4, bias=False)), x), 4)
+    assert_single_conv(*fuse_and_compare(b.model([out])))
+
+
+@pytest.mark.parametrize("shape", [(4, 1, 1), (1, 4, 1, 1), (), (1,)])
+def test_layer_scale_on_a_branch(shape):
+    b = GraphBuilder()
+    x = b.x
+    gamma = b.constant(b.rng.uniform(0.5, 2, shape).astype(np.float32), "gamma")
+    out = b.add(x, b.op("Mul", [gamma, b.conv(x, 4, 4, 3, group=4)]))
+    assert_single_conv(*fuse_and_compare(b.model([out])))
+
+
+def test_repmixer_sub_and_scale():
+    """FastViT RepMixer: x + gamma * (mixer(x) - BN(x)), mixer = dw 3x3 + dw 1x1 branches."""
+    b = GraphBuilder(channels=4)
+    x = b.x
+    mixer = b.add(b.conv(x, 4, 4, 3, group=4), b.conv(x, 4, 4, 1, group=4, pads=[0] * 4))
+    gamma = b.constant(b.rng.uniform(0.5, 2, (4, 1, 1)).astype(np.float32), "layer_scale")
+    out = b.add(x, b.op("Mul", [b.op("Sub", [mixer, b.bn(x, 4)]), gamma]))
+    fused, report = fuse_and_compare(b.model([out]))
+    assert_single_conv(fused, report)
+
+
+@pytest.mark.parametrize("value", [np.float32(0.0), np.full((4, 1, 1), 0.25, np.float32),
+                                   np.arange(4, dtype=np.float32).reshape(1, 4, 1, 1)])
+def test_constant_addends_go_into_the_bias(value):
+    b = GraphBuilder()
+    x = b.x
+    out = b.add(b.add(b.conv(x, 4, 4, 3), b.constant(value, "c", as_node=True)), b.conv(x, 4, 4, 1, pads=[0] * 4))
+    fused, report = fuse_and_compare(b.model([out]))
+    assert op_counts(fused) == {"Conv": 1}
+
+
+@pytest.mark.parametrize("tail", ["bn", "mul", "div", "add_bias", "neg"])
+def test_lone_conv_followed_by_an_affine(tail):
+    b = GraphBuilder()
+    x = b.x
+    c = b.conv(x, 4, 4, 3, bias=False)
+    if tail == "bn":
+        out = b.bn(c, 4)
+    elif tail == "mul":
+        out = b.op("Mul", [c, b.constant(np.float32(1.5), "s")])
+    elif tail == "div":
+        out = b.op("Div", [c, b.constant(np.full((4, 1, 1), 3, np.float32), "d")])
+    elif tail == "neg":
+        out = b.op("Neg", [c])
+    else:
+        out = b.add(c, b.constant(b.rng.standard_normal((1, 4, 1, 1)).astype(np.float32), "bias"))
+    fused, report = fuse_and_compare(b.model([b.op("Relu", [out])]))
+    assert op_counts(fused) == {"Conv": 1, "Relu": 1}
+
+
+def test_bn_folds_beside_an_unrelated_residual():
+    """ResNet: Add(BN(conv(y)), x) -> Add(conv'(y), x); the residual stays."""
+    b = GraphBuilder()
+    x = b.x
+    y = b.op("Relu", [x])
+    out = b.add(b.bn(b.conv(y, 4, 4, 3), 4), x)
+    fused, report = fuse_and_compare(b.model([out]))
+    assert op_counts(fused) == {"Relu": 1, "Conv": 1, "Add": 1}
+
+
+def test_skip_spatial_scale():
+    b = GraphBuilder()
+    x = b.x
+    s = b.constant(b.rng.standard_normal((1, 1, 6, 6)).astype(np.float32), "s")
+    out = b.add(b.op("Mul", [b.conv(x, 4, 4, 3), s]), b.conv(x, 4, 4, 1, pads=[0] * 4))
+    assert "not per-channel" in _skip(b.model([out]), "not_per_channel")
+
+
+def test_skip_scaled_addend_of_another_tensor():
+    b = GraphBuilder()
+    x = b.x
+    g = b.constant(np.full((4, 1, 1), 0.5, np.float32), "g")
+    out = b.add(x, b.op("Mul", [b.op("Sub", [b.conv(x, 4, 4, 3), b.op("Relu", [x])]), g]))
+    _skip(b.model([out]), "scaled_addend")
+
+
+def test_nonconstant_scale_is_not_linear():
+    b = GraphBuilder()
+    b.extra_inputs.append(helper.make_tensor_value_info("s", 1, [1, 4, 1, 1]))
+    x = b.x
+    out = b.add(b.op("Mul", [b.conv(x, 4, 4, 3), "s"]), b.conv(x, 4, 4, 1, pads=[0] * 4))
+    model = b.model([out])
+    fused, report = fuse(model)
+    # Only the unscaled 1x1 branch is a branch of x; alone it is not worth a rewrite.
+    assert report.blocks == []
+    assert fused.SerializeToString() == model.SerializeToString()

@@ -1,11 +1,17 @@
-"""Rule: parallel linear branches of one tensor summed by Add -> one Conv.
+"""Rule: parallel linear branches of one tensor, summed -> one Conv.
 
-Pattern (any order and association of the binary Adds, or an n-ary Sum):
+Pattern: a linear tree (rules/linear_tree.py: Add, Sum, Sub, Neg, Mul/Div by a
+constant, inference BatchNormalization) whose leaves include branches of one tensor X:
 
-    Sum_i  branch_i(X),  branch in { Conv(X, W[, B]), BN(Conv(X, W[, B])), BN(X), X }
+    sum_i  s_i * Conv_i(X)  +  sum_j  t_j * X  +  per-channel constants  [+ other addends]
+
+where s_i, t_j are per-channel scales. This covers RepVGG (3x3 + 1x1 + BN(X)), unfolded
+Conv -> BN branches, MobileOne's N parallel kxk branches, BN after the sum (RepViT,
+QARepVGG), raw residuals X + conv(X), layer scales and RepMixer's x + g*(mixer(x) - BN(x)),
+constant addends such as `+ 0`, and a lone Conv -> BN / Conv -> Mul / Conv -> Add(bias).
 
 Preconditions, each checked below and reported as a Reason when it fails:
-  * at least one Conv branch; weights, biases and BN parameters are constants;
+  * weights, biases, BN parameters and scales are constants; scales are per-channel;
   * BN in inference mode (training_mode 0, spatial 1);
   * all Convs share groups, Cout, Cin/groups, strides, and dilation on every axis
     where a kernel is wider than 1;
@@ -13,15 +19,15 @@ Preconditions, each checked below and reported as a Reason when it fails:
     every branch gives the same output size for any input size
     (pad_begin + pad_end - dilation*(k-1) is equal for all branches);
   * an identity branch needs stride 1 and Cin == Cout;
-  * every intermediate tensor has exactly one use and is not a graph output.
+  * every intermediate tensor has exactly one use and is not a graph output;
+  * the rewrite removes more nodes than it adds.
 
-Formula: with each BN folded (W*s, (b-m)*s + beta, s = g/sqrt(v+eps)), and each
-branch kernel zero-padded into the covering kernel at its offset,
-    W_fused = sum_i W_i,   b_fused = sum_i b_i.
-An identity branch is the kernel with a 1 at [c, c % (Cin/groups), offset].
+Formula: each branch is (W_i, b_i) on the covering kernel grid, scaled per output
+channel by its factor vector s_i; an identity is the kernel with a 1 at
+[c, c % (Cin/groups), centre]. Then W = sum_i s_i*W_i and b = sum_i s_i*b_i + sum_j c_j.
 
-Addends that are not branches of X (another tensor, a nonlinear branch) stay in
-the sum: the fused Conv replaces only the branches of X.
+Addends that are not branches of X (another tensor, a nonlinear branch) stay in the
+sum, unscaled: the fused Conv replaces only the branches of X.
 """
 
 from __future__ import annotations
@@ -33,209 +39,78 @@ import numpy as np
 import onnx
 
 from .. import algebra
-from ..block import Block, Candidate, ConvGeometry, Reason, Term
-from ..graph import GraphView, attribute
+from ..block import Block, Candidate, ConvGeometry, Term
+from ..graph import GraphView
+from .common import ConvParams, Skip, conv_params, is_op
+from .linear_tree import Addend, LinearIndex, LinearTree, channel_vector
 
 NAME = "branch_sum"
-SUM_OPS = ("Add", "Sum")
-FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
-
-class Skip(Exception):
-    """Raised inside the checks; carries the Reason the block is left alone."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.reason = Reason(code, message)
-
-
-def _is_op(node: onnx.NodeProto | None, *ops: str) -> bool:
-    return node is not None and node.op_type in ops and node.domain in ("", "ai.onnx")
-
-
-# --- the Add tree --------------------------------------------------------------
-
-def is_sum_root(view: GraphView, index: int) -> bool:
-    """A sum node whose output is not privately summed by another sum node."""
-    node = view.nodes[index]
-    if not _is_op(node, *SUM_OPS) or len(node.output) != 1:
-        return False
-    out = node.output[0]
-    if view.is_private(out):
-        consumer_index, _ = view.consumers[out][0]
-        if _is_op(view.nodes[consumer_index], *SUM_OPS):
-            return False
-    return True
-
-
-def flatten_sum(view: GraphView, root: int) -> tuple[list[str], list[int]]:
-    """Leaves (addend tensors, in order) and node indices of the sum tree under root."""
-    leaves: list[str] = []
-    tree: list[int] = [root]
-    pending = list(reversed(view.nodes[root].input))  # left-to-right depth-first
-    while pending:
-        name = pending.pop()
-        child = view.producer.get(name)
-        if (child is not None and _is_op(view.nodes[child], *SUM_OPS)
-                and view.is_private(name) and len(view.nodes[child].output) == 1):
-            tree.append(child)
-            pending.extend(reversed(view.nodes[child].input))
-        else:
-            leaves.append(name)
-    return leaves, tree
-
-
-# --- one branch ----------------------------------------------------------------
 
 @dataclass
-class BranchShape:
-    """What a leaf looks like structurally, before any precondition is checked."""
+class Branch:
+    """A leaf of the tree read as a branch of X."""
 
-    leaf: str
-    kind: str                      # "conv", "conv_bn", "bn", "identity"
-    source: str                    # the X this branch reads
-    conv: int | None = None        # node index
-    bn: int | None = None          # node index
+    addend: Addend
+    kind: str                 # "conv", "identity", "problem"
+    conv: int | None = None   # node index of the Conv
+    problem: int | None = None  # node index of a linear-looking node that is not usable
 
 
-def deep_shape(view: GraphView, leaf: str) -> BranchShape | None:
-    """Interpret a leaf as Conv(X), BN(Conv(X)) or BN(X); None if it is none of them."""
-    index = view.producer.get(leaf)
-    if index is None:
+def _deep_source(view: GraphView, index: LinearIndex, leaf: str) -> Branch | None:
+    """If a leaf is Conv(X), or a not-usable BN over X or over Conv(X), say so."""
+    producer = view.producer.get(leaf)
+    if producer is None:
         return None
-    node = view.nodes[index]
-    if _is_op(node, "Conv") and node.input:
-        return BranchShape(leaf, "conv", node.input[0], conv=index)
-    if _is_op(node, "BatchNormalization") and node.input:
-        inner = view.producer.get(node.input[0])
-        if inner is not None and _is_op(view.nodes[inner], "Conv") and view.nodes[inner].input:
-            return BranchShape(leaf, "conv_bn", view.nodes[inner].input[0], conv=inner, bn=index)
-        return BranchShape(leaf, "bn", node.input[0], bn=index)
+    node = view.nodes[producer]
+    if is_op(node, "Conv") and node.input:
+        return Branch(Addend(leaf, (), -1), "conv", conv=producer)
+    exp = index.expansions.get(producer)
+    if exp is not None and exp.problem is not None and node.input:
+        return Branch(Addend(leaf, (), -1), "problem", problem=producer)
     return None
 
 
-def choose_input(view: GraphView, leaves: list[str]) -> tuple[str | None, list[BranchShape], list[str]]:
-    """Pick X with the most branches; return X, its branches and the other leaves."""
-    shapes = [deep_shape(view, leaf) for leaf in leaves]
-    votes: Counter[str] = Counter()
-    for leaf, shape in zip(leaves, shapes):
-        if shape is not None:
-            votes[shape.source] += 1
+def _source_of(view: GraphView, branch: Branch) -> str:
+    if branch.kind == "conv":
+        return view.nodes[branch.conv].input[0]
+    node = view.nodes[branch.problem]
+    inner = view.producer.get(node.input[0])
+    if inner is not None and is_op(view.nodes[inner], "Conv") and view.nodes[inner].input:
+        return view.nodes[inner].input[0]
+    return node.input[0]
+
+
+def choose_input(view: GraphView, index: LinearIndex, tree: LinearTree):
+    """Pick the X with the most branches; return X, its branches and the other leaves."""
+    deep = []
+    for leaf in tree.leaves:
+        b = _deep_source(view, index, leaf.name)
+        if b is not None:
+            b.addend = leaf
+        deep.append(b)
+    sources = [(_source_of(view, b) if b is not None else None) for b in deep]
     best, best_count = None, 0
-    for source, conv_votes in votes.items():
-        if not any(s is not None and s.source == source and s.conv is not None for s in shapes):
+    for source in dict.fromkeys(s for s in sources if s is not None):
+        if not any(s == source and b.kind in ("conv", "problem") for s, b in zip(sources, deep) if b):
             continue
-        count = conv_votes + sum(1 for leaf in leaves if leaf == source)
+        count = sum(1 for s in sources if s == source) + sum(1 for leaf in tree.leaves if leaf.name == source)
         if count > best_count:
             best, best_count = source, count
-    if best is None or best_count < 2:
-        return None, [], list(leaves)
-    branches: list[BranchShape] = []
-    others: list[str] = []
-    for leaf, shape in zip(leaves, shapes):
-        if leaf == best:
-            branches.append(BranchShape(leaf, "identity", best))
-        elif shape is not None and shape.source == best:
-            branches.append(shape)
+    if best is None:
+        return None, [], list(tree.leaves)
+    branches, others = [], []
+    for leaf, b, s in zip(tree.leaves, deep, sources):
+        if leaf.name == best:
+            branches.append(Branch(leaf, "identity"))
+        elif b is not None and s == best:
+            branches.append(b)
         else:
             others.append(leaf)
     return best, branches, others
 
 
-# --- preconditions -------------------------------------------------------------
-
-@dataclass
-class ConvParams:
-    node_name: str
-    weight: np.ndarray
-    bias: np.ndarray | None
-    strides: tuple[int, ...]
-    dilations: tuple[int, ...]
-    pads_begin: tuple[int, ...]
-    pads_end: tuple[int, ...]
-    group: int
-
-
-def _const(view: GraphView, name: str, what: str, node: onnx.NodeProto) -> np.ndarray:
-    value = view.constant(name)
-    if value is None:
-        where = "a graph input" if name in view.graph_inputs else "computed at run time"
-        raise Skip("non_constant", f"{what} '{name}' of {node.op_type} '{node.name}' is not a constant ({where})")
-    return value
-
-
-def conv_params(view: GraphView, node: onnx.NodeProto) -> ConvParams:
-    if len(node.input) < 2:
-        raise Skip("malformed", f"Conv '{node.name}' has no weight input")
-    weight = _const(view, node.input[1], "weight", node)
-    if weight.dtype not in FLOAT_DTYPES:
-        raise Skip("dtype", f"Conv '{node.name}' weight dtype {weight.dtype} is not float16/32/64")
-    if weight.ndim < 3:
-        raise Skip("malformed", f"Conv '{node.name}' weight has rank {weight.ndim}")
-    bias = None
-    if len(node.input) > 2 and node.input[2]:
-        bias = _const(view, node.input[2], "bias", node)
-        if bias.shape != (weight.shape[0],):
-            raise Skip("malformed", f"Conv '{node.name}' bias shape {bias.shape} != ({weight.shape[0]},)")
-    n = weight.ndim - 2
-    kernel = tuple(weight.shape[2:])
-    declared = attribute(node, "kernel_shape")
-    if declared is not None and tuple(declared) != kernel:
-        raise Skip("malformed", f"Conv '{node.name}' kernel_shape {tuple(declared)} != weight {kernel}")
-    strides = tuple(attribute(node, "strides", [1] * n))
-    dilations = tuple(attribute(node, "dilations", [1] * n))
-    group = int(attribute(node, "group", 1))
-    auto_pad = attribute(node, "auto_pad", b"NOTSET")
-    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
-    if auto_pad == "NOTSET":
-        pads = tuple(attribute(node, "pads", [0] * (2 * n)))
-        if len(pads) != 2 * n:
-            raise Skip("malformed", f"Conv '{node.name}' has {len(pads)} pads for {n} axes")
-        begin, end = pads[:n], pads[n:]
-    elif auto_pad == "VALID":
-        begin, end = (0,) * n, (0,) * n
-    elif auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-        if any(s != 1 for s in strides):
-            raise Skip("auto_pad", f"Conv '{node.name}' auto_pad={auto_pad} with stride {strides}: "
-                       "its pads depend on the input size")
-        totals = [d * (k - 1) for d, k in zip(dilations, kernel)]
-        small = tuple(t // 2 for t in totals)
-        large = tuple(t - t // 2 for t in totals)
-        begin, end = (small, large) if auto_pad == "SAME_UPPER" else (large, small)
-    else:
-        raise Skip("auto_pad", f"Conv '{node.name}' has unknown auto_pad {auto_pad!r}")
-    if len(strides) != n or len(dilations) != n:
-        raise Skip("malformed", f"Conv '{node.name}' strides/dilations do not match {n} spatial axes")
-    if group < 1:
-        raise Skip("malformed", f"Conv '{node.name}' has group {group}")
-    return ConvParams(node.name, weight, bias, strides, dilations, tuple(begin), tuple(end), group)
-
-
-def bn_params(view: GraphView, node: onnx.NodeProto, opset: int) -> tuple[np.ndarray, np.ndarray, np.dtype]:
-    """BN as per-channel (scale, shift), or Skip when it is not an inference-mode BN."""
-    if int(attribute(node, "training_mode", 0)) != 0:
-        raise Skip("bn_training", f"BatchNormalization '{node.name}' has training_mode=1")
-    if opset < 7 and int(attribute(node, "is_test", 0)) == 0:
-        raise Skip("bn_training", f"BatchNormalization '{node.name}' has is_test=0 (training)")
-    if int(attribute(node, "spatial", 1)) != 1:
-        raise Skip("bn_spatial", f"BatchNormalization '{node.name}' has spatial=0 (per-element statistics)")
-    if len(node.input) != 5:
-        raise Skip("malformed", f"BatchNormalization '{node.name}' has {len(node.input)} inputs")
-    for extra in node.output[1:]:
-        if extra and view.use_count(extra):
-            raise Skip("bn_training", f"BatchNormalization '{node.name}' output '{extra}' (a training statistic) is used")
-    gamma, beta, mean, var = (_const(view, name, what, node) for name, what in
-                              zip(node.input[1:], ("scale", "bias", "mean", "var")))
-    channels = gamma.shape
-    if len(channels) != 1 or any(p.shape != channels for p in (beta, mean, var)):
-        raise Skip("malformed", f"BatchNormalization '{node.name}' parameters are not per-channel vectors")
-    if np.any(np.asarray(var, dtype=np.float64) + float(attribute(node, "epsilon", 1e-5)) <= 0):
-        raise Skip("bn_variance", f"BatchNormalization '{node.name}' has var + eps <= 0")
-    scale, shift = algebra.bn_scale_shift(gamma, beta, mean, var, attribute(node, "epsilon", 1e-5))
-    return scale, shift, gamma.dtype
-
-
-def _label(kernel: tuple[int, ...]) -> str:
+def _label(kernel) -> str:
     return "x".join(str(k) for k in kernel)
 
 
@@ -247,27 +122,30 @@ def _check_private(view: GraphView, name: str, what: str) -> None:
         raise Skip("intermediate_shared", f"{what} '{name}' has {uses} uses; the block needs it private")
 
 
-def build_block(view: GraphView, anchor: onnx.NodeProto, x: str, shapes: list[BranchShape],
-                others: list[str], tree: list[int], opset: int) -> Block:
+def _identity_label(view: GraphView, branch: Branch) -> str:
+    parent = view.nodes[branch.addend.parent] if branch.addend.parent >= 0 else None
+    return "bn" if is_op(parent, "BatchNormalization") else "id"
+
+
+def build_block(view: GraphView, index: LinearIndex, tree: LinearTree, x: str,
+                branches: list[Branch], others: list) -> Block:
     """Check every precondition and return the Block, or raise Skip with the first failure."""
-    leaf_counts = Counter(s.leaf for s in shapes if s.kind != "identity")
+    for b in branches:
+        if b.kind == "problem":
+            raise Skip(index.expansions[b.problem].problem.code, index.expansions[b.problem].problem.message)
+    leaf_counts = Counter(b.addend.name for b in branches if b.kind == "conv")
     for leaf, count in leaf_counts.items():
         if count > 1:
             raise Skip("intermediate_shared", f"branch output '{leaf}' is summed {count} times")
-    if not any(s.conv is not None for s in shapes):
-        raise Skip("no_conv", "no Conv branch")
+    for other in others:
+        if other.factors:
+            raise Skip("scaled_addend", f"addend '{other.name}' is scaled inside the sum but is not a branch of '{x}'")
 
-    convs: list[tuple[BranchShape, ConvParams]] = []
-    for shape in shapes:
-        if shape.kind == "identity":
-            continue
-        _check_private(view, shape.leaf, "branch output")
-        if shape.conv is not None:
-            conv = view.nodes[shape.conv]
-            if shape.bn is not None:
-                _check_private(view, conv.output[0], "Conv output")
-            convs.append((shape, conv_params(view, conv)))
-
+    convs: list[tuple[Branch, ConvParams]] = []
+    for b in branches:
+        if b.kind == "conv":
+            _check_private(view, b.addend.name, "branch output")
+            convs.append((b, conv_params(view, view.nodes[b.conv])))
     first = convs[0][1]
     n = first.weight.ndim - 2
     cout, cin_per_group = first.weight.shape[:2]
@@ -285,29 +163,27 @@ def build_block(view: GraphView, anchor: onnx.NodeProto, x: str, shapes: list[Br
             raise Skip("dtype", f"Conv '{p.node_name}' dtype {p.weight.dtype} != {first.weight.dtype}")
     group, strides = first.group, first.strides
     cin = cin_per_group * group
+    rank = n + 2
 
     # Dilation matters only on axes where a kernel is wider than 1.
     dilations = []
     for axis in range(n):
-        wide = {p.dilations[axis] for _, p in convs if p.weight.shape[2 + axis] > 1}
+        wide = {p.dilations[axis] for _, p in convs if p.kernel[axis] > 1}
         if len(wide) > 1:
             raise Skip("dilation_mismatch", f"branches have dilations {sorted(wide)} on spatial axis {axis}")
         dilations.append(wide.pop() if wide else 1)
 
-    # Each branch as (kernel sizes, pad begins, pad ends); identity is a 1-wide kernel with no pad.
-    extents = []
-    for shape in shapes:
-        if shape.kind == "identity" or shape.conv is None:
-            if any(s != 1 for s in strides):
-                raise Skip("identity_stride", f"identity branch '{shape.leaf}' needs stride 1, the convs have {strides}")
-            if cin != cout:
-                raise Skip("identity_channels", f"identity branch '{shape.leaf}' needs Cin == Cout, the convs map {cin} -> {cout}")
-            extents.append(((1,) * n, (0,) * n, (0,) * n))
-    for _, p in convs:
-        extents.append((tuple(p.weight.shape[2:]), p.pads_begin, p.pads_end))
+    identities = [b for b in branches if b.kind == "identity"]
+    if identities:
+        if any(s != 1 for s in strides):
+            raise Skip("identity_stride", f"identity branch '{x}' needs stride 1, the convs have {strides}")
+        if cin != cout:
+            raise Skip("identity_channels", f"identity branch '{x}' needs Cin == Cout, the convs map {cin} -> {cout}")
 
-    kernel_shape, pad_begin, pad_end = [], [], []
-    offsets_by_axis = []
+    # Each branch as (kernel sizes, pad begins, pad ends); an identity is a 1-wide kernel without pad.
+    extents = [((1,) * n, (0,) * n, (0,) * n) for _ in identities]
+    extents += [(p.kernel, p.pads_begin, p.pads_end) for _, p in convs]
+    kernel_shape, pad_begin, pad_end, offsets_by_axis = [], [], [], []
     for axis in range(n):
         d = dilations[axis]
         reach = {b[axis] + e[axis] - d * (k[axis] - 1) for k, b, e in extents}
@@ -319,68 +195,58 @@ def build_block(view: GraphView, anchor: onnx.NodeProto, x: str, shapes: list[Br
         for k, b, _ in extents:
             shift = begin - b[axis]
             if shift % d:
-                raise Skip("kernel_offset", f"a {_label(k)} branch sits {shift} pixels off the grid of dilation {d} on axis {axis}")
+                raise Skip("kernel_offset", f"a {_label(k)} branch sits {shift} pixels off the grid of dilation {d} "
+                           f"on spatial axis {axis}")
             offsets.append(shift // d)
         size = max(o + k[axis] for o, (k, _, _) in zip(offsets, extents))
         end = reach.pop() + d * (size - 1) - begin
         if end < 0:
-            raise Skip("kernel_offset", f"fused kernel would need a negative pad on axis {axis}")
+            raise Skip("kernel_offset", f"fused kernel would need a negative pad on spatial axis {axis}")
         kernel_shape.append(size)
         pad_begin.append(begin)
         pad_end.append(end)
         offsets_by_axis.append(offsets)
     branch_offsets = [tuple(offsets_by_axis[a][i] for a in range(n)) for i in range(len(extents))]
 
-    # Terms in float64, in the order the extents were listed: identities first, then convs.
     terms: list[Term] = []
-    identity_shapes = [s for s in shapes if s.kind == "identity" or s.conv is None]
-    for shape, offsets in zip(identity_shapes, branch_offsets):
-        kernel = algebra.identity_kernel(cout, group, (1,) * n, (0,) * n)
-        bias = np.zeros(cout)
-        label = "id"
-        if shape.kind == "bn":
-            bn = view.nodes[shape.bn]
-            scale, shift, _ = bn_params(view, bn, opset)
-            if scale.shape != (cout,):
-                raise Skip("channel_mismatch", f"BatchNormalization '{bn.name}' has {scale.shape[0]} channels, the block {cout}")
-            kernel, bias = algebra.scale_output_channels(kernel, bias, scale, shift)
-            label = "bn"
-        terms.append(Term(label, kernel, bias, offsets))
-    for (shape, p), offsets in zip(convs, branch_offsets[len(identity_shapes):]):
-        kernel = np.asarray(p.weight, dtype=np.float64)
-        bias = np.zeros(cout) if p.bias is None else np.asarray(p.bias, dtype=np.float64)
-        if shape.bn is not None:
-            bn = view.nodes[shape.bn]
-            scale, shift, _ = bn_params(view, bn, opset)
-            if scale.shape != (cout,):
-                raise Skip("channel_mismatch", f"BatchNormalization '{bn.name}' has {scale.shape[0]} channels, Conv '{p.node_name}' {cout}")
-            kernel, bias = algebra.scale_output_channels(kernel, bias, scale, shift)
-        terms.append(Term(_label(p.weight.shape[2:]), kernel, bias, offsets))
+    for b, offsets in zip(identities, branch_offsets):
+        scale = channel_vector(b.addend.factors, rank, cout, f"identity branch '{x}'")
+        kernel, bias = algebra.scale_output_channels(
+            algebra.identity_kernel(cout, group, (1,) * n, (0,) * n), np.zeros(cout), scale)
+        terms.append(Term(_identity_label(view, b), kernel, bias, offsets))
+    for (b, p), offsets in zip(convs, branch_offsets[len(identities):]):
+        scale = channel_vector(b.addend.factors, rank, cout, f"branch '{b.addend.name}'")
+        bias = np.zeros(cout) if p.bias is None else p.bias
+        kernel, bias = algebra.scale_output_channels(p.weight, bias, scale)
+        terms.append(Term(_label(p.kernel), kernel, bias, offsets))
+    constant_bias = np.zeros(cout)
+    for c in tree.constants:
+        constant_bias = constant_bias + channel_vector(c.factors, rank, cout, f"constant '{c.name or 'BN shift'}'")
 
-    removed = list(tree)
-    for shape in shapes:
-        removed += [i for i in (shape.conv, shape.bn) if i is not None]
-    main = max(convs, key=lambda c: int(np.prod(c[1].weight.shape[2:])))[1]
+    removed = list(tree.nodes) + [b.conv for b, _ in convs]
+    main = max(convs, key=lambda c: int(np.prod(c[1].kernel)))[1]
     geometry = ConvGeometry(tuple(kernel_shape), tuple(strides), tuple(dilations),
                             tuple(pad_begin) + tuple(pad_end), group)
-    return Block(anchor=anchor.name, root_output=anchor.output[0], input=x, terms=terms,
+    root = view.nodes[tree.root]
+    return Block(anchor=root.name or root.output[0], root_output=root.output[0], input=x, terms=terms,
                  geometry=geometry, dtype=first.weight.dtype, removed_nodes=removed,
-                 other_leaves=list(others), name_hint=main.node_name)
+                 other_leaves=[o.name for o in others], name_hint=main.node_name,
+                 constant_bias=constant_bias)
 
 
-def _describe(view: GraphView, shapes: list[BranchShape]) -> list[str]:
+def _describe(view: GraphView, branches: list[Branch]) -> list[str]:
     labels = []
-    for s in shapes:
-        if s.kind == "identity":
-            labels.append("id")
-        elif s.kind == "bn":
-            labels.append("bn")
+    for b in branches:
+        if b.kind == "identity":
+            labels.append(_identity_label(view, b))
+        elif b.kind == "problem":
+            labels.append(view.nodes[b.problem].op_type)
         else:
-            conv = view.nodes[s.conv]
+            conv = view.nodes[b.conv]
             w = view.constant(conv.input[1]) if len(conv.input) > 1 else None
             labels.append(_label(w.shape[2:]) if w is not None and w.ndim > 2 else "conv")
-    # Widest kernels first, then identities, as people write them: 3x3+1x1+id.
-    def key(label: str) -> tuple[int, int]:
+
+    def key(label: str) -> tuple[int, int]:  # widest kernels first, identities last: 3x3+1x1+bn
         if label[0].isdigit():
             return (0, -int(np.prod([int(v) for v in label.split("x")])))
         return (1, 0)
@@ -388,18 +254,21 @@ def _describe(view: GraphView, shapes: list[BranchShape]) -> list[str]:
 
 
 def find(view: GraphView, opset: int) -> list[Candidate]:
-    """Every sum of parallel branches in the graph, as a Block or a Reason."""
+    """Every linear tree over branches of one tensor, as a Block or a Reason."""
+    index = LinearIndex(view, opset)
     candidates = []
-    for index, node in enumerate(view.nodes):
-        if not is_sum_root(view, index):
-            continue
-        leaves, tree = flatten_sum(view, index)
-        x, shapes, others = choose_input(view, leaves)
+    for root in index.roots():
+        tree = index.tree(root)
+        x, branches, others = choose_input(view, index, tree)
         if x is None:
             continue
-        candidate = Candidate(anchor=node.name or node.output[0], branch_labels=_describe(view, shapes))
+        removed = len(tree.nodes) + sum(1 for b in branches if b.kind in ("conv", "problem"))
+        if removed <= 1 + len(others):
+            continue  # nothing to gain: e.g. a plain residual Add(conv(y), x)
+        node = view.nodes[root]
+        candidate = Candidate(anchor=node.name or node.output[0], branch_labels=_describe(view, branches))
         try:
-            block = build_block(view, node, x, shapes, others, tree, opset)
+            block = build_block(view, index, tree, x, branches, others)
         except Skip as skip:
             candidate.reason = skip.reason
         else:

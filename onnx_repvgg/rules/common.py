@@ -1,0 +1,122 @@
+"""Reading Conv and BatchNormalization nodes into checked numbers, or a Skip with the reason."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from .. import algebra
+from ..block import Reason
+from ..graph import GraphView, attribute
+
+FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
+
+class Skip(Exception):
+    """Raised inside the checks; carries the Reason the block is left alone."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.reason = Reason(code, message)
+
+
+def is_op(node: onnx.NodeProto | None, *ops: str) -> bool:
+    return node is not None and node.op_type in ops and node.domain in ("", "ai.onnx")
+
+
+def const(view: GraphView, name: str, what: str, node: onnx.NodeProto) -> np.ndarray:
+    value = view.constant(name)
+    if value is None:
+        where = "a graph input" if name in view.graph_inputs else "computed at run time"
+        raise Skip("non_constant", f"{what} '{name}' of {node.op_type} '{node.name}' is not a constant ({where})")
+    return value
+
+
+@dataclass
+class ConvParams:
+    node_name: str
+    weight: np.ndarray
+    bias: np.ndarray | None
+    strides: tuple[int, ...]
+    dilations: tuple[int, ...]
+    pads_begin: tuple[int, ...]
+    pads_end: tuple[int, ...]
+    group: int
+
+    @property
+    def kernel(self) -> tuple[int, ...]:
+        return tuple(self.weight.shape[2:])
+
+
+def conv_params(view: GraphView, node: onnx.NodeProto) -> ConvParams:
+    """A Conv's constant weight and bias and its explicit geometry (auto_pad resolved)."""
+    if len(node.input) < 2:
+        raise Skip("malformed", f"Conv '{node.name}' has no weight input")
+    weight = const(view, node.input[1], "weight", node)
+    if weight.dtype not in FLOAT_DTYPES:
+        raise Skip("dtype", f"Conv '{node.name}' weight dtype {weight.dtype} is not float16/32/64")
+    if weight.ndim < 3:
+        raise Skip("malformed", f"Conv '{node.name}' weight has rank {weight.ndim}")
+    bias = None
+    if len(node.input) > 2 and node.input[2]:
+        bias = const(view, node.input[2], "bias", node)
+        if bias.shape != (weight.shape[0],):
+            raise Skip("malformed", f"Conv '{node.name}' bias shape {bias.shape} != ({weight.shape[0]},)")
+    n = weight.ndim - 2
+    kernel = tuple(weight.shape[2:])
+    declared = attribute(node, "kernel_shape")
+    if declared is not None and tuple(declared) != kernel:
+        raise Skip("malformed", f"Conv '{node.name}' kernel_shape {tuple(declared)} != weight {kernel}")
+    strides = tuple(attribute(node, "strides", [1] * n))
+    dilations = tuple(attribute(node, "dilations", [1] * n))
+    group = int(attribute(node, "group", 1))
+    if len(strides) != n or len(dilations) != n:
+        raise Skip("malformed", f"Conv '{node.name}' strides/dilations do not match {n} spatial axes")
+    auto_pad = attribute(node, "auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if auto_pad == "NOTSET":
+        pads = tuple(attribute(node, "pads", [0] * (2 * n)))
+        if len(pads) != 2 * n:
+            raise Skip("malformed", f"Conv '{node.name}' has {len(pads)} pads for {n} axes")
+        begin, end = pads[:n], pads[n:]
+    elif auto_pad == "VALID":
+        begin, end = (0,) * n, (0,) * n
+    elif auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        if any(s != 1 for s in strides):
+            raise Skip("auto_pad", f"Conv '{node.name}' auto_pad={auto_pad} with stride {strides}: "
+                       "its pads depend on the input size")
+        totals = [d * (k - 1) for d, k in zip(dilations, kernel)]
+        small = tuple(t // 2 for t in totals)
+        large = tuple(t - t // 2 for t in totals)
+        begin, end = (small, large) if auto_pad == "SAME_UPPER" else (large, small)
+    else:
+        raise Skip("auto_pad", f"Conv '{node.name}' has unknown auto_pad {auto_pad!r}")
+    if group < 1 or weight.shape[0] % group:
+        raise Skip("malformed", f"Conv '{node.name}' has group {group} for {weight.shape[0]} outputs")
+    return ConvParams(node.name, weight, bias, strides, dilations, tuple(begin), tuple(end), group)
+
+
+def bn_affine(view: GraphView, node: onnx.NodeProto, opset: int) -> tuple[np.ndarray, np.ndarray]:
+    """An inference-mode BN as per-channel (scale, shift) in float64, or Skip."""
+    if int(attribute(node, "training_mode", 0)) != 0:
+        raise Skip("bn_training", f"BatchNormalization '{node.name}' has training_mode=1")
+    if opset < 7 and int(attribute(node, "is_test", 0)) == 0:
+        raise Skip("bn_training", f"BatchNormalization '{node.name}' has is_test=0 (training)")
+    if int(attribute(node, "spatial", 1)) != 1:
+        raise Skip("bn_spatial", f"BatchNormalization '{node.name}' has spatial=0 (per-element statistics)")
+    if len(node.input) != 5:
+        raise Skip("malformed", f"BatchNormalization '{node.name}' has {len(node.input)} inputs")
+    for extra in node.output[1:]:
+        if extra and view.use_count(extra):
+            raise Skip("bn_training", f"BatchNormalization '{node.name}' output '{extra}' (a training statistic) is used")
+    gamma, beta, mean, var = (const(view, name, what, node) for name, what in
+                              zip(node.input[1:], ("scale", "bias", "mean", "var")))
+    channels = gamma.shape
+    if len(channels) != 1 or any(p.shape != channels for p in (beta, mean, var)):
+        raise Skip("malformed", f"BatchNormalization '{node.name}' parameters are not per-channel vectors")
+    eps = float(attribute(node, "epsilon", 1e-5))
+    if np.any(np.asarray(var, dtype=np.float64) + eps <= 0):
+        raise Skip("bn_variance", f"BatchNormalization '{node.name}' has var + eps <= 0")
+    return algebra.bn_scale_shift(gamma, beta, mean, var, eps)

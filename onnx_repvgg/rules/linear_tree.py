@@ -1,0 +1,188 @@
+"""Sums of per-channel affine maps of tensors: the form the block rule matches.
+
+A *linear node* is an affine function of its tensor inputs, the same on every
+spatial position, given by constants:
+
+    Add / Sum(a, b, ...)     a + b + ...
+    Sub(a, b)                a - b
+    Neg(a)                   -a
+    Mul(a, c) / Mul(c, a)    a * c         (c constant)
+    Div(a, c)                a / c         (c constant, no zero)
+    BatchNormalization(a)    a * s + h     (inference mode: s = g/sqrt(v+eps), h = beta - m*s)
+
+A *linear tree* is a root linear node and, recursively, every linear node whose only
+use is as a tensor input of a node in the tree. It computes
+
+    sum_i  (prod of factors_i) * leaf_i  +  sum_j (prod of factors_j) * constant_j
+
+Factors are constants in ONNX broadcast form (checked to be per-channel later, when the
+rank and channel count are known) or per-channel vectors from BN.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from ..block import Reason
+from ..graph import GraphView
+from .common import Skip, bn_affine, is_op
+
+LINEAR_OPS = ("Add", "Sum", "Sub", "Neg", "Mul", "Div", "BatchNormalization")
+NEG_ONE = np.array(-1.0)
+
+
+@dataclass(frozen=True)
+class Factor:
+    value: np.ndarray      # float64
+    per_channel: bool      # True: a (C,) vector on axis 1; False: an ONNX-broadcast constant
+
+
+@dataclass
+class Expansion:
+    """How one linear node combines its inputs: (input, local factors) and its own constants."""
+
+    children: list[tuple[str, tuple[Factor, ...]]] = field(default_factory=list)
+    offsets: list[Factor] = field(default_factory=list)
+    problem: Reason | None = None  # looks linear (a BN) but is not usable: why
+
+    @property
+    def usable(self) -> bool:
+        return self.problem is None and bool(self.children)
+
+
+@dataclass
+class Addend:
+    name: str | None                 # tensor name; None for a constant produced by a node (BN shift)
+    factors: tuple[Factor, ...]
+    parent: int                      # index of the tree node that uses it
+    constant: bool = False
+
+
+@dataclass
+class LinearTree:
+    root: int
+    nodes: list[int]
+    leaves: list[Addend]             # tensor addends
+    constants: list[Addend]          # constant addends (their value is the first factor)
+
+
+def expand(view: GraphView, node: onnx.NodeProto, opset: int) -> Expansion | None:
+    """The node as a linear combination, or None if it is not a linear node."""
+    if not is_op(node, *LINEAR_OPS) or len(node.output) < 1:
+        return None
+    op = node.op_type
+    inputs = list(node.input)
+    if op in ("Add", "Sum"):
+        return Expansion([(name, ()) for name in inputs if name]) if all(inputs) else None
+    if op == "Sub" and len(inputs) == 2:
+        return Expansion([(inputs[0], ()), (inputs[1], (Factor(NEG_ONE, False),))])
+    if op == "Neg" and len(inputs) == 1:
+        return Expansion([(inputs[0], (Factor(NEG_ONE, False),))])
+    if op == "Mul" and len(inputs) == 2:
+        consts = [view.constant(name) for name in inputs]
+        if (consts[0] is None) == (consts[1] is None):
+            return None
+        tensor, value = (inputs[1], consts[0]) if consts[0] is not None else (inputs[0], consts[1])
+        if not np.issubdtype(value.dtype, np.floating):
+            return None
+        return Expansion([(tensor, (Factor(value.astype(np.float64), False),))])
+    if op == "Div" and len(inputs) == 2:
+        value = view.constant(inputs[1])
+        if value is None or view.constant(inputs[0]) is not None or not np.issubdtype(value.dtype, np.floating):
+            return None
+        if np.any(value == 0):
+            return None
+        return Expansion([(inputs[0], (Factor(1.0 / value.astype(np.float64), False),))])
+    if op == "BatchNormalization" and inputs:
+        try:
+            scale, shift = bn_affine(view, node, opset)
+        except Skip as skip:
+            return Expansion(problem=skip.reason)
+        return Expansion([(inputs[0], (Factor(scale, True),))], offsets=[Factor(shift, True)])
+    return None
+
+
+class LinearIndex:
+    """Expansions of every linear node of a graph, and which of them are tree roots."""
+
+    def __init__(self, view: GraphView, opset: int):
+        self.view = view
+        self.expansions: dict[int, Expansion] = {}
+        for index, node in enumerate(view.nodes):
+            exp = expand(view, node, opset)
+            if exp is not None:
+                self.expansions[index] = exp
+
+    def usable(self, index: int | None) -> bool:
+        exp = self.expansions.get(index) if index is not None else None
+        return exp is not None and exp.usable
+
+    def _absorbed(self, name: str) -> bool:
+        """Is tensor `name` an inner edge of some tree (privately used as a tensor input of a linear node)?"""
+        if not self.view.is_private(name):
+            return False
+        consumer, _ = self.view.consumers[name][0]
+        if not self.usable(consumer):
+            return False
+        return any(child == name for child, _ in self.expansions[consumer].children)
+
+    def roots(self):
+        for index in self.expansions:
+            node = self.view.nodes[index]
+            if self.usable(index) and not self._absorbed(node.output[0]):
+                yield index
+
+    def tree(self, root: int) -> LinearTree:
+        view = self.view
+        nodes, leaves, constants = [root], [], []
+        stack: list[tuple] = [("node", root, ())]
+        while stack:
+            item = stack.pop()
+            if item[0] == "node":
+                _, index, outer = item
+                exp = self.expansions[index]
+                for offset in exp.offsets:
+                    constants.append(Addend(None, (offset,) + outer, index, constant=True))
+                for name, local in reversed(exp.children):
+                    stack.append(("name", name, local + outer, index))
+                continue
+            _, name, factors, parent = item
+            value = view.constant(name)
+            if value is not None:
+                if np.issubdtype(value.dtype, np.floating):
+                    constants.append(Addend(name, (Factor(value.astype(np.float64), False),) + factors, parent,
+                                            constant=True))
+                else:
+                    leaves.append(Addend(name, factors, parent))
+                continue
+            child = view.producer.get(name)
+            if self.usable(child) and self._absorbed(name):
+                nodes.append(child)
+                stack.append(("node", child, factors))
+            else:
+                leaves.append(Addend(name, factors, parent))
+        return LinearTree(root, nodes, leaves, constants)
+
+
+def channel_vector(factors: tuple[Factor, ...], rank: int, channels: int, what: str) -> np.ndarray:
+    """Multiply factors into one (channels,) vector for a tensor of `rank`, or Skip."""
+    vec = np.ones(channels)
+    for f in factors:
+        value = np.asarray(f.value, dtype=np.float64)
+        if f.per_channel:
+            if value.shape not in ((channels,), (1,)):
+                raise Skip("channel_mismatch", f"{what}: a BatchNormalization of {value.shape[0]} channels "
+                           f"on {channels} channels")
+            vec = vec * value
+            continue
+        if value.ndim > rank:
+            raise Skip("not_per_channel", f"{what}: constant of shape {value.shape} broadcasts beyond rank {rank}")
+        shape = (1,) * (rank - value.ndim) + value.shape
+        if shape[0] != 1 or any(s != 1 for s in shape[2:]) or shape[1] not in (1, channels):
+            raise Skip("not_per_channel", f"{what}: constant of shape {value.shape} is not per-channel "
+                       f"(1, {channels}, 1, ...)")
+        vec = vec * value.reshape(-1)
+    return vec
