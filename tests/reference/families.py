@@ -1,0 +1,319 @@
+"""PyTorch reference blocks of the re-parameterization family, each with its deploy form.
+
+Written from the papers (MobileOne, RepViT, QARepVGG/YOLOv6, FastViT, YOLOv10, RepLKNet,
+ACNet, PP-LCNetV2, ultralytics RepConv, RepGhost). Every block's `deploy()` returns the
+authors' single-conv form, computed with the usual algebra: fold BN into its conv,
+centre-pad smaller kernels, write identities as a centred 1, sum.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class ConvBN(nn.Sequential):
+    def __init__(self, cin, cout, k, stride=1, groups=1, padding=None, bias=False):
+        super().__init__()
+        kh, kw = (k, k) if isinstance(k, int) else k
+        padding = (kh // 2, kw // 2) if padding is None else padding
+        self.conv = nn.Conv2d(cin, cout, (kh, kw), stride, padding, groups=groups, bias=bias)
+        self.bn = nn.BatchNorm2d(cout)
+
+    def kernel_bias(self):
+        return fold(self.conv, self.bn)
+
+
+def fold(conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None):
+    w = conv.weight
+    b = conv.bias if conv.bias is not None else torch.zeros(w.shape[0])
+    if bn is None:
+        return w, b
+    s = bn.weight / (bn.running_var + bn.eps).sqrt()
+    return w * s.reshape(-1, 1, 1, 1), (b - bn.running_mean) * s + bn.bias
+
+
+def identity_kernel_bias(channels, groups, bn: nn.BatchNorm2d | None = None):
+    k = torch.zeros(channels, channels // groups, 1, 1)
+    for i in range(channels):
+        k[i, i % (channels // groups), 0, 0] = 1.0
+    if bn is None:
+        return k, torch.zeros(channels)
+    s = bn.weight / (bn.running_var + bn.eps).sqrt()
+    return k * s.reshape(-1, 1, 1, 1), bn.bias - bn.running_mean * s
+
+
+def pad_to(k: torch.Tensor, size) -> torch.Tensor:
+    kh, kw = size
+    dh, dw = kh - k.shape[2], kw - k.shape[3]
+    return F.pad(k, [dw // 2, dw - dw // 2, dh // 2, dh - dh // 2])
+
+
+def conv_from(kernels_biases, cin, cout, stride=1, groups=1):
+    """One Conv2d from centre-aligned (kernel, bias) pairs."""
+    size = (max(k.shape[2] for k, _ in kernels_biases), max(k.shape[3] for k, _ in kernels_biases))
+    weight = sum(pad_to(k, size) for k, _ in kernels_biases)
+    bias = sum(b for _, b in kernels_biases)
+    conv = nn.Conv2d(cin, cout, size, stride, (size[0] // 2, size[1] // 2), groups=groups, bias=True)
+    with torch.no_grad():
+        conv.weight.copy_(weight)
+        conv.bias.copy_(bias)
+    return conv
+
+
+def bn_after(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    with torch.no_grad():
+        w, b = fold(conv, bn)
+        conv.weight.copy_(w)
+        conv.bias.copy_(b)
+    return conv
+
+
+class Deployed(nn.Module):
+    def __init__(self, conv, act=None):
+        super().__init__()
+        self.conv, self.act = conv, act or nn.Identity()
+
+    def forward(self, x):
+        return self.act(self.conv(x))
+
+
+class MobileOneBlock(nn.Module):
+    """N parallel kxk conv-BN + 1x1 'scale' conv-BN (k > 1) + identity BN, then act."""
+
+    def __init__(self, cin, cout, k=3, stride=1, groups=1, num_branches=3, act=True, use_scale=True):
+        super().__init__()
+        self.cin, self.cout, self.k, self.stride, self.groups = cin, cout, k, stride, groups
+        self.skip = nn.BatchNorm2d(cin) if cin == cout and stride == 1 else None
+        self.scale = ConvBN(cin, cout, 1, stride, groups) if k > 1 and use_scale else None
+        self.convs = nn.ModuleList([ConvBN(cin, cout, k, stride, groups) for _ in range(num_branches)])
+        self.act = nn.ReLU() if act else nn.Identity()
+
+    def forward(self, x):
+        out = 0
+        if self.skip is not None:
+            out = self.skip(x)
+        if self.scale is not None:
+            out = out + self.scale(x)
+        for c in self.convs:
+            out = out + c(x)
+        return self.act(out)
+
+    def kernel_bias_list(self):
+        kb = [c.kernel_bias() for c in self.convs]
+        if self.scale is not None:
+            kb.append(self.scale.kernel_bias())
+        if self.skip is not None:
+            kb.append(identity_kernel_bias(self.cin, self.groups, self.skip))
+        return kb
+
+    def deploy(self):
+        return Deployed(conv_from(self.kernel_bias_list(), self.cin, self.cout, self.stride, self.groups), self.act)
+
+
+class RepVggDw(nn.Module):
+    """RepViT token mixer: BN(dw3x3-BN(x) + dw1x1(x) + x)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.c = c
+        self.conv = ConvBN(c, c, 3, groups=c)
+        self.conv1 = nn.Conv2d(c, c, 1, groups=c, bias=True)
+        self.bn = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return self.bn(self.conv(x) + self.conv1(x) + x)
+
+    def deploy(self):
+        conv = conv_from([self.conv.kernel_bias(), fold(self.conv1), identity_kernel_bias(self.c, self.c)],
+                         self.c, self.c, groups=self.c)
+        return Deployed(bn_after(conv, self.bn))
+
+
+class QARepVGGBlock(nn.Module):
+    """QARepVGG (YOLOv6 v3): ReLU(BN(3x3-BN(x) + 1x1(x) + x)), 1x1 without BN or bias."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.c = c
+        self.dense = ConvBN(c, c, 3)
+        self.one = nn.Conv2d(c, c, 1, bias=False)
+        self.bn = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.dense(x) + self.one(x) + x))
+
+    def deploy(self):
+        conv = conv_from([self.dense.kernel_bias(), fold(self.one), identity_kernel_bias(self.c, 1)], self.c, self.c)
+        return Deployed(bn_after(conv, self.bn), nn.ReLU())
+
+
+class YoloV6RepVGGBlock(nn.Module):
+    """YOLOv6 RepVGGBlock: id_out is the int 0 when there is no identity branch."""
+
+    def __init__(self, cin, cout, stride=1):
+        super().__init__()
+        self.cin, self.cout, self.stride = cin, cout, stride
+        self.identity = nn.BatchNorm2d(cin) if cin == cout and stride == 1 else None
+        self.dense = ConvBN(cin, cout, 3, stride)
+        self.one = ConvBN(cin, cout, 1, stride, padding=0)
+
+    def forward(self, x):
+        id_out = 0 if self.identity is None else self.identity(x)
+        return torch.relu(self.dense(x) + self.one(x) + id_out)
+
+    def deploy(self):
+        kb = [self.dense.kernel_bias(), self.one.kernel_bias()]
+        if self.identity is not None:
+            kb.append(identity_kernel_bias(self.cin, 1, self.identity))
+        return Deployed(conv_from(kb, self.cin, self.cout, self.stride), nn.ReLU())
+
+
+class RepMixer(nn.Module):
+    """FastViT RepMixer: x + layer_scale * (mixer(x) - norm(x)), mixer/norm depthwise MobileOne."""
+
+    def __init__(self, c, k=3):
+        super().__init__()
+        self.c = c
+        self.mixer = MobileOneBlock(c, c, k, groups=c, num_branches=1, act=False)
+        self.norm = MobileOneBlock(c, c, k, groups=c, num_branches=0, act=False, use_scale=False)
+        self.layer_scale = nn.Parameter(torch.rand(c, 1, 1) + 0.5)
+
+    def forward(self, x):
+        return x + self.layer_scale * (self.mixer(x) - self.norm(x))
+
+    def deploy(self):
+        ls = self.layer_scale.reshape(-1)
+        kb = [identity_kernel_bias(self.c, self.c)]
+        kb += [(k * ls.reshape(-1, 1, 1, 1), b * ls) for k, b in self.mixer.kernel_bias_list()]
+        kb += [(-k * ls.reshape(-1, 1, 1, 1), -b * ls) for k, b in self.norm.kernel_bias_list()]
+        return Deployed(conv_from(kb, self.c, self.c, groups=self.c))
+
+
+class RepCPE(nn.Module):
+    """FastViT conditional positional encoding: x + dw7x7(x) with bias."""
+
+    def __init__(self, c, k=7):
+        super().__init__()
+        self.c = c
+        self.pe = nn.Conv2d(c, c, k, padding=k // 2, groups=c, bias=True)
+
+    def forward(self, x):
+        return x + self.pe(x)
+
+    def deploy(self):
+        return Deployed(conv_from([fold(self.pe), identity_kernel_bias(self.c, self.c)], self.c, self.c, groups=self.c))
+
+
+class LargeSmallDw(nn.Module):
+    """Large + small parallel depthwise conv-BN: RepLKNet (13 + 5), YOLOv10 RepVGGDW (7 + 3)."""
+
+    def __init__(self, c, large=13, small=5, act=False):
+        super().__init__()
+        self.c = c
+        self.large = ConvBN(c, c, large, groups=c)
+        self.small = ConvBN(c, c, small, groups=c)
+        self.act = nn.SiLU() if act else nn.Identity()
+
+    def forward(self, x):
+        return self.act(self.large(x) + self.small(x))
+
+    def deploy(self):
+        return Deployed(conv_from([self.large.kernel_bias(), self.small.kernel_bias()], self.c, self.c,
+                                  groups=self.c), self.act)
+
+
+class ACBlock(nn.Module):
+    """ACNet: 3x3-BN + 1x3-BN + 3x1-BN."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.cin, self.cout = cin, cout
+        self.square = ConvBN(cin, cout, 3)
+        self.hor = ConvBN(cin, cout, (1, 3))
+        self.ver = ConvBN(cin, cout, (3, 1))
+
+    def forward(self, x):
+        return self.square(x) + self.hor(x) + self.ver(x)
+
+    def deploy(self):
+        kb = [self.square.kernel_bias(), self.hor.kernel_bias(), self.ver.kernel_bias()]
+        return Deployed(conv_from(kb, self.cin, self.cout))
+
+
+class RepDepthwise(nn.Module):
+    """PP-LCNetV2 RepDepthwiseSeparable's dw part: dw 5x5 + 3x3 + 1x1 conv-BN + identity BN."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.c = c
+        self.branches = nn.ModuleList([ConvBN(c, c, k, groups=c) for k in (5, 3, 1)])
+        self.identity = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        out = self.identity(x)
+        for b in self.branches:
+            out = out + b(x)
+        return out
+
+    def deploy(self):
+        kb = [b.kernel_bias() for b in self.branches] + [identity_kernel_bias(self.c, self.c, self.identity)]
+        return Deployed(conv_from(kb, self.c, self.c, groups=self.c))
+
+
+class UltralyticsRepConv(nn.Module):
+    """ultralytics RepConv: SiLU(BN(x) + 3x3-BN(x) + 1x1-BN(x))."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.c = c
+        self.bn = nn.BatchNorm2d(c)
+        self.conv1 = ConvBN(c, c, 3)
+        self.conv2 = ConvBN(c, c, 1, padding=0)
+
+    def forward(self, x):
+        return F.silu(self.bn(x) + self.conv1(x) + self.conv2(x))
+
+    def deploy(self):
+        kb = [self.conv1.kernel_bias(), self.conv2.kernel_bias(), identity_kernel_bias(self.c, 1, self.bn)]
+        return Deployed(conv_from(kb, self.c, self.c), nn.SiLU())
+
+
+class RepGhostCheap(nn.Module):
+    """RepGhost: dw3x3-BN(x) + BN(x) (the fusion BN re-parameterizes the ghost concat)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.c = c
+        self.cheap = ConvBN(c, c, 3, groups=c)
+        self.fusion_bn = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return torch.relu(self.cheap(x) + self.fusion_bn(x))
+
+    def deploy(self):
+        return Deployed(conv_from([self.cheap.kernel_bias(), identity_kernel_bias(self.c, self.c, self.fusion_bn)],
+                                  self.c, self.c, groups=self.c), nn.ReLU())
+
+
+class Net(nn.Module):
+    """stem conv -> blocks (with GELU between) -> head, so blocks see real activations."""
+
+    def __init__(self, blocks, cin=3, c=8):
+        super().__init__()
+        self.stem = nn.Conv2d(cin, c, 3, 1, 1)
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for b in self.blocks:
+            x = F.gelu(b(x))
+        return x.mean((2, 3))
+
+    @torch.no_grad()
+    def deploy(self):
+        import copy
+        net = copy.deepcopy(self)
+        net.blocks = nn.ModuleList([b.deploy() for b in net.blocks])
+        return net.eval()

@@ -1,0 +1,57 @@
+"""The re-parameterization family, exported with both exporters, against the deploy forms.
+
+Each case: a small net of one block type (tests/reference/families.py) with randomized BN
+statistics. The fused train-time export must have the op counts of the deploy export and
+agree with PyTorch to 1e-4 relative.
+"""
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from onnx_repvgg import fuse, validate
+from onnx_repvgg.io import load
+from tests.graphs import op_counts, run
+from tests.reference import families as fam
+from tests.reference.export import export
+from tests.reference.repvgg import randomize_bn
+
+C = 8
+CASES = {
+    "mobileone-dw+pw": lambda: [fam.MobileOneBlock(C, C, 3, groups=C, num_branches=4),
+                                fam.MobileOneBlock(C, C, 1, num_branches=4),
+                                fam.MobileOneBlock(C, 16, 3, stride=2, groups=C, num_branches=2)],
+    "repvit-dw": lambda: [fam.RepVggDw(C), fam.RepVggDw(C)],
+    "qarepvgg": lambda: [fam.QARepVGGBlock(C)],
+    "yolov6-plus-zero": lambda: [fam.YoloV6RepVGGBlock(C, 16, stride=2), fam.YoloV6RepVGGBlock(16, 16)],
+    "fastvit-repmixer": lambda: [fam.RepMixer(C), fam.RepCPE(C)],
+    "yolov10-repvggdw": lambda: [fam.LargeSmallDw(C, 7, 3, act=True)],
+    "replknet": lambda: [fam.LargeSmallDw(C, 13, 5)],
+    "acnet": lambda: [fam.ACBlock(C, C)],
+    "pplcnetv2": lambda: [fam.RepDepthwise(C)],
+    "ultralytics-repconv": lambda: [fam.UltralyticsRepConv(C)],
+    "repghost": lambda: [fam.RepGhostCheap(C)],
+}
+
+
+@pytest.mark.parametrize("dynamo", [pytest.param(False, id="torchscript"), pytest.param(True, id="dynamo")])
+@pytest.mark.parametrize("case", list(CASES))
+def test_family_fuses_to_deploy_form(tmp_path, case, dynamo):
+    torch.manual_seed(0)
+    net = randomize_bn(fam.Net(CASES[case]()), seed=11)
+    deploy = net.deploy()
+    x = torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        expected = net(x).numpy()
+        np.testing.assert_allclose(deploy(x).numpy(), expected, rtol=1e-4, atol=1e-5)
+    tag = "dynamo" if dynamo else "ts"
+    train = load(export(net, x, str(tmp_path / f"train_{tag}.onnx"), dynamo)).model
+    deployed = load(export(deploy, x, str(tmp_path / f"deploy_{tag}.onnx"), dynamo)).model
+    fused, report = fuse(train)
+    onnx.checker.check_model(fused, full_check=True)
+    assert not report.skipped, [(b.anchor, b.reason) for b in report.skipped]
+    assert op_counts(fused) == op_counts(deployed), (op_counts(train), op_counts(fused), op_counts(deployed))
+    got = run(fused, {fused.graph.input[0].name: x.numpy()})[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+    assert validate(train, fused, input_sets=2).passed
