@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import onnx
 
 
 @dataclass(frozen=True)
@@ -58,12 +59,22 @@ class Block:
 
 
 @dataclass
+class Rewrite:
+    """A match made concrete: which nodes go, which come in (and where), new initializers."""
+
+    removed_nodes: list[int]
+    insertions: list[tuple[int, list[onnx.NodeProto]]]  # (index of an old node, nodes placed before it)
+    initializers: list[onnx.TensorProto]
+    fused_node: str
+
+
+@dataclass
 class Candidate:
     """A structure that looked like a block; `block` or `reason` is set."""
 
     anchor: str
     branch_labels: list[str]
-    block: Block | None = None
+    block: object | None = None   # the rule's match (a Block for branch_sum); has removed_nodes
     reason: Reason | None = None
     group: int | None = None
     strides: tuple[int, ...] | None = None

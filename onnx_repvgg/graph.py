@@ -14,8 +14,12 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-# Names of ops whose output is a constant when all their inputs are.
-_PASS_THROUGH_OPS = {"Identity"}
+# Ops never folded even when every input is constant: random, control flow, or stateful.
+_NOT_FOLDABLE = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
+                 "Bernoulli", "Dropout", "If", "Loop", "Scan", "SequenceConstruct", "SequenceEmpty",
+                 "Optional", "Constant"}
+# Folding a node whose inputs hold more elements than this is left to other tools.
+_FOLD_LIMIT = 1 << 26
 
 
 def subgraphs_of(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
@@ -62,8 +66,9 @@ class GraphView:
     as uses by that node, with slot -1, so such a value is never treated as private.
     """
 
-    def __init__(self, graph: onnx.GraphProto):
+    def __init__(self, graph: onnx.GraphProto, opset: int | None = None):
         self.graph = graph
+        self.opset = opset
         self.nodes = list(graph.node)
         self.producer: dict[str, int] = {}
         self.consumers: dict[str, list[tuple[int, int]]] = defaultdict(list)
@@ -81,6 +86,18 @@ class GraphView:
         self.graph_inputs = {v.name for v in graph.input}
         self.initializers = {t.name: t for t in graph.initializer}
         self._constant_cache: dict[str, np.ndarray | None] = {}
+        # One pass in topological order: which node outputs are computed from constants only.
+        self.constant_nodes: set[int] = set()
+        known = {name for name in self.initializers if name not in self.graph_inputs}
+        for index, node in enumerate(self.nodes):
+            if node.domain not in ("", "ai.onnx") or any(True for _ in subgraphs_of(node)):
+                continue
+            if node.op_type == "Constant" or (
+                    node.op_type not in _NOT_FOLDABLE and node.input
+                    and all(name in known for name in node.input if name)):
+                self.constant_nodes.add(index)
+                known.update(out for out in node.output if out)
+        self.constant_names = known
 
     # -- structure -------------------------------------------------------------
     def producer_of(self, name: str) -> onnx.NodeProto | None:
@@ -113,29 +130,48 @@ class GraphView:
         return value
 
     def _compute_constant(self, name: str) -> np.ndarray | None:
-        if not name:
+        if not name or name not in self.constant_names:
             return None
         if name in self.initializers:
-            if name in self.graph_inputs:
-                return None
             return numpy_helper.to_array(self.initializers[name])
-        node = self.producer_of(name)
-        if node is None:
-            return None
-        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+        index = self.producer[name]
+        node = self.nodes[index]
+        if node.op_type == "Constant":
             return _constant_node_value(node)
-        if node.op_type in _PASS_THROUGH_OPS and node.domain in ("", "ai.onnx") and len(node.input) == 1:
+        if node.op_type == "Identity":
             return self.constant(node.input[0])
-        return None
+        return self._fold(index, name)
 
-    def constant_sources(self, name: str) -> list[str]:
-        """The chain of names that make up a constant: name, then what it is an Identity of."""
-        chain = [name]
-        node = self.producer_of(name)
-        while node is not None and node.op_type in _PASS_THROUGH_OPS and len(node.input) == 1:
-            chain.append(node.input[0])
-            node = self.producer_of(node.input[0])
-        return chain
+    def _fold(self, index: int, name: str) -> np.ndarray | None:
+        """Evaluate a node of constant inputs with onnx's reference evaluator (e.g. W + I, einsum)."""
+        node = self.nodes[index]
+        inputs = {}
+        for inp in node.input:
+            if inp:
+                value = self.constant(inp)
+                if value is None or value.size > _FOLD_LIMIT:
+                    return None
+                inputs[inp] = value
+        try:
+            from onnx.reference import ReferenceEvaluator
+
+            graph = onnx.helper.make_graph(
+                [node], "fold",
+                [onnx.helper.make_tensor_value_info(k, onnx.helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
+                 for k, v in inputs.items()],
+                [onnx.helper.make_tensor_value_info(out, onnx.TensorProto.UNDEFINED, None)
+                 for out in node.output if out])
+            model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", self.opset or 17)])
+            results = ReferenceEvaluator(model).run(None, inputs)
+        except Exception:  # an op the reference evaluator does not cover: not a usable constant
+            return None
+        value = None
+        for out, result in zip([o for o in node.output if o], results):
+            array = np.asarray(result)
+            self._constant_cache[out] = array
+            if out == name:
+                value = array
+        return value
 
 
 def _constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:

@@ -14,8 +14,7 @@ from typing import Iterable
 
 import onnx
 
-from . import algebra, rewrite
-from .block import Block
+from . import rewrite
 from .graph import GraphView, all_names, opset_version, subgraphs_of
 from .report import BlockRecord, ModelStats, Report
 from .rules import RULES
@@ -25,15 +24,6 @@ MAX_ROUNDS = 32
 
 class UnsupportedModel(ValueError):
     """The model cannot be processed at all (as opposed to one block being skipped)."""
-
-
-def fused_weights(block: Block):
-    """The block's fused kernel and bias, summed in float64 and cast to the model's dtype."""
-    kernel, bias = algebra.sum_branches([(t.kernel, t.bias, t.offsets) for t in block.terms],
-                                        block.geometry.kernel_shape)
-    if block.constant_bias is not None:
-        bias = bias + block.constant_bias
-    return algebra.cast_like(kernel, block.dtype), algebra.cast_like(bias, block.dtype)
 
 
 def fuse(model: onnx.ModelProto, *, rules: Iterable[str] | None = None,
@@ -74,7 +64,7 @@ def _fuse_graph(graph: onnx.GraphProto, opset: int, rules, names: rewrite.NameRe
                 report: Report) -> None:
     last_skips: list[BlockRecord] = []
     for _ in range(MAX_ROUNDS):
-        view = GraphView(graph)
+        view = GraphView(graph, opset)
         replacements = []
         claimed: set[int] = set()
         skips: list[BlockRecord] = []
@@ -91,16 +81,15 @@ def _fuse_graph(graph: onnx.GraphProto, opset: int, rules, names: rewrite.NameRe
                 if claimed.intersection(block.removed_nodes):
                     continue  # overlaps a block fused this round; it is matched again next round
                 try:
-                    weight, bias = fused_weights(block)
+                    change = rule.materialize(block, view, names)
                 except OverflowError as err:
                     record.reason_code, record.reason = "overflow", str(err)
                     skips.append(record)
                     continue
                 claimed.update(block.removed_nodes)
-                nodes, tensors = rewrite.fused_nodes(block, weight, bias, names)
-                replacements.append((block, nodes, tensors))
+                replacements.append(change)
                 record.status = "fused"
-                record.fused_node = nodes[0].name
+                record.fused_node = change.fused_node
                 report.blocks.append(record)
         report.rounds += 1
         last_skips = skips

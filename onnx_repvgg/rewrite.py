@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .block import Block
+from .block import Block, Rewrite
 from .graph import GraphView
 
 
@@ -58,8 +58,13 @@ def fused_nodes(block: Block, weight: np.ndarray, bias: np.ndarray, names: NameR
     return nodes, tensors
 
 
-def apply(graph: onnx.GraphProto, view: GraphView,
-          replacements: list[tuple[Block, list[onnx.NodeProto], list[onnx.TensorProto]]]) -> int:
+def branch_sum_rewrite(block: Block, weight: np.ndarray, bias: np.ndarray, view: GraphView,
+                       names: NameRegistry) -> Rewrite:
+    nodes, tensors = fused_nodes(block, weight, bias, names)
+    return Rewrite(block.removed_nodes, [(view.producer[block.root_output], nodes)], tensors, nodes[0].name)
+
+
+def apply(graph: onnx.GraphProto, view: GraphView, rewrites: list[Rewrite]) -> int:
     """Rewrite `graph` (indexed by `view`) in place; return how many nodes were removed."""
     removed: set[int] = set()
     inserted: dict[int, list[onnx.NodeProto]] = defaultdict(list)
@@ -68,20 +73,20 @@ def apply(graph: onnx.GraphProto, view: GraphView,
     def drop_use(name: str) -> None:
         uses[name] = uses.get(name, 0) - 1
 
-    for block, nodes, tensors in replacements:
-        root = view.producer[block.root_output]
-        inserted[root].extend(nodes)
-        removed.update(block.removed_nodes)
-        for index in block.removed_nodes:
+    for rw in rewrites:
+        for index, nodes in rw.insertions:
+            inserted[index].extend(nodes)
+            for node in nodes:
+                for name in node.input:
+                    uses[name] = uses.get(name, 0) + 1
+        removed.update(rw.removed_nodes)
+        for index in rw.removed_nodes:
             for name in view.nodes[index].input:
                 if name:
                     drop_use(name)
-        for node in nodes:
-            for name in node.input:
-                uses[name] = uses.get(name, 0) + 1
-        graph.initializer.extend(tensors)
+        graph.initializer.extend(rw.initializers)
 
-    # Constants that lost their last use: their Constant/Identity producers, then initializers.
+    # Constants that lost their last use: the nodes that computed them, then initializers.
     dead_initializers: set[str] = set()
     frontier = [name for name, count in uses.items() if count <= 0]
     while frontier:
@@ -91,7 +96,7 @@ def apply(graph: onnx.GraphProto, view: GraphView,
         index = view.producer.get(name)
         if index is not None:
             node = view.nodes[index]
-            if index in removed or node.op_type not in ("Constant", "Identity"):
+            if index in removed or index not in view.constant_nodes:
                 continue
             if any(uses.get(out, 0) > 0 or out in view.graph_outputs for out in node.output if out):
                 continue

@@ -512,3 +512,24 @@ def test_nonconstant_scale_is_not_linear():
     # Only the unscaled 1x1 branch is a branch of x; alone it is not worth a rewrite.
     assert report.blocks == []
     assert fused.SerializeToString() == model.SerializeToString()
+
+
+@pytest.mark.parametrize("how", ["add", "einsum", "reshape"])
+def test_weights_computed_by_a_constant_subgraph(how):
+    """OREPA/DBB compute weights from parameters (W + I, einsum); they are folded first."""
+    b = GraphBuilder()
+    x = b.x
+    r = b.rng
+    if how == "add":
+        w = b.op("Add", [b.constant(r.standard_normal((4, 4, 3, 3)).astype(np.float32)),
+                         b.constant(r.standard_normal((4, 4, 3, 3)).astype(np.float32))])
+    elif how == "einsum":
+        w = b.op("Einsum", [b.constant(r.standard_normal((4, 4)).astype(np.float32)),
+                            b.constant(r.standard_normal((4, 4, 3, 3)).astype(np.float32))], equation="ij,jkhw->ikhw")
+    else:
+        w = b.op("Reshape", [b.constant(r.standard_normal((4, 36)).astype(np.float32)),
+                             b.constant(np.array([4, 4, 3, 3], np.int64))])
+    out = b.add(b.add(b.conv(x, 4, 4, 3, weight_name=w), b.conv(x, 4, 4, 1, pads=[0] * 4)), b.bn(x, 4))
+    fused, report = fuse_and_compare(b.model([out]))
+    assert op_counts(fused) == {"Conv": 1}
+    assert len(fused.graph.initializer) == 2  # the weight subgraph and its inputs are gone

@@ -72,9 +72,9 @@ def test_json_report_and_dry_run(tmp_path, capsys):
 
 def test_validation_failure_writes_nothing(tmp_path, capsys, monkeypatch):
     block_model(tmp_path / "in.onnx")
-    import onnx_repvgg.pipeline as pipeline
-    real = pipeline.fused_weights
-    monkeypatch.setattr(pipeline, "fused_weights", lambda block: tuple(v * 1.01 for v in real(block)))
+    from onnx_repvgg.rules import branch_sum
+    real = branch_sum.fused_weights
+    monkeypatch.setattr(branch_sum, "fused_weights", lambda block: tuple(v * 1.01 for v in real(block)))
     assert main([str(tmp_path / "in.onnx"), str(tmp_path / "out.onnx")]) == 1
     captured = capsys.readouterr()
     assert "FAILED" in captured.out and "exceed rtol" in captured.out

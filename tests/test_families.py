@@ -35,11 +35,17 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("dynamo", [pytest.param(False, id="torchscript"), pytest.param(True, id="dynamo")])
-@pytest.mark.parametrize("case", list(CASES))
+EXPORTERS = [pytest.param(False, id="torchscript"), pytest.param(True, id="dynamo")]
+
+
+@pytest.mark.parametrize("dynamo", EXPORTERS)
+@pytest.mark.parametrize("case", list(CASES) + ["repvit-distilled-head"])
 def test_family_fuses_to_deploy_form(tmp_path, case, dynamo):
     torch.manual_seed(0)
-    net = randomize_bn(fam.Net(CASES[case]()), seed=11)
+    if case == "repvit-distilled-head":
+        net = randomize_bn(fam.DistilledClassifier(), seed=11)
+    else:
+        net = randomize_bn(fam.Net(CASES[case]()), seed=11)
     deploy = net.deploy()
     x = torch.randn(1, 3, 16, 16)
     with torch.no_grad():

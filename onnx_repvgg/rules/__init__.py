@@ -1,7 +1,11 @@
-"""Pattern rules. Each rule module exposes NAME and find(view) -> list[Candidate]."""
+"""Pattern rules, applied in this order each round.
 
-from . import branch_sum
+Each rule module exposes NAME, find(view, opset) -> list[Candidate] (each a match or a
+Reason) and materialize(match, view, names) -> Rewrite.
+"""
 
-RULES = {branch_sum.NAME: branch_sum}
+from . import bn_consumer, branch_sum
+
+RULES = {branch_sum.NAME: branch_sum, bn_consumer.NAME: bn_consumer}
 
 __all__ = ["RULES"]

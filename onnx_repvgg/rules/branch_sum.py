@@ -38,13 +38,14 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from .. import algebra
-from ..block import Block, Candidate, ConvGeometry, Term
+from .. import algebra, rewrite
+from ..block import Block, Candidate, ConvGeometry, Rewrite, Term
 from ..graph import GraphView
 from .common import ConvParams, Skip, conv_params, is_op
 from .linear_tree import Addend, LinearIndex, LinearTree, channel_vector
 
 NAME = "branch_sum"
+LEAF_OPS = ("Conv", "Gemm")  # a branch of X is one of these applied to X (or X itself)
 
 
 @dataclass
@@ -63,7 +64,7 @@ def _deep_source(view: GraphView, index: LinearIndex, leaf: str) -> Branch | Non
     if producer is None:
         return None
     node = view.nodes[producer]
-    if is_op(node, "Conv") and node.input:
+    if is_op(node, *LEAF_OPS) and node.input:
         return Branch(Addend(leaf, (), -1), "conv", conv=producer)
     exp = index.expansions.get(producer)
     if exp is not None and exp.problem is not None and node.input:
@@ -76,7 +77,7 @@ def _source_of(view: GraphView, branch: Branch) -> str:
         return view.nodes[branch.conv].input[0]
     node = view.nodes[branch.problem]
     inner = view.producer.get(node.input[0])
-    if inner is not None and is_op(view.nodes[inner], "Conv") and view.nodes[inner].input:
+    if inner is not None and is_op(view.nodes[inner], *LEAF_OPS) and view.nodes[inner].input:
         return view.nodes[inner].input[0]
     return node.input[0]
 
@@ -140,6 +141,16 @@ def build_block(view: GraphView, index: LinearIndex, tree: LinearTree, x: str,
     for other in others:
         if other.factors:
             raise Skip("scaled_addend", f"addend '{other.name}' is scaled inside the sum but is not a branch of '{x}'")
+
+    ops = sorted({view.nodes[b.conv].op_type for b in branches if b.kind == "conv"})
+    if len(ops) > 1:
+        raise Skip("mixed_ops", f"branches mix {' and '.join(ops)}")
+    if ops == ["Gemm"]:
+        from .dense import build_dense_block
+        for b in branches:
+            if b.kind == "conv":
+                _check_private(view, b.addend.name, "branch output")
+        return build_dense_block(view, tree, x, branches, others)
 
     convs: list[tuple[Branch, ConvParams]] = []
     for b in branches:
@@ -241,6 +252,8 @@ def _describe(view: GraphView, branches: list[Branch]) -> list[str]:
             labels.append(_identity_label(view, b))
         elif b.kind == "problem":
             labels.append(view.nodes[b.problem].op_type)
+        elif view.nodes[b.conv].op_type == "Gemm":
+            labels.append("linear")
         else:
             conv = view.nodes[b.conv]
             w = view.constant(conv.input[1]) if len(conv.input) > 1 else None
@@ -273,7 +286,24 @@ def find(view: GraphView, opset: int) -> list[Candidate]:
             candidate.reason = skip.reason
         else:
             candidate.block = block
-            candidate.group = block.geometry.group
-            candidate.strides = block.geometry.strides
+            if isinstance(block, Block):
+                candidate.group = block.geometry.group
+                candidate.strides = block.geometry.strides
         candidates.append(candidate)
     return candidates
+
+
+def fused_weights(block: Block) -> tuple[np.ndarray, np.ndarray]:
+    """The block's fused kernel and bias, summed in float64 and cast to the model's dtype."""
+    kernel, bias = algebra.sum_branches([(t.kernel, t.bias, t.offsets) for t in block.terms],
+                                        block.geometry.kernel_shape)
+    if block.constant_bias is not None:
+        bias = bias + block.constant_bias
+    return algebra.cast_like(kernel, block.dtype), algebra.cast_like(bias, block.dtype)
+
+
+def materialize(block, view: GraphView, names: rewrite.NameRegistry) -> Rewrite:
+    if not isinstance(block, Block):
+        return block.materialize(view, names)
+    weight, bias = fused_weights(block)
+    return rewrite.branch_sum_rewrite(block, weight, bias, view, names)

@@ -317,3 +317,52 @@ class Net(nn.Module):
         net = copy.deepcopy(self)
         net.blocks = nn.ModuleList([b.deploy() for b in net.blocks])
         return net.eval()
+
+
+class NormLinear(nn.Module):
+    """BatchNorm1d -> Linear, as in RepViT/LeViT classifier heads."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(cin)
+        self.l = nn.Linear(cin, cout)
+
+    def forward(self, x):
+        return self.l(self.bn(x))
+
+    def fused(self):
+        s = self.bn.weight / (self.bn.running_var + self.bn.eps).sqrt()
+        h = self.bn.bias - self.bn.running_mean * s
+        return self.l.weight * s[None, :], self.l.bias + self.l.weight @ h
+
+
+class DistilledClassifier(nn.Module):
+    """RepViT classifier at inference: (head(x) + head_dist(x)) / 2, each a NormLinear."""
+
+    def __init__(self, c=8, classes=10):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, 2, 1)
+        self.head = NormLinear(c, classes)
+        self.head_dist = NormLinear(c, classes)
+
+    def forward(self, x):
+        x = torch.flatten(F.adaptive_avg_pool2d(F.relu(self.stem(x)), 1), 1)
+        return (self.head(x) + self.head_dist(x)) / 2
+
+    @torch.no_grad()
+    def deploy(self):
+        import copy
+        net = copy.deepcopy(self)
+        (w1, b1), (w2, b2) = self.head.fused(), self.head_dist.fused()
+        linear = nn.Linear(w1.shape[1], w1.shape[0])
+        linear.weight.copy_((w1 + w2) / 2)
+        linear.bias.copy_((b1 + b2) / 2)
+
+        class Deploy(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.stem, self.linear = net.stem, linear
+
+            def forward(self, x):
+                return self.linear(torch.flatten(F.adaptive_avg_pool2d(F.relu(self.stem(x)), 1), 1))
+        return Deploy().eval()

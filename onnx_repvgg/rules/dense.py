@@ -1,0 +1,114 @@
+"""Branches that are Gemm (nn.Linear) of one 2-D tensor X, summed -> one Gemm.
+
+Covers a Linear followed by BatchNorm1d, and distillation heads averaged at inference,
+(head(x) + head_dist(x)) / 2, as RepViT/LeViT-style classifiers deploy them.
+
+Preconditions: every Gemm has transA=0, a constant B and a constant C that is a scalar or
+a per-output vector; all Gemms map the same in -> out features; an identity branch needs
+in == out; every scale and constant is per-output-feature.
+Formula: Gemm(X) = X @ W^T + b with W = alpha * B'^T (out, in), b = beta * C. Then
+W_fused = sum_i s_i * W_i (+ diag(t) for identities), b_fused = sum_i s_i * b_i + constants.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from onnx import helper, numpy_helper
+
+from .. import algebra
+from ..block import Rewrite
+from ..graph import GraphView, attribute
+from .common import FLOAT_DTYPES, Skip, const
+from .linear_tree import LinearTree, channel_vector
+
+
+@dataclass
+class DenseBlock:
+    anchor: str
+    root_output: str
+    input: str
+    weight: np.ndarray              # (out, in) float64
+    bias: np.ndarray                # (out,) float64
+    dtype: np.dtype
+    removed_nodes: list[int]
+    other_leaves: list[str] = field(default_factory=list)
+    name_hint: str = ""
+
+    def materialize(self, view: GraphView, names) -> Rewrite:
+        stem = self.name_hint or self.anchor
+        w_name, b_name = names.fresh(f"{stem}.fused_weight"), names.fresh(f"{stem}.fused_bias")
+        out = self.root_output if not self.other_leaves else names.fresh(f"{stem}.fused_output")
+        node = helper.make_node("Gemm", [self.input, w_name, b_name], [out], name=names.fresh(stem), transB=1)
+        nodes = [node]
+        running = out
+        for i, leaf in enumerate(self.other_leaves):
+            nxt = self.root_output if i == len(self.other_leaves) - 1 else names.fresh(f"{self.anchor}.partial_sum")
+            nodes.append(helper.make_node("Add", [running, leaf], [nxt], name=names.fresh(f"{self.anchor}.rest")))
+            running = nxt
+        tensors = [numpy_helper.from_array(algebra.cast_like(self.weight, self.dtype), w_name),
+                   numpy_helper.from_array(algebra.cast_like(self.bias, self.dtype), b_name)]
+        return Rewrite(self.removed_nodes, [(view.producer[self.root_output], nodes)], tensors, node.name)
+
+
+def gemm_weight_bias(view: GraphView, index: int) -> tuple[np.ndarray, np.ndarray]:
+    """A Gemm as X @ W^T + b with W (out, in) and b (out,) in float64, or Skip."""
+    node = view.nodes[index]
+    if int(attribute(node, "transA", 0)) != 0:
+        raise Skip("gemm_transA", f"Gemm '{node.name}' transposes its input (transA=1)")
+    if len(node.input) < 2:
+        raise Skip("malformed", f"Gemm '{node.name}' has no weight")
+    b = const(view, node.input[1], "weight", node)
+    if b.dtype not in FLOAT_DTYPES or b.ndim != 2:
+        raise Skip("dtype", f"Gemm '{node.name}' weight is not a 2-D float tensor")
+    alpha = float(attribute(node, "alpha", 1.0))
+    beta = float(attribute(node, "beta", 1.0))
+    w = (b if int(attribute(node, "transB", 0)) else b.T).astype(np.float64) * alpha
+    out = w.shape[0]
+    bias = np.zeros(out)
+    if len(node.input) > 2 and node.input[2]:
+        c = const(view, node.input[2], "bias", node).astype(np.float64)
+        if c.size == 1:
+            bias = np.full(out, c.reshape(-1)[0] * beta)
+        elif c.shape in ((out,), (1, out)):
+            bias = c.reshape(-1) * beta
+        else:
+            raise Skip("not_per_channel", f"Gemm '{node.name}' bias of shape {c.shape} is not per-output")
+    return w, bias
+
+
+def build_dense_block(view: GraphView, tree: LinearTree, x: str, branches, others) -> DenseBlock:
+    dtype = None
+    weights = []
+    for b in branches:
+        if b.kind == "conv":
+            w, bias = gemm_weight_bias(view, b.conv)
+            weights.append((b, w, bias))
+            dt = view.constant(view.nodes[b.conv].input[1]).dtype
+            if dtype is not None and dt != dtype:
+                raise Skip("dtype", f"Gemm branches mix {dtype} and {dt}")
+            dtype = dt
+    out, inp = weights[0][1].shape
+    for b, w, _ in weights:
+        if w.shape != (out, inp):
+            raise Skip("channel_mismatch", f"Gemm '{view.nodes[b.conv].name}' maps {w.shape[1]} -> {w.shape[0]}, "
+                       f"the first branch {inp} -> {out}")
+    total_w = np.zeros((out, inp))
+    total_b = np.zeros(out)
+    for b, w, bias in weights:
+        s = channel_vector(b.addend.factors, 2, out, f"branch '{b.addend.name}'")
+        total_w += w * s[:, None]
+        total_b += bias * s
+    for b in branches:
+        if b.kind == "identity":
+            if inp != out:
+                raise Skip("identity_channels", f"identity branch '{x}' needs in == out features, the Gemms map {inp} -> {out}")
+            s = channel_vector(b.addend.factors, 2, out, f"identity branch '{x}'")
+            total_w += np.diag(s)
+    for c in tree.constants:
+        total_b += channel_vector(c.factors, 2, out, f"constant '{c.name or 'BN shift'}'")
+    root = view.nodes[tree.root]
+    removed = list(tree.nodes) + [b.conv for b, _, _ in weights]
+    return DenseBlock(root.name or root.output[0], root.output[0], x, total_w, total_b, dtype, removed,
+                      [o.name for o in others], view.nodes[weights[0][0].conv].name)
