@@ -79,24 +79,55 @@ def scale_output_channels(weight, bias, scale, shift=None) -> tuple[np.ndarray, 
     return out_w, out_b
 
 
-def sum_branches(branches: Sequence[tuple[np.ndarray, np.ndarray, Sequence[int]]],
-                 spatial_shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-    """Sum branches (kernel, bias, offsets) on one kernel grid of `spatial_shape`."""
+def sum_branches(branches: Sequence[tuple], spatial_shape: Sequence[int], out_dtype=None,
+                 chunk_bytes: int = 1 << 21) -> tuple[np.ndarray, np.ndarray]:
+    """Sum branches on one kernel grid of `spatial_shape`, accumulating in float64.
+
+    Each branch is (kernel, bias, offsets) or (kernel, bias, offsets, scale), where scale
+    (per output channel, or None) multiplies both kernel and bias. The sum is computed in
+    float64 over blocks of output channels small enough to stay in cache, and each block is
+    cast to `out_dtype` (default float64) as it is finished, refusing overflow.
+    """
     if not branches:
         raise ValueError("no branches to sum")
-    kernel_sum = None
-    bias_sum = None
-    for kernel, bias, offsets in branches:
-        placed = embed_kernel(kernel, spatial_shape, offsets)
-        if kernel_sum is None:
-            kernel_sum = placed
-            bias_sum = np.asarray(bias, dtype=np.float64).copy()
-        else:
-            if placed.shape != kernel_sum.shape:
-                raise ValueError(f"branch kernel {placed.shape[:2]} does not match {kernel_sum.shape[:2]}")
-            kernel_sum += placed
-            bias_sum += np.asarray(bias, dtype=np.float64)
-    return kernel_sum, bias_sum
+    spatial_shape = tuple(int(s) for s in spatial_shape)
+    head = np.asarray(branches[0][0])
+    cout, cin = head.shape[:2]
+    prepared = []
+    bias_sum = np.zeros(cout, dtype=np.float64)
+    for branch in branches:
+        kernel, bias, offsets = branch[:3]
+        scale = branch[3] if len(branch) > 3 else None
+        kernel = np.asarray(kernel)
+        if kernel.shape[:2] != (cout, cin) or kernel.ndim != 2 + len(spatial_shape):
+            raise ValueError(f"branch kernel {kernel.shape[:2]} does not match {(cout, cin)}")
+        for k, size, off in zip(kernel.shape[2:], spatial_shape, offsets):
+            if off < 0 or off + k > size:
+                raise ValueError(f"kernel of size {k} at offset {off} does not fit in {size}")
+        window = tuple(slice(o, o + k) for o, k in zip(offsets, kernel.shape[2:]))
+        bias = np.asarray(bias, dtype=np.float64)
+        if scale is not None:
+            scale = np.asarray(scale, dtype=np.float64).reshape(-1)
+            scale = np.broadcast_to(scale, (cout,))
+            bias = bias * scale
+        bias_sum += bias
+        prepared.append((kernel, window, scale))
+    out_dtype = np.dtype(np.float64 if out_dtype is None else out_dtype)
+    kernel_out = np.empty((cout, cin) + spatial_shape, dtype=out_dtype)
+    per_channel = max(1, cin * int(np.prod(spatial_shape)) * 8)
+    step = max(1, chunk_bytes // per_channel)
+    extra = (1,) * (len(spatial_shape) + 1)
+    for start in range(0, cout, step):
+        rows = slice(start, min(cout, start + step))
+        acc = np.zeros((rows.stop - rows.start, cin) + spatial_shape, dtype=np.float64)
+        for kernel, window, scale in prepared:
+            part = kernel[rows]
+            if scale is None:
+                acc[(slice(None), slice(None)) + window] += part
+            else:
+                acc[(slice(None), slice(None)) + window] += part * scale[rows].reshape((-1,) + extra)
+        kernel_out[rows] = cast_like(acc, out_dtype)
+    return kernel_out, cast_like(bias_sum, out_dtype)
 
 
 def cast_like(values: np.ndarray, dtype) -> np.ndarray:

@@ -24,9 +24,10 @@ class Term:
     """One branch as an affine conv on the block's kernel grid (float64)."""
 
     label: str               # "3x3", "1x1", "id", "bn", ...
-    kernel: np.ndarray       # (Cout, Cin/groups, k1, ..., kn)
+    kernel: np.ndarray       # (Cout, Cin/groups, k1, ..., kn), any float dtype
     bias: np.ndarray         # (Cout,)
     offsets: tuple[int, ...]  # where the kernel's first tap sits in the fused grid
+    scale: np.ndarray | None = None  # per-output-channel factor of kernel and bias; None = 1
 
 
 @dataclass
@@ -64,7 +65,7 @@ class Rewrite:
 
     removed_nodes: list[int]
     insertions: list[tuple[int, list[onnx.NodeProto]]]  # (index of an old node, nodes placed before it)
-    initializers: list[onnx.TensorProto]
+    initializers: list[tuple[str, np.ndarray]]  # (name, values) of new initializers
     fused_node: str
 
 

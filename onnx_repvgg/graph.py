@@ -20,6 +20,9 @@ _NOT_FOLDABLE = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUni
                  "Optional", "Constant"}
 # Folding a node whose inputs hold more elements than this is left to other tools.
 _FOLD_LIMIT = 1 << 26
+# Constants larger than this are converted again when asked for, not kept: a large model's
+# weights are then held in memory once (by the model), not twice.
+_CACHE_LIMIT = 1 << 20
 
 
 def subgraphs_of(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
@@ -126,8 +129,16 @@ class GraphView:
         if name in self._constant_cache:
             return self._constant_cache[name]
         value = self._compute_constant(name)
-        self._constant_cache[name] = value
+        if value is None or value.nbytes <= _CACHE_LIMIT:
+            self._constant_cache[name] = value
         return value
+
+    def constant_shape(self, name: str) -> tuple[int, ...] | None:
+        """The shape of a constant, without converting an initializer to numpy."""
+        if name in self.initializers and name in self.constant_names:
+            return tuple(self.initializers[name].dims)
+        value = self.constant(name)
+        return None if value is None else value.shape
 
     def _compute_constant(self, name: str) -> np.ndarray | None:
         if not name or name not in self.constant_names:

@@ -104,7 +104,8 @@ def _one_line(err: Exception) -> str:
 
 
 def tensor_bytes(model: onnx.ModelProto) -> int:
-    return sum(len(t.raw_data) for t in external_data_helper._get_all_tensors(model))
+    """Serialized size of all tensors (ByteSize: reading raw_data would copy it)."""
+    return sum(t.ByteSize() for t in external_data_helper._get_all_tensors(model))
 
 
 def write_to_staging(model: onnx.ModelProto, path: str, external_data: bool) -> str:

@@ -88,6 +88,7 @@ def _fuse_graph(graph: onnx.GraphProto, opset: int, rules, names: rewrite.NameRe
                     continue
                 claimed.update(block.removed_nodes)
                 replacements.append(change)
+                candidate.block = block = None  # free the float64 terms now
                 record.status = "fused"
                 record.fused_node = change.fused_node
                 report.blocks.append(record)

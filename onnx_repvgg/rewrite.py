@@ -13,7 +13,7 @@ from collections import defaultdict
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from .block import Block, Rewrite
 from .graph import GraphView
@@ -35,8 +35,42 @@ class NameRegistry:
         return name
 
 
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+_RAW_DATA_TAG = b"\x4a"  # TensorProto.raw_data: field 9, length-delimited
+
+
+def add_initializer(graph: onnx.GraphProto, name: str, array: np.ndarray) -> None:
+    """Append an initializer by parsing its wire form.
+
+    Python protobuf (upb) serializes a tensor whose raw_data was assigned from Python
+    several times slower than one it parsed, so the tensor is parsed into place.
+    """
+    array = np.ascontiguousarray(array)
+    if array.dtype.byteorder == ">":
+        array = array.astype(array.dtype.newbyteorder("<"))
+    header = onnx.TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype),
+                              dims=list(array.shape))
+    prefix = header.SerializeToString() + _RAW_DATA_TAG + _varint(array.nbytes)
+    wire = bytearray(len(prefix) + array.nbytes)
+    wire[:len(prefix)] = prefix
+    if array.nbytes:
+        np.frombuffer(wire, dtype=array.dtype, offset=len(prefix)).reshape(array.shape)[...] = array
+    graph.initializer.add().ParseFromString(wire)
+
+
 def fused_nodes(block: Block, weight: np.ndarray, bias: np.ndarray, names: NameRegistry
-                ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+                ) -> tuple[list[onnx.NodeProto], list[tuple[str, np.ndarray]]]:
     """The Conv (and the Adds of addends that stay in the sum) replacing the block."""
     stem = block.name_hint or block.anchor
     weight_name = names.fresh(f"{stem}.fused_weight")
@@ -54,7 +88,7 @@ def fused_nodes(block: Block, weight: np.ndarray, bias: np.ndarray, names: NameR
         out = block.root_output if last else names.fresh(f"{block.anchor}.partial_sum")
         nodes.append(helper.make_node("Add", [running, leaf], [out], name=names.fresh(f"{block.anchor}.rest")))
         running = out
-    tensors = [numpy_helper.from_array(weight, weight_name), numpy_helper.from_array(bias, bias_name)]
+    tensors = [(weight_name, weight), (bias_name, bias)]
     return nodes, tensors
 
 
@@ -84,7 +118,8 @@ def apply(graph: onnx.GraphProto, view: GraphView, rewrites: list[Rewrite]) -> i
             for name in view.nodes[index].input:
                 if name:
                     drop_use(name)
-        graph.initializer.extend(rw.initializers)
+        for name, array in rw.initializers:
+            add_initializer(graph, name, array)
 
     # Constants that lost their last use: the nodes that computed them, then initializers.
     dead_initializers: set[str] = set()

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from .. import algebra
 from ..block import Candidate, Rewrite
@@ -55,8 +55,7 @@ class ConsumerFold:
                     if attr.name == "beta":
                         new.attribute.remove(attr)
             new.name = names.fresh(node.name or node.op_type)
-            tensors += [numpy_helper.from_array(algebra.cast_like(weight, dtype), w_name),
-                        numpy_helper.from_array(algebra.cast_like(bias, dtype), b_name)]
+            tensors += [(w_name, algebra.cast_like(weight, dtype)), (b_name, algebra.cast_like(bias, dtype))]
             insertions.append((index, [new]))
         return Rewrite(self.removed_nodes, insertions, tensors, insertions[0][1][0].name)
 

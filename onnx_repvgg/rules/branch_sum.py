@@ -222,14 +222,12 @@ def build_block(view: GraphView, index: LinearIndex, tree: LinearTree, x: str,
     terms: list[Term] = []
     for b, offsets in zip(identities, branch_offsets):
         scale = channel_vector(b.addend.factors, rank, cout, f"identity branch '{x}'")
-        kernel, bias = algebra.scale_output_channels(
-            algebra.identity_kernel(cout, group, (1,) * n, (0,) * n), np.zeros(cout), scale)
-        terms.append(Term(_identity_label(view, b), kernel, bias, offsets))
+        kernel = algebra.identity_kernel(cout, group, (1,) * n, (0,) * n)
+        terms.append(Term(_identity_label(view, b), kernel, np.zeros(cout), offsets, scale))
     for (b, p), offsets in zip(convs, branch_offsets[len(identities):]):
-        scale = channel_vector(b.addend.factors, rank, cout, f"branch '{b.addend.name}'")
+        scale = channel_vector(b.addend.factors, rank, cout, f"branch '{b.addend.name}'") if b.addend.factors else None
         bias = np.zeros(cout) if p.bias is None else p.bias
-        kernel, bias = algebra.scale_output_channels(p.weight, bias, scale)
-        terms.append(Term(_label(p.kernel), kernel, bias, offsets))
+        terms.append(Term(_label(p.kernel), p.weight, bias, offsets, scale))
     constant_bias = np.zeros(cout)
     for c in tree.constants:
         constant_bias = constant_bias + channel_vector(c.factors, rank, cout, f"constant '{c.name or 'BN shift'}'")
@@ -256,8 +254,8 @@ def _describe(view: GraphView, branches: list[Branch]) -> list[str]:
             labels.append("linear")
         else:
             conv = view.nodes[b.conv]
-            w = view.constant(conv.input[1]) if len(conv.input) > 1 else None
-            labels.append(_label(w.shape[2:]) if w is not None and w.ndim > 2 else "conv")
+            shape = view.constant_shape(conv.input[1]) if len(conv.input) > 1 else None
+            labels.append(_label(shape[2:]) if shape is not None and len(shape) > 2 else "conv")
 
     def key(label: str) -> tuple[int, int]:  # widest kernels first, identities last: 3x3+1x1+bn
         if label[0].isdigit():
@@ -266,10 +264,10 @@ def _describe(view: GraphView, branches: list[Branch]) -> list[str]:
     return sorted(labels, key=key)
 
 
-def find(view: GraphView, opset: int) -> list[Candidate]:
-    """Every linear tree over branches of one tensor, as a Block or a Reason."""
+def find(view: GraphView, opset: int):
+    """Every linear tree over branches of one tensor, as a Block or a Reason (a generator:
+    each Block's float64 terms live only until the pipeline materializes it)."""
     index = LinearIndex(view, opset)
-    candidates = []
     for root in index.roots():
         tree = index.tree(root)
         x, branches, others = choose_input(view, index, tree)
@@ -289,17 +287,17 @@ def find(view: GraphView, opset: int) -> list[Candidate]:
             if isinstance(block, Block):
                 candidate.group = block.geometry.group
                 candidate.strides = block.geometry.strides
-        candidates.append(candidate)
-    return candidates
+        yield candidate
 
 
 def fused_weights(block: Block) -> tuple[np.ndarray, np.ndarray]:
     """The block's fused kernel and bias, summed in float64 and cast to the model's dtype."""
-    kernel, bias = algebra.sum_branches([(t.kernel, t.bias, t.offsets) for t in block.terms],
-                                        block.geometry.kernel_shape)
+    terms = [(t.kernel, t.bias, t.offsets, t.scale) for t in block.terms]
     if block.constant_bias is not None:
-        bias = bias + block.constant_bias
-    return algebra.cast_like(kernel, block.dtype), algebra.cast_like(bias, block.dtype)
+        cout = block.terms[0].kernel.shape[0]
+        empty = np.zeros((cout, block.terms[0].kernel.shape[1]) + (0,) * len(block.geometry.kernel_shape))
+        terms.append((empty, block.constant_bias, (0,) * len(block.geometry.kernel_shape)))
+    return algebra.sum_branches(terms, block.geometry.kernel_shape, out_dtype=block.dtype)
 
 
 def materialize(block, view: GraphView, names: rewrite.NameRegistry) -> Rewrite:

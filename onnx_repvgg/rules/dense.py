@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from .. import algebra
 from ..block import Rewrite
@@ -47,8 +47,8 @@ class DenseBlock:
             nxt = self.root_output if i == len(self.other_leaves) - 1 else names.fresh(f"{self.anchor}.partial_sum")
             nodes.append(helper.make_node("Add", [running, leaf], [nxt], name=names.fresh(f"{self.anchor}.rest")))
             running = nxt
-        tensors = [numpy_helper.from_array(algebra.cast_like(self.weight, self.dtype), w_name),
-                   numpy_helper.from_array(algebra.cast_like(self.bias, self.dtype), b_name)]
+        tensors = [(w_name, algebra.cast_like(self.weight, self.dtype)),
+                   (b_name, algebra.cast_like(self.bias, self.dtype))]
         return Rewrite(self.removed_nodes, [(view.producer[self.root_output], nodes)], tensors, node.name)
 
 
