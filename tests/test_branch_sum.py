@@ -533,3 +533,22 @@ def test_weights_computed_by_a_constant_subgraph(how):
     fused, report = fuse_and_compare(b.model([out]))
     assert op_counts(fused) == {"Conv": 1}
     assert len(fused.graph.initializer) == 2  # the weight subgraph and its inputs are gone
+
+
+def test_spatial_constant_addend_stays_in_the_sum():
+    """conv3(x) + conv1(x) + pos_embed(1, C, H, W): the embedding stays as an addend."""
+    b = GraphBuilder()
+    x = b.x
+    pos = b.constant(b.rng.standard_normal((1, 4, 6, 6)).astype(np.float32), "pos")
+    out = b.add(b.add(b.conv(x, 4, 4, 3), pos), b.conv(x, 4, 4, 1, pads=[0] * 4))
+    fused, report = fuse_and_compare(b.model([out]))
+    assert op_counts(fused) == {"Conv": 1, "Add": 1}
+
+
+def test_conv_plus_positional_embedding_is_not_a_candidate():
+    b = GraphBuilder()
+    pos = b.constant(b.rng.standard_normal((1, 4, 6, 6)).astype(np.float32), "pos")
+    model = b.model([b.add(b.conv(b.x, 4, 4, 3), pos)])
+    fused, report = fuse(model)
+    assert report.blocks == []
+    assert fused.SerializeToString() == model.SerializeToString()

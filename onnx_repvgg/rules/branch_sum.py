@@ -41,8 +41,8 @@ import onnx
 from .. import algebra, rewrite
 from ..block import Block, Candidate, ConvGeometry, Rewrite, Term
 from ..graph import GraphView
-from .common import ConvParams, Skip, conv_params, is_op
-from .linear_tree import Addend, LinearIndex, LinearTree, channel_vector
+from .common import ConvParams, NotWorthIt, Skip, conv_params, is_op
+from .linear_tree import Addend, LinearIndex, LinearTree, channel_vector, constant_bias
 
 NAME = "branch_sum"
 LEAF_OPS = ("Conv", "Gemm")  # a branch of X is one of these applied to X (or X itself)
@@ -228,9 +228,10 @@ def build_block(view: GraphView, index: LinearIndex, tree: LinearTree, x: str,
         scale = channel_vector(b.addend.factors, rank, cout, f"branch '{b.addend.name}'") if b.addend.factors else None
         bias = np.zeros(cout) if p.bias is None else p.bias
         terms.append(Term(_label(p.kernel), p.weight, bias, offsets, scale))
-    constant_bias = np.zeros(cout)
-    for c in tree.constants:
-        constant_bias = constant_bias + channel_vector(c.factors, rank, cout, f"constant '{c.name or 'BN shift'}'")
+    bias_from_constants, kept = constant_bias(tree.constants, rank, cout)
+    other_names = [o.name for o in others] + kept
+    if len(tree.nodes) + len(convs) <= 1 + len(other_names):
+        raise NotWorthIt()
 
     removed = list(tree.nodes) + [b.conv for b, _ in convs]
     main = max(convs, key=lambda c: int(np.prod(c[1].kernel)))[1]
@@ -239,8 +240,8 @@ def build_block(view: GraphView, index: LinearIndex, tree: LinearTree, x: str,
     root = view.nodes[tree.root]
     return Block(anchor=root.name or root.output[0], root_output=root.output[0], input=x, terms=terms,
                  geometry=geometry, dtype=first.weight.dtype, removed_nodes=removed,
-                 other_leaves=[o.name for o in others], name_hint=main.node_name,
-                 constant_bias=constant_bias)
+                 other_leaves=other_names, name_hint=main.node_name,
+                 constant_bias=bias_from_constants)
 
 
 def _describe(view: GraphView, branches: list[Branch]) -> list[str]:
@@ -280,6 +281,8 @@ def find(view: GraphView, opset: int):
         candidate = Candidate(anchor=node.name or node.output[0], branch_labels=_describe(view, branches))
         try:
             block = build_block(view, index, tree, x, branches, others)
+        except NotWorthIt:
+            continue
         except Skip as skip:
             candidate.reason = skip.reason
         else:

@@ -14,6 +14,10 @@ from ..graph import GraphView, attribute
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
 
+class NotWorthIt(Exception):
+    """The structure matched, but rewriting it would not remove a node: not a candidate."""
+
+
 class Skip(Exception):
     """Raised inside the checks; carries the Reason the block is left alone."""
 

@@ -20,8 +20,8 @@ from onnx import helper
 from .. import algebra
 from ..block import Rewrite
 from ..graph import GraphView, attribute
-from .common import FLOAT_DTYPES, Skip, const
-from .linear_tree import LinearTree, channel_vector
+from .common import FLOAT_DTYPES, NotWorthIt, Skip, const
+from .linear_tree import LinearTree, channel_vector, constant_bias
 
 
 @dataclass
@@ -106,9 +106,12 @@ def build_dense_block(view: GraphView, tree: LinearTree, x: str, branches, other
                 raise Skip("identity_channels", f"identity branch '{x}' needs in == out features, the Gemms map {inp} -> {out}")
             s = channel_vector(b.addend.factors, 2, out, f"identity branch '{x}'")
             total_w += np.diag(s)
-    for c in tree.constants:
-        total_b += channel_vector(c.factors, 2, out, f"constant '{c.name or 'BN shift'}'")
+    bias, kept = constant_bias(tree.constants, 2, out)
+    total_b += bias
+    other_names = [o.name for o in others] + kept
     root = view.nodes[tree.root]
     removed = list(tree.nodes) + [b.conv for b, _, _ in weights]
+    if len(removed) <= 1 + len(other_names):
+        raise NotWorthIt()
     return DenseBlock(root.name or root.output[0], root.output[0], x, total_w, total_b, dtype, removed,
-                      [o.name for o in others], view.nodes[weights[0][0].conv].name)
+                      other_names, view.nodes[weights[0][0].conv].name)

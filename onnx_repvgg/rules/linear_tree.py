@@ -186,3 +186,21 @@ def channel_vector(factors: tuple[Factor, ...], rank: int, channels: int, what: 
                        f"(1, {channels}, 1, ...)")
         vec = vec * value.reshape(-1)
     return vec
+
+
+def constant_bias(constants: list[Addend], rank: int, channels: int) -> tuple[np.ndarray, list[str]]:
+    """Sum the per-channel constant addends into one bias vector.
+
+    A plain constant addend that is not per-channel (a positional embedding, say) cannot go
+    into a bias: its name is returned, to stay an addend of the sum. Scaled ones Skip.
+    """
+    bias = np.zeros(channels)
+    kept: list[str] = []
+    for c in constants:
+        try:
+            bias = bias + channel_vector(c.factors, rank, channels, f"constant '{c.name or 'BN shift'}'")
+        except Skip:
+            if c.name is None or len(c.factors) != 1:
+                raise
+            kept.append(c.name)
+    return bias, kept
