@@ -10,6 +10,7 @@ import time
 
 from . import __version__, io
 from .pipeline import UnsupportedModel, fuse
+from .rules import DEFAULT_RULES, RULES, describe
 from .validate import DEFAULT_ATOL, DEFAULT_RTOL, ValidationError, validate
 
 EXIT_OK = 0
@@ -40,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
                 description="Fuse re-parameterizable multi-branch blocks (RepVGG and kin) of an ONNX "
                             "model into single convolutions, and prove the result with onnxruntime.",
                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("input", help="ONNX model to read (external data is loaded from beside it)")
+    p.add_argument("input", nargs="?", help="ONNX model to read (external data is loaded from beside it)")
     p.add_argument("output", nargs="?", help="where to write the fused model (not needed with --dry-run)")
     p.add_argument("--no-check", action="store_true", help="skip validation with onnxruntime")
     p.add_argument("--check", type=int, default=1, metavar="N",
@@ -52,7 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-shape", action="append", default=[], metavar="NAME:D0,D1,...",
                    help="shape for an input with dynamic dims during validation (repeatable); "
                         "dynamic dims default to 1")
+    p.add_argument("--input-data", action="append", default=[], metavar="NAME:FILE.npy",
+                   help="real data for an input during validation (repeatable; .npy, no pickles)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random validation inputs (default 0)")
+    p.add_argument("--only", metavar="RULES", help="run only these rules (comma-separated; see --list-patterns)")
+    p.add_argument("--skip", metavar="RULES", help="do not run these rules (comma-separated)")
+    p.add_argument("--bn-to-conv", action="store_true",
+                   help="turn BatchNormalizations that nothing absorbs into depthwise 1x1 Convs")
+    p.add_argument("--list-patterns", action="store_true", help="list the rules and exit")
     p.add_argument("--dry-run", action="store_true", help="find and report blocks; write nothing")
     p.add_argument("--overwrite", action="store_true", help="allow the output to be the input file")
     p.add_argument("--json", metavar="REPORT.json", help="also write the report as JSON")
@@ -77,6 +85,35 @@ def parse_shapes(specs: list[str]) -> dict[str, list[int]]:
     return shapes
 
 
+def _names(text: str | None) -> list[str]:
+    return [n.strip() for n in (text or "").split(",") if n.strip()]
+
+
+def choose_rules(args) -> list[str]:
+    for name in _names(args.only) + _names(args.skip):
+        if name not in RULES:
+            raise UsageError(f"unknown rule {name!r}; known: {', '.join(RULES)}")
+    chosen = _names(args.only) or list(DEFAULT_RULES)
+    if args.bn_to_conv and "bn_to_conv" not in chosen:
+        chosen.append("bn_to_conv")
+    return [r for r in chosen if r not in _names(args.skip)]
+
+
+def load_input_data(specs: list[str]) -> dict:
+    import numpy as np
+
+    feeds = {}
+    for spec in specs:
+        name, sep, path = spec.partition(":")
+        if not sep or not name or not path:
+            raise UsageError(f"--input-data {spec!r}: expected NAME:FILE.npy")
+        try:
+            feeds[name] = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as err:
+            raise io.BadInput(f"--input-data {spec!r}: cannot read a .npy array: {err}") from None
+    return feeds
+
+
 def _same_file(a: str, b: str) -> bool:
     if os.path.exists(b):
         return os.path.samefile(a, b)
@@ -89,11 +126,20 @@ def main(argv: list[str] | None = None) -> int:
             args = build_parser().parse_args(argv)
         except SystemExit as exit_:  # --help / --version
             return int(exit_.code or 0)
+        if args.list_patterns:
+            for name in RULES:
+                default = "" if name in DEFAULT_RULES else " (opt-in)"
+                print(f"{name}{default}: {describe(name)}")
+            return EXIT_OK
+        if args.input is None:
+            raise UsageError("an input model is required")
         if args.output is None and not args.dry_run:
             raise UsageError("an output path is required (or use --dry-run)")
         if args.check < 1:
             raise UsageError("--check needs at least 1 input set")
         shapes = parse_shapes(args.input_shape)
+        args.rules = choose_rules(args)
+        args.feeds = load_input_data(args.input_data)
         return _run(args, shapes)
     except UsageError as err:
         print(f"onnx-repvgg: error: {err}", file=sys.stderr)
@@ -131,7 +177,7 @@ def _run(args, shapes) -> int:
 
     t = time.perf_counter()
     try:
-        model, report = fuse(loaded.model, inplace=True)
+        model, report = fuse(loaded.model, inplace=True, rules=args.rules)
     except UnsupportedModel as err:
         raise io.BadInput(str(err)) from None
     timings["fuse"] = time.perf_counter() - t
@@ -157,7 +203,7 @@ def _run(args, shapes) -> int:
             try:
                 report.validation = validate(args.input, io.staged_model_path(staging, args.output),
                                              input_sets=args.check, rtol=args.rtol, atol=args.atol,
-                                             input_shapes=shapes, seed=args.seed)
+                                             input_shapes=shapes, seed=args.seed, input_data=args.feeds)
             except ValidationError as err:
                 timings["validate"] = time.perf_counter() - t
                 from .report import Validation

@@ -17,7 +17,7 @@ import onnx
 from . import rewrite
 from .graph import GraphView, all_names, opset_version, subgraphs_of
 from .report import BlockRecord, ModelStats, Report
-from .rules import RULES
+from .rules import DEFAULT_RULES, RULES
 
 MAX_ROUNDS = 32
 
@@ -32,6 +32,7 @@ def fuse(model: onnx.ModelProto, *, rules: Iterable[str] | None = None,
 
     Returns the fused model (the same object when inplace=True, else a copy) and a
     Report of every block fused or skipped, with the reason for each skip.
+    `rules` names the rules to run (default: onnx_repvgg.rules.DEFAULT_RULES).
     """
     if not inplace:
         copy = onnx.ModelProto()
@@ -40,7 +41,7 @@ def fuse(model: onnx.ModelProto, *, rules: Iterable[str] | None = None,
     opset = opset_version(model, "")
     if opset is None:
         raise UnsupportedModel("the model imports no default-domain (ai.onnx) opset")
-    chosen = list(RULES) if rules is None else list(rules)
+    chosen = list(DEFAULT_RULES) if rules is None else list(rules)
     unknown = [r for r in chosen if r not in RULES]
     if unknown:
         raise ValueError(f"unknown rule(s) {unknown}; known: {sorted(RULES)}")
@@ -63,12 +64,15 @@ def _graphs(graph: onnx.GraphProto):
 def _fuse_graph(graph: onnx.GraphProto, opset: int, rules, names: rewrite.NameRegistry,
                 report: Report) -> None:
     last_skips: list[BlockRecord] = []
+    early = [r for r in rules if not getattr(r, "LATE", False)]
+    late = [r for r in rules if getattr(r, "LATE", False)]
+    active = early
     for _ in range(MAX_ROUNDS):
         view = GraphView(graph, opset)
         replacements = []
         claimed: set[int] = set()
         skips: list[BlockRecord] = []
-        for rule in rules:
+        for rule in active:
             for candidate in rule.find(view, opset):
                 record = BlockRecord(anchor=candidate.anchor, branches=candidate.branch_labels,
                                      status="skipped", group=candidate.group,
@@ -93,9 +97,13 @@ def _fuse_graph(graph: onnx.GraphProto, opset: int, rules, names: rewrite.NameRe
                 record.fused_node = change.fused_node
                 report.blocks.append(record)
         report.rounds += 1
-        last_skips = skips
         if not replacements:
+            if active is early and late:
+                active = early + late  # the others are done: now the late rules may run
+                continue
+            last_skips = skips
             break
+        last_skips = skips
         rewrite.apply(graph, view, replacements)
     report.blocks.extend(last_skips)
     rewrite.drop_stale_value_info(graph)

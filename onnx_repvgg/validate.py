@@ -115,16 +115,24 @@ def compare(name: str, expected: np.ndarray, actual: np.ndarray, rtol: float, at
 
 
 def validate(original, fused, *, input_sets: int = 1, rtol: float | None = None, atol: float | None = None,
-             input_shapes: Mapping[str, Sequence[int]] | None = None, seed: int = 0) -> Validation:
+             input_shapes: Mapping[str, Sequence[int]] | None = None, seed: int = 0,
+             input_data: Mapping[str, np.ndarray] | None = None) -> Validation:
     """Run both models (ModelProto or path) on seeded random inputs and compare every output.
 
-    rtol/atol default to 1e-4/1e-5, and to 1e-2/1e-3 for float16 outputs.
+    rtol/atol default to 1e-4/1e-5, and to 1e-2/1e-3 for float16 outputs. `input_data`
+    gives real arrays for some inputs (used in every input set); the rest are random.
     Raises ValidationError if onnxruntime cannot run a model.
     """
     overrides = dict(input_shapes or {})
+    data = dict(input_data or {})
+    for name, array in data.items():
+        overrides.setdefault(name, list(np.shape(array)))
     reference = _session(original, "original")
     candidate = _session(fused, "fused")
     ref_inputs = [(a.name, a.type) for a in reference.get_inputs()]
+    unknown = sorted(set(data) - {name for name, _ in ref_inputs})
+    if unknown:
+        raise ValidationError(f"--input-data names {unknown}, which are not model inputs", "original")
     if ref_inputs != [(a.name, a.type) for a in candidate.get_inputs()]:
         raise ValidationError("the fused model's inputs differ from the original's")
     output_names = [o.name for o in reference.get_outputs()]
@@ -134,6 +142,8 @@ def validate(original, fused, *, input_sets: int = 1, rtol: float | None = None,
     worst: dict[str, OutputCheck] = {}
     for k in range(max(1, input_sets)):
         feeds = random_inputs(reference, overrides, seed + k)
+        for name, array in data.items():
+            feeds[name] = np.asarray(array, dtype=feeds[name].dtype)
         try:
             expected = reference.run(None, feeds)
         except Exception as err:

@@ -225,3 +225,44 @@ def test_bad_usage(tmp_path, capsys):
 def test_version_flag(capsys):
     assert main(["--version"]) == 0
     assert "onnx-repvgg" in capsys.readouterr().out
+
+
+def test_list_patterns(capsys):
+    assert main(["--list-patterns"]) == 0
+    out = capsys.readouterr().out
+    assert "branch_sum:" in out and "bn_into_consumer:" in out and "bn_to_conv (opt-in)" in out
+
+
+def test_only_and_skip_choose_rules(tmp_path, capsys):
+    block_model(tmp_path / "in.onnx")
+    assert main([str(tmp_path / "in.onnx"), str(tmp_path / "a.onnx"), "--skip", "branch_sum"]) == 0
+    assert "blocks: 0 fused" in capsys.readouterr().out
+    assert main([str(tmp_path / "in.onnx"), str(tmp_path / "b.onnx"), "--only", "branch_sum"]) == 0
+    assert "blocks: 1 fused" in capsys.readouterr().out
+    _bad(tmp_path, capsys, [str(tmp_path / "in.onnx"), str(tmp_path / "c.onnx"), "--only", "nope"], "unknown rule")
+
+
+def test_bn_to_conv(tmp_path, capsys):
+    b = GraphBuilder()
+    model = b.model([b.op("Relu", [b.bn(b.op("Relu", [b.x]), 4)])])
+    onnx.save(model, str(tmp_path / "in.onnx"))
+    assert main([str(tmp_path / "in.onnx"), str(tmp_path / "plain.onnx")]) == 0
+    assert op_counts(onnx.load(str(tmp_path / "plain.onnx")))["BatchNormalization"] == 1
+    assert main([str(tmp_path / "in.onnx"), str(tmp_path / "conv.onnx"), "--bn-to-conv"]) == 0
+    assert "validation: passed" in capsys.readouterr().out
+    assert op_counts(onnx.load(str(tmp_path / "conv.onnx"))) == {"Relu": 2, "Conv": 1}
+
+
+def test_input_data(tmp_path, capsys):
+    block_model(tmp_path / "in.onnx")
+    np.save(tmp_path / "x.npy", np.ones((2, 4, 6, 6), np.float32))
+    args = [str(tmp_path / "in.onnx"), str(tmp_path / "o.onnx"), "--input-data", f"x:{tmp_path / 'x.npy'}",
+            "--json", str(tmp_path / "r.json")]
+    assert main(args) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["validation"]["passed"]
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    assert main([str(tmp_path / "in.onnx"), str(tmp_path / "p.onnx"), "--input-data", f"x:{tmp_path / 'obj.npy'}"]) == 2
+    capsys.readouterr()
+    assert main([str(tmp_path / "in.onnx"), str(tmp_path / "p.onnx"), "--input-data", f"x:{tmp_path / 'obj.npy'}"]) == 2
+    assert "allow_pickle" in capsys.readouterr().err
+    assert not (tmp_path / "p.onnx").exists()

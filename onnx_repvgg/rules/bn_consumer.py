@@ -1,4 +1,4 @@
-"""Rule: a standalone BatchNormalization folded into the Conv/Gemm nodes that consume it.
+"""A standalone BatchNormalization folded into the Conv/Gemm nodes that consume it.
 
     Conv(BN(X)) -> Conv'(X),  Gemm(BN(X)) -> Gemm'(X)      (BN1d -> Linear heads, BN -> 1x1 conv)
 

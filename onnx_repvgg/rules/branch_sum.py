@@ -1,4 +1,4 @@
-"""Rule: parallel linear branches of one tensor, summed -> one Conv.
+"""Parallel linear branches of one tensor, summed -> one Conv (also Gemm branches, see dense.py).
 
 Pattern: a linear tree (rules/linear_tree.py: Add, Sum, Sub, Neg, Mul/Div by a
 constant, inference BatchNormalization) whose leaves include branches of one tensor X:
