@@ -17,6 +17,18 @@ import sys
 import time
 
 
+def _peak_rss_mb() -> float:
+    """This process's own high-water RSS (VmHWM). ru_maxrss would include a forking parent's."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _external(path: str) -> bool:
     return os.path.exists(path + ".data")
 
@@ -68,7 +80,7 @@ def main() -> None:
     start = time.perf_counter()
     work()
     seconds = time.perf_counter() - start
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mb = _peak_rss_mb()
     print(json.dumps({"job": job, "seconds": seconds, "peak_rss_mb": peak_mb}))
 
 

@@ -25,7 +25,13 @@ _FOLD_LIMIT = 1 << 26
 _CACHE_LIMIT = 1 << 20
 
 
+_CONTROL_FLOW = {"If", "Loop", "Scan"}
+
+
 def subgraphs_of(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
+    """The subgraphs held in a node's attributes (If/Loop/Scan, or any custom-domain op)."""
+    if node.domain in ("", "ai.onnx") and node.op_type not in _CONTROL_FLOW:
+        return
     for attr in node.attribute:
         if attr.type == onnx.AttributeProto.GRAPH:
             yield attr.g
