@@ -117,9 +117,12 @@ def sum_branches(branches: Sequence[tuple], spatial_shape: Sequence[int], out_dt
     per_channel = max(1, cin * int(np.prod(spatial_shape)) * 8)
     step = max(1, chunk_bytes // per_channel)
     extra = (1,) * (len(spatial_shape) + 1)
+    # One accumulator for all blocks of rows: fresh large arrays would each be page-faulted in.
+    buffer = np.empty((min(step, cout), cin) + spatial_shape, dtype=np.float64)
     for start in range(0, cout, step):
         rows = slice(start, min(cout, start + step))
-        acc = np.zeros((rows.stop - rows.start, cin) + spatial_shape, dtype=np.float64)
+        acc = buffer[: rows.stop - rows.start]
+        acc.fill(0.0)
         for kernel, window, scale in prepared:
             part = kernel[rows]
             if scale is None:
