@@ -10,6 +10,7 @@ import time
 
 from . import __version__, io
 from .pipeline import UnsupportedModel, fuse
+from .report import Validation
 from .rules import DEFAULT_RULES, RULES, describe
 from .validate import DEFAULT_ATOL, DEFAULT_RTOL, ValidationError, validate
 
@@ -167,17 +168,28 @@ def _check_output_path(args) -> None:
 
 
 def _run(args, shapes) -> int:
+    _check_output_path(args)
+    staging = None if args.dry_run else io.Staging(args.output)
+    try:
+        return _run_staged(args, shapes, staging)
+    finally:
+        if staging is not None:
+            staging.discard()  # a no-op after commit; removes everything on any failure
+
+
+def _run_staged(args, shapes, staging) -> int:
     say = (lambda *a: None) if args.quiet else print
     timings: dict[str, float] = {}
-    _check_output_path(args)
 
     t = time.perf_counter()
-    loaded = io.load(args.input)
+    # External data stays on disk: weights are read per block, untouched ones copied by range.
+    loaded = io.load(args.input, load_external_data=False)
     timings["load"] = time.perf_counter() - t
 
+    sink = staging.sink() if staging is not None and loaded.used_external_data else None
     t = time.perf_counter()
     try:
-        model, report = fuse(loaded.model, inplace=True, rules=args.rules)
+        model, report = fuse(loaded.model, inplace=True, rules=args.rules, base_dir=loaded.base_dir, sink=sink)
     except UnsupportedModel as err:
         raise io.BadInput(str(err)) from None
     timings["fuse"] = time.perf_counter() - t
@@ -185,46 +197,40 @@ def _run(args, shapes) -> int:
     report.size_before = loaded.size
     report.timings = timings
 
-    if args.dry_run:
+    if staging is None:
         say(f"onnx-repvgg {__version__}: {args.input} (dry run, nothing written)")
         say(report.to_text(verbose=args.verbose))
         _write_json(args, report)
         return EXIT_OK
 
     external = loaded.used_external_data or io.tensor_bytes(model) > io.EXTERNAL_THRESHOLD
-    staging = None
-    try:
+    t = time.perf_counter()
+    staging.write(model, external, loaded.base_dir)
+    timings["save"] = time.perf_counter() - t
+    del model, loaded  # the staged file is the fused model from here on
+    if not args.no_check:
         t = time.perf_counter()
-        staging = io.write_to_staging(model, args.output, external)
-        timings["save"] = time.perf_counter() - t
-        del model, loaded  # the staged file is the fused model from here on
-        if not args.no_check:
-            t = time.perf_counter()
-            try:
-                report.validation = validate(args.input, io.staged_model_path(staging, args.output),
-                                             input_sets=args.check, rtol=args.rtol, atol=args.atol,
-                                             input_shapes=shapes, seed=args.seed, input_data=args.feeds)
-            except ValidationError as err:
-                timings["validate"] = time.perf_counter() - t
-                from .report import Validation
-                report.validation = Validation(passed=False, input_sets=args.check, error=str(err))
-                print(f"onnx-repvgg: error: validation could not run: {err}. "
-                      "Use --no-check to write the model unvalidated.", file=sys.stderr)
-                _write_json(args, report)
-                return EXIT_BAD_INPUT if err.side == "original" else EXIT_VALIDATION_FAILED
+        try:
+            report.validation = validate(args.input, staging.model_path,
+                                         input_sets=args.check, rtol=args.rtol, atol=args.atol,
+                                         input_shapes=shapes, seed=args.seed, input_data=args.feeds)
+        except ValidationError as err:
             timings["validate"] = time.perf_counter() - t
-        if report.validation is not None and not report.validation.passed:
-            say(f"onnx-repvgg {__version__}: {args.input} -> (not written)")
-            say(report.to_text(verbose=args.verbose))
-            print("onnx-repvgg: error: the fused model differs from the original; nothing written",
-                  file=sys.stderr)
+            report.validation = Validation(passed=False, input_sets=args.check, error=str(err))
+            print(f"onnx-repvgg: error: validation could not run: {err}. "
+                  "Use --no-check to write the model unvalidated.", file=sys.stderr)
             _write_json(args, report)
-            return EXIT_VALIDATION_FAILED
-        report.size_after = io.commit(staging, args.output)
-        staging = None
-        report.output_path = args.output
-    finally:
-        io.discard(staging)
+            return EXIT_BAD_INPUT if err.side == "original" else EXIT_VALIDATION_FAILED
+        timings["validate"] = time.perf_counter() - t
+    if report.validation is not None and not report.validation.passed:
+        say(f"onnx-repvgg {__version__}: {args.input} -> (not written)")
+        say(report.to_text(verbose=args.verbose))
+        print("onnx-repvgg: error: the fused model differs from the original; nothing written",
+              file=sys.stderr)
+        _write_json(args, report)
+        return EXIT_VALIDATION_FAILED
+    report.size_after = staging.commit()
+    report.output_path = args.output
 
     say(f"onnx-repvgg {__version__}: {args.input} -> {args.output}")
     say(report.to_text(verbose=args.verbose))

@@ -7,6 +7,7 @@ are touched only where a block is matched.
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from typing import Iterator
 
@@ -75,9 +76,10 @@ class GraphView:
     as uses by that node, with slot -1, so such a value is never treated as private.
     """
 
-    def __init__(self, graph: onnx.GraphProto, opset: int | None = None):
+    def __init__(self, graph: onnx.GraphProto, opset: int | None = None, base_dir: str | None = None):
         self.graph = graph
         self.opset = opset
+        self.base_dir = base_dir  # where external data not yet loaded lives
         self.nodes = list(graph.node)
         self.producer: dict[str, int] = {}
         self.consumers: dict[str, list[tuple[int, int]]] = defaultdict(list)
@@ -150,7 +152,10 @@ class GraphView:
         if not name or name not in self.constant_names:
             return None
         if name in self.initializers:
-            return numpy_helper.to_array(self.initializers[name])
+            tensor = self.initializers[name]
+            if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                return read_external(tensor, self.base_dir or "")
+            return numpy_helper.to_array(tensor)
         index = self.producer[name]
         node = self.nodes[index]
         if node.op_type == "Constant":
@@ -204,6 +209,27 @@ def _constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
         if attr.name == "value_ints":
             return np.array(list(attr.ints), dtype=np.int64)
     return None  # sparse_value and string constants are not weights
+
+
+def external_info(tensor: onnx.TensorProto) -> dict[str, str]:
+    return {e.key: e.value for e in tensor.external_data}
+
+
+def read_external(tensor: onnx.TensorProto, base_dir: str) -> np.ndarray:
+    """Read one tensor's external data from disk, leaving the TensorProto untouched.
+
+    The location was checked (relative, inside the model's folder, long enough) at load.
+    """
+    info = external_info(tensor)
+    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).newbyteorder("<")
+    count = 1
+    for d in tensor.dims:
+        count *= d
+    offset = int(info.get("offset", 0) or 0)
+    values = np.fromfile(os.path.join(base_dir, info["location"]), dtype=dtype, count=count, offset=offset)
+    if values.size != count:
+        raise ValueError(f"external data of '{tensor.name}' is shorter than its {count} elements")
+    return values.astype(dtype.newbyteorder("="), copy=False).reshape(tuple(tensor.dims))
 
 
 def attribute(node: onnx.NodeProto, name: str, default=None):

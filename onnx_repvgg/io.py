@@ -25,6 +25,7 @@ class LoadedModel:
     path: str
     size: int               # bytes on disk: the model file plus its external data
     used_external_data: bool
+    base_dir: str = ""      # the model's folder, where its external data lives
 
 
 def _external_tensors(model: onnx.ModelProto):
@@ -52,8 +53,11 @@ def _check_external_location(tensor: onnx.TensorProto, base_dir: str) -> str:
     return full
 
 
-def load(path: str) -> LoadedModel:
-    """Load a model and its external data, or raise BadInput with a one-line reason."""
+def load(path: str, load_external_data: bool = True) -> LoadedModel:
+    """Load a model (and, unless told not to, its external data), or raise BadInput.
+
+    With load_external_data=False, external tensors stay on disk; `base_dir` says where,
+    and GraphView reads only the ones a rule asks for."""
     if not os.path.exists(path):
         raise BadInput(f"no such file: {path}")
     if os.path.isdir(path):
@@ -79,13 +83,13 @@ def load(path: str) -> LoadedModel:
         raise BadInput(f"{path} fails the ONNX checker: {_one_line(err)}") from None
     except Exception as err:  # the checker surfaces C++ errors with assorted types
         raise BadInput(f"{path} fails the ONNX checker: {_one_line(err)}") from None
-    if external:
+    if external and load_external_data:
         try:
             external_data_helper.load_external_data_for_model(model, base_dir)
         except (OSError, ValueError) as err:
             raise BadInput(f"cannot read external data of {path}: {_one_line(err)}") from None
     size += sum(os.path.getsize(f) for f in data_files)
-    return LoadedModel(model, path, size, bool(external))
+    return LoadedModel(model, path, size, bool(external), base_dir)
 
 
 def _check_opset(model: onnx.ModelProto, path: str) -> None:
@@ -108,59 +112,155 @@ def tensor_bytes(model: onnx.ModelProto) -> int:
     return sum(t.ByteSize() for t in external_data_helper._get_all_tensors(model))
 
 
-def write_to_staging(model: onnx.ModelProto, path: str, external_data: bool) -> str:
-    """Write the model into a fresh hidden folder beside `path`; return that folder.
-
-    The model inside is named like `path`, and its external data file (if any) is
-    `<name>.data`, so commit() can move both into place by rename.
-    The model's tensors are moved to the data file: don't use `model` afterwards.
-    """
-    out_dir = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(out_dir):
-        raise BadInput(f"output folder {out_dir} does not exist")
-    name = os.path.basename(path)
-    try:
-        staging = tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=out_dir)
-    except OSError as err:
-        raise BadInput(f"cannot write to {out_dir}: {err.strerror or err}") from None
-    try:
-        staged = os.path.join(staging, name)
-        if external_data:
-            onnx.save_model(model, staged, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=name + ".data", size_threshold=1024)
-        else:
-            onnx.save_model(model, staged)
-    except OSError as err:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise BadInput(f"cannot write {path}: {err.strerror or err}") from None
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return staging
+ALIGN = 4096  # page-aligned offsets let runtimes mmap external tensors
+SMALL_ALIGN = 64
+INLINE_LIMIT = 1024  # tensors below this many bytes stay inside the .onnx file (onnx's default)
 
 
-def commit(staging: str, path: str) -> int:
-    """Move a staged model (and its data file) to `path` by rename; return bytes written."""
-    name = os.path.basename(path)
-    out_dir = os.path.dirname(os.path.abspath(path))
-    total = 0
-    try:
-        data = os.path.join(staging, name + ".data")
-        if os.path.exists(data):
-            total += os.path.getsize(data)
-            os.replace(data, os.path.join(out_dir, name + ".data"))
-        staged = os.path.join(staging, name)
-        total += os.path.getsize(staged)
-        os.replace(staged, os.path.join(out_dir, name))
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return total
+class DataSink:
+    """Appends tensor bytes to one external data file; hands back (location, offset, length)."""
+
+    threshold = INLINE_LIMIT
+
+    def __init__(self, path: str):
+        self.path = path
+        self.location = os.path.basename(path)
+        self.names: set[str] = set()
+        self._file = None
+        self._size = 0
+
+    def _open(self):
+        if self._file is None:
+            self._file = open(self.path, "wb")
+        return self._file
+
+    def _pad_to(self, align: int) -> int:
+        f = self._open()
+        pad = (-self._size) % align
+        if pad:
+            f.write(b"\0" * pad)
+            self._size += pad
+        return self._size
+
+    def put(self, array, name: str) -> tuple[str, int, int]:
+        self.names.add(name)
+        offset = self._pad_to(ALIGN if array.nbytes >= (1 << 20) else SMALL_ALIGN)
+        self._open().write(memoryview(array).cast("B") if array.nbytes else b"")
+        self._size += array.nbytes
+        return self.location, offset, array.nbytes
+
+    def put_file_range(self, source: str, offset: int, length: int) -> int:
+        """Copy `length` bytes of `source` from `offset`; return the new offset."""
+        new_offset = self._pad_to(ALIGN if length >= (1 << 20) else SMALL_ALIGN)
+        f = self._open()
+        with open(source, "rb") as src:
+            src.seek(offset)
+            left = length
+            while left:
+                chunk = src.read(min(left, 1 << 24))
+                if not chunk:
+                    raise BadInput(f"external data file {source} ended early")
+                f.write(chunk)
+                left -= len(chunk)
+        self._size += length
+        return new_offset
+
+    def put_bytes(self, data: bytes) -> int:
+        offset = self._pad_to(ALIGN if len(data) >= (1 << 20) else SMALL_ALIGN)
+        self._open().write(data)
+        self._size += len(data)
+        return offset
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    @property
+    def used(self) -> bool:
+        return self._file is not None or self._size > 0
 
 
-def staged_model_path(staging: str, path: str) -> str:
-    return os.path.join(staging, os.path.basename(path))
+class Staging:
+    """A hidden folder beside the output where the model (and its data file) is written,
+    validated from, and then moved into place by rename. Nothing else is ever left behind."""
 
+    def __init__(self, path: str):
+        out_dir = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(out_dir):
+            raise BadInput(f"output folder {out_dir} does not exist")
+        self.name = os.path.basename(path)
+        self.out_dir = out_dir
+        try:
+            self.dir = tempfile.mkdtemp(prefix=f".{self.name}.", suffix=".tmp", dir=out_dir)
+        except OSError as err:
+            raise BadInput(f"cannot write to {out_dir}: {err.strerror or err}") from None
+        self.model_path = os.path.join(self.dir, self.name)
+        self.data_path = self.model_path + ".data"
+        self._sink: DataSink | None = None
 
-def discard(staging: str | None) -> None:
-    if staging:
-        shutil.rmtree(staging, ignore_errors=True)
+    def sink(self) -> DataSink:
+        if self._sink is None:
+            self._sink = DataSink(self.data_path)
+        return self._sink
+
+    def write(self, model: onnx.ModelProto, external_data: bool, source_dir: str | None = None) -> None:
+        """Write the model. With external_data, every tensor of INLINE_LIMIT bytes or more goes to
+        <name>.data: tensors already in the sink stay, tensors still in the source model's data
+        files are copied over range by range (never loaded), in-memory ones are written out.
+        The model's tensors are changed to point there: don't use `model` afterwards."""
+        try:
+            if external_data:
+                self._write_external(model, source_dir)
+            else:
+                with open(self.model_path, "wb") as f:
+                    f.write(model.SerializeToString())
+        except OSError as err:
+            raise BadInput(f"cannot write {os.path.join(self.out_dir, self.name)}: {err.strerror or err}") from None
+
+    def _write_external(self, model: onnx.ModelProto, source_dir: str | None) -> None:
+        sink = self.sink()
+        for tensor in external_data_helper._get_all_tensors(model):
+            info = {e.key: e.value for e in tensor.external_data}
+            if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                if info.get("location") == sink.location and tensor.name in sink.names:
+                    continue
+                offset = int(info.get("offset", 0) or 0)
+                source = os.path.join(source_dir or "", info["location"])
+                length = int(info["length"]) if info.get("length") else os.path.getsize(source) - offset
+                new_offset = sink.put_file_range(source, offset, length)
+            elif tensor.ByteSize() >= INLINE_LIMIT and tensor.HasField("raw_data"):
+                data = tensor.raw_data
+                length = len(data)
+                new_offset = sink.put_bytes(data)
+                tensor.ClearField("raw_data")
+                tensor.data_location = onnx.TensorProto.EXTERNAL
+            else:
+                continue
+            del tensor.external_data[:]
+            for key, value in (("location", sink.location), ("offset", str(new_offset)), ("length", str(length))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+        sink.close()
+        with open(self.model_path, "wb") as f:
+            f.write(model.SerializeToString())
+
+    def commit(self) -> int:
+        """Move the staged files into place (data file first); return the bytes written."""
+        total = 0
+        try:
+            if self._sink is not None:
+                self._sink.close()
+            if os.path.exists(self.data_path):
+                total += os.path.getsize(self.data_path)
+                os.replace(self.data_path, os.path.join(self.out_dir, self.name + ".data"))
+            total += os.path.getsize(self.model_path)
+            os.replace(self.model_path, os.path.join(self.out_dir, self.name))
+        finally:
+            self.discard()
+        return total
+
+    def discard(self) -> None:
+        if self._sink is not None:
+            self._sink.close()
+        shutil.rmtree(self.dir, ignore_errors=True)

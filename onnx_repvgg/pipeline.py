@@ -26,13 +26,16 @@ class UnsupportedModel(ValueError):
     """The model cannot be processed at all (as opposed to one block being skipped)."""
 
 
-def fuse(model: onnx.ModelProto, *, rules: Iterable[str] | None = None,
-         inplace: bool = False) -> tuple[onnx.ModelProto, Report]:
+def fuse(model: onnx.ModelProto, *, rules: Iterable[str] | None = None, inplace: bool = False,
+         base_dir: str | None = None, sink=None) -> tuple[onnx.ModelProto, Report]:
     """Fuse every re-parameterizable block of `model`.
 
     Returns the fused model (the same object when inplace=True, else a copy) and a
     Report of every block fused or skipped, with the reason for each skip.
     `rules` names the rules to run (default: onnx_repvgg.rules.DEFAULT_RULES).
+    A model whose external data is not loaded needs `base_dir` (the model's folder);
+    weights are then read from disk only for the blocks that use them. `sink`
+    (io.DataSink) receives the new initializers' bytes instead of memory.
     """
     if not inplace:
         copy = onnx.ModelProto()
@@ -49,7 +52,7 @@ def fuse(model: onnx.ModelProto, *, rules: Iterable[str] | None = None,
     report = Report(before=ModelStats.of(model))
     names = rewrite.NameRegistry(all_names(model.graph))
     for graph in _graphs(model.graph):
-        _fuse_graph(graph, opset, [RULES[r] for r in chosen], names, report)
+        _fuse_graph(graph, opset, [RULES[r] for r in chosen], names, report, base_dir, sink)
     report.after = ModelStats.of(model)
     return model, report
 
@@ -62,13 +65,13 @@ def _graphs(graph: onnx.GraphProto):
 
 
 def _fuse_graph(graph: onnx.GraphProto, opset: int, rules, names: rewrite.NameRegistry,
-                report: Report) -> None:
+                report: Report, base_dir: str | None, sink) -> None:
     last_skips: list[BlockRecord] = []
     early = [r for r in rules if not getattr(r, "LATE", False)]
     late = [r for r in rules if getattr(r, "LATE", False)]
     active = early
     for _ in range(MAX_ROUNDS):
-        view = GraphView(graph, opset)
+        view = GraphView(graph, opset, base_dir)
         replacements = []
         claimed: set[int] = set()
         skips: list[BlockRecord] = []
@@ -104,6 +107,6 @@ def _fuse_graph(graph: onnx.GraphProto, opset: int, rules, names: rewrite.NameRe
             last_skips = skips
             break
         last_skips = skips
-        rewrite.apply(graph, view, replacements)
+        rewrite.apply(graph, view, replacements, sink)
     report.blocks.extend(last_skips)
     rewrite.drop_stale_value_info(graph)

@@ -50,17 +50,26 @@ def _varint(n: int) -> bytes:
 _RAW_DATA_TAG = b"\x4a"  # TensorProto.raw_data: field 9, length-delimited
 
 
-def add_initializer(graph: onnx.GraphProto, name: str, array: np.ndarray) -> None:
-    """Append an initializer by parsing its wire form.
+def add_initializer(graph: onnx.GraphProto, name: str, array: np.ndarray, sink=None) -> None:
+    """Append an initializer by parsing its wire form, or as external data written to `sink`.
 
     Python protobuf (upb) serializes a tensor whose raw_data was assigned from Python
     several times slower than one it parsed, so the tensor is parsed into place.
+    `sink` (io.DataSink) takes the bytes of large tensors, so they are never held twice.
     """
     array = np.ascontiguousarray(array)
     if array.dtype.byteorder == ">":
         array = array.astype(array.dtype.newbyteorder("<"))
     header = onnx.TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype),
                               dims=list(array.shape))
+    if sink is not None and array.nbytes >= sink.threshold:
+        location, offset, length = sink.put(array, name)
+        header.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+            entry = header.external_data.add()
+            entry.key, entry.value = key, value
+        graph.initializer.add().CopyFrom(header)
+        return
     prefix = header.SerializeToString() + _RAW_DATA_TAG + _varint(array.nbytes)
     wire = bytearray(len(prefix) + array.nbytes)
     wire[:len(prefix)] = prefix
@@ -98,8 +107,10 @@ def branch_sum_rewrite(block: Block, weight: np.ndarray, bias: np.ndarray, view:
     return Rewrite(block.removed_nodes, [(view.producer[block.root_output], nodes)], tensors, nodes[0].name)
 
 
-def apply(graph: onnx.GraphProto, view: GraphView, rewrites: list[Rewrite]) -> int:
-    """Rewrite `graph` (indexed by `view`) in place; return how many nodes were removed."""
+def apply(graph: onnx.GraphProto, view: GraphView, rewrites: list[Rewrite], sink=None) -> int:
+    """Rewrite `graph` (indexed by `view`) in place; return how many nodes were removed.
+
+    New initializers go to `sink` (external data) when one is given."""
     removed: set[int] = set()
     inserted: dict[int, list[onnx.NodeProto]] = defaultdict(list)
     uses = {name: len(c) for name, c in view.consumers.items()}
@@ -119,7 +130,7 @@ def apply(graph: onnx.GraphProto, view: GraphView, rewrites: list[Rewrite]) -> i
                 if name:
                     drop_use(name)
         for name, array in rw.initializers:
-            add_initializer(graph, name, array)
+            add_initializer(graph, name, array, sink)
 
     # Constants that lost their last use: the nodes that computed them, then initializers.
     dead_initializers: set[str] = set()

@@ -266,3 +266,41 @@ def test_input_data(tmp_path, capsys):
     assert main([str(tmp_path / "in.onnx"), str(tmp_path / "p.onnx"), "--input-data", f"x:{tmp_path / 'obj.npy'}"]) == 2
     assert "allow_pickle" in capsys.readouterr().err
     assert not (tmp_path / "p.onnx").exists()
+
+
+def test_external_data_is_read_lazily_and_copied_by_range(tmp_path, capsys):
+    """External weights stay on disk: only fused blocks are read; untouched tensors are copied."""
+    src = os.path.join(MODELS, "repvgg_a0_tiny_dynamo.onnx")
+    assert main([src, str(tmp_path / "out.onnx"), "--json", str(tmp_path / "r.json")]) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["validation"]["passed"]
+    fused = onnx.load(str(tmp_path / "out.onnx"), load_external_data=False)
+    locations = {e.value for t in fused.graph.initializer for e in t.external_data if e.key == "location"}
+    assert locations == {"out.onnx.data"}
+    offsets = [int(e.value) for t in fused.graph.initializer for e in t.external_data if e.key == "offset"]
+    assert len(offsets) == len(set(offsets))
+    # every byte of the data file belongs to a live tensor (plus alignment padding)
+    live = sum(int(e.value) for t in fused.graph.initializer for e in t.external_data if e.key == "length")
+    size = os.path.getsize(tmp_path / "out.onnx.data")
+    assert live <= size < live + 64 * len(offsets) + 4096 * 8
+    full = onnx.load(str(tmp_path / "out.onnx"))
+    onnx.checker.check_model(full, full_check=True)
+    counts = op_counts(full)
+    assert counts["Conv"] == 22 and "BatchNormalization" not in counts and "Add" not in counts
+
+
+def test_overwrite_external_data_model(tmp_path, capsys):
+    src = os.path.join(MODELS, "repvgg_a0_tiny_dynamo.onnx")
+    shutil.copy(src, tmp_path / "m.onnx")
+    shutil.copy(src + ".data", tmp_path / "repvgg_a0_tiny_dynamo.onnx.data")
+    assert main([str(tmp_path / "m.onnx"), str(tmp_path / "m.onnx"), "--overwrite"]) == 0
+    assert "validation: passed" in capsys.readouterr().out
+    fused = onnx.load(str(tmp_path / "m.onnx"))
+    assert "BatchNormalization" not in op_counts(fused)
+    assert listing(tmp_path) == ["m.onnx", "m.onnx.data", "repvgg_a0_tiny_dynamo.onnx.data"]
+
+
+def test_dry_run_on_external_data_writes_nothing(tmp_path, capsys):
+    src = os.path.join(MODELS, "repvgg_a0_tiny_dynamo.onnx")
+    assert main([src, "--dry-run"]) == 0
+    assert "22 fused" in capsys.readouterr().out
