@@ -94,6 +94,7 @@ def _fuse_graph(graph: onnx.GraphProto, opset: int, rules, names: rewrite.NameRe
                     skips.append(record)
                     continue
                 claimed.update(block.removed_nodes)
+                rewrite.spill(change, sink)
                 replacements.append(change)
                 candidate.block = block = None  # free the float64 terms now
                 record.status = "fused"

@@ -50,27 +50,55 @@ def _varint(n: int) -> bytes:
 _RAW_DATA_TAG = b"\x4a"  # TensorProto.raw_data: field 9, length-delimited
 
 
-def add_initializer(graph: onnx.GraphProto, name: str, array: np.ndarray, sink=None) -> None:
-    """Append an initializer by parsing its wire form, or as external data written to `sink`.
-
-    Python protobuf (upb) serializes a tensor whose raw_data was assigned from Python
-    several times slower than one it parsed, so the tensor is parsed into place.
-    `sink` (io.DataSink) takes the bytes of large tensors, so they are never held twice.
-    """
+def _little_endian(array: np.ndarray) -> np.ndarray:
     array = np.ascontiguousarray(array)
     if array.dtype.byteorder == ">":
         array = array.astype(array.dtype.newbyteorder("<"))
-    header = onnx.TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype),
-                              dims=list(array.shape))
-    if sink is not None and array.nbytes >= sink.threshold:
-        location, offset, length = sink.put(array, name)
-        header.data_location = onnx.TensorProto.EXTERNAL
-        for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
-            entry = header.external_data.add()
-            entry.key, entry.value = key, value
-        graph.initializer.add().CopyFrom(header)
+    return array
+
+
+def _header(name: str, array: np.ndarray) -> onnx.TensorProto:
+    return onnx.TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype),
+                            dims=list(array.shape))
+
+
+def external_initializer(name: str, array: np.ndarray, sink) -> onnx.TensorProto:
+    """A new initializer whose bytes are written to `sink` (io.DataSink) right away."""
+    array = _little_endian(array)
+    tensor = _header(name, array)
+    location, offset, length = sink.put(array, name)
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    return tensor
+
+
+def spill(change: Rewrite, sink) -> None:
+    """Write a Rewrite's large new arrays to `sink` now, so that a round holds no fused weights."""
+    if sink is None:
         return
-    prefix = header.SerializeToString() + _RAW_DATA_TAG + _varint(array.nbytes)
+    change.initializers = [
+        (name, external_initializer(name, value, sink)
+         if isinstance(value, np.ndarray) and value.nbytes >= sink.threshold else value)
+        for name, value in change.initializers]
+
+
+def add_initializer(graph: onnx.GraphProto, name: str, value, sink=None) -> None:
+    """Append a new initializer, given as an array or as a ready (external) TensorProto.
+
+    Python protobuf (upb) serializes a tensor whose raw_data was assigned from Python
+    several times slower than one it parsed, so an inline tensor is parsed into place
+    from its wire form.
+    """
+    if isinstance(value, onnx.TensorProto):
+        graph.initializer.add().CopyFrom(value)
+        return
+    if sink is not None and value.nbytes >= sink.threshold:
+        graph.initializer.add().CopyFrom(external_initializer(name, value, sink))
+        return
+    array = _little_endian(value)
+    prefix = _header(name, array).SerializeToString() + _RAW_DATA_TAG + _varint(array.nbytes)
     wire = bytearray(len(prefix) + array.nbytes)
     wire[:len(prefix)] = prefix
     if array.nbytes:
