@@ -127,28 +127,32 @@ def validate(original, fused, *, input_sets: int = 1, rtol: float | None = None,
     data = dict(input_data or {})
     for name, array in data.items():
         overrides.setdefault(name, list(np.shape(array)))
+    # One model in memory at a time: the original runs every input set, then is released.
     reference = _session(original, "original")
-    candidate = _session(fused, "fused")
     ref_inputs = [(a.name, a.type) for a in reference.get_inputs()]
     unknown = sorted(set(data) - {name for name, _ in ref_inputs})
     if unknown:
         raise ValidationError(f"--input-data names {unknown}, which are not model inputs", "original")
-    if ref_inputs != [(a.name, a.type) for a in candidate.get_inputs()]:
-        raise ValidationError("the fused model's inputs differ from the original's")
     output_names = [o.name for o in reference.get_outputs()]
-    if output_names != [o.name for o in candidate.get_outputs()]:
-        raise ValidationError("the fused model's outputs differ from the original's")
     shapes = {a.name: resolve_shape(a.name, a.shape, overrides) for a in reference.get_inputs()}
-    worst: dict[str, OutputCheck] = {}
+    runs = []
     for k in range(max(1, input_sets)):
         feeds = random_inputs(reference, overrides, seed + k)
         for name, array in data.items():
             feeds[name] = np.asarray(array, dtype=feeds[name].dtype)
         try:
-            expected = reference.run(None, feeds)
+            runs.append((feeds, reference.run(None, feeds)))
         except Exception as err:
             raise ValidationError(f"onnxruntime cannot run the original model: {_first_line(err)}",
                                   "original") from None
+    del reference
+    candidate = _session(fused, "fused")
+    if ref_inputs != [(a.name, a.type) for a in candidate.get_inputs()]:
+        raise ValidationError("the fused model's inputs differ from the original's")
+    if output_names != [o.name for o in candidate.get_outputs()]:
+        raise ValidationError("the fused model's outputs differ from the original's")
+    worst: dict[str, OutputCheck] = {}
+    for feeds, expected in runs:
         try:
             actual = candidate.run(None, feeds)
         except Exception as err:
