@@ -17,6 +17,7 @@ from .validate import DEFAULT_ATOL, DEFAULT_RTOL, ValidationError, validate
 EXIT_OK = 0
 EXIT_VALIDATION_FAILED = 1
 EXIT_BAD_INPUT = 2
+EXIT_INTERNAL = 3
 EXIT_INTERRUPTED = 130
 
 EPILOG = """\
@@ -24,6 +25,7 @@ exit codes:
   0  success, including "nothing to fuse" (the model is re-saved unchanged)
   1  validation failed or could not run on the fused model; no output is written
   2  bad usage or bad input (missing, unreadable or invalid model, bad output path)
+  3  internal error (a bug: please report it; ONNX_REPVGG_DEBUG=1 shows the traceback)
   130 interrupted; no output is written
 """
 
@@ -151,6 +153,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("onnx-repvgg: interrupted; nothing written", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except MemoryError:
+        print("onnx-repvgg: error: out of memory; nothing written", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except Exception as err:  # a bug of ours: one line for users, the traceback on request
+        if os.environ.get("ONNX_REPVGG_DEBUG"):
+            raise
+        print(f"onnx-repvgg: internal error: {type(err).__name__}: {' '.join(str(err).split())[:300]} "
+              "(nothing written; set ONNX_REPVGG_DEBUG=1 for the traceback, and please report it)",
+              file=sys.stderr)
+        return EXIT_INTERNAL
 
 
 def _check_output_path(args) -> None:

@@ -226,7 +226,10 @@ def read_external(tensor: onnx.TensorProto, base_dir: str) -> np.ndarray:
     for d in tensor.dims:
         count *= d
     offset = int(info.get("offset", 0) or 0)
-    values = np.fromfile(os.path.join(base_dir, info["location"]), dtype=dtype, count=count, offset=offset)
+    path = os.path.join(base_dir, info["location"])
+    if count * dtype.itemsize > os.path.getsize(path) - offset:
+        raise ValueError(f"external data of '{tensor.name}' is shorter than its {count} elements")
+    values = np.fromfile(path, dtype=dtype, count=count, offset=offset)
     if values.size != count:
         raise ValueError(f"external data of '{tensor.name}' is shorter than its {count} elements")
     return values.astype(dtype.newbyteorder("="), copy=False).reshape(tuple(tensor.dims))

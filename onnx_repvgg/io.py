@@ -46,11 +46,31 @@ def _check_external_location(tensor: onnx.TensorProto, base_dir: str) -> str:
         raise BadInput(f"tensor '{tensor.name}' external data path '{location}' leaves the model's folder; refused")
     if not os.path.isfile(full):
         raise BadInput(f"external data file '{location}' of tensor '{tensor.name}' is missing")
-    offset = int(info.get("offset", 0) or 0)
-    length = info.get("length")
-    if length is not None and offset + int(length) > os.path.getsize(full):
+    try:
+        offset = int(info.get("offset", 0) or 0)
+        length = int(info["length"]) if info.get("length") else os.path.getsize(full) - offset
+    except ValueError:
+        raise BadInput(f"tensor '{tensor.name}' has a malformed external data offset or length") from None
+    if offset < 0 or length < 0 or offset + length > os.path.getsize(full):
         raise BadInput(f"external data file '{location}' is shorter than tensor '{tensor.name}' needs")
+    needed = _tensor_nbytes(tensor)
+    if needed is not None and needed > length:
+        raise BadInput(f"tensor '{tensor.name}' declares shape {list(tensor.dims)} ({needed:,} bytes) "
+                       f"but its external data holds {length:,} bytes")
     return full
+
+
+def _tensor_nbytes(tensor: onnx.TensorProto) -> int | None:
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except (KeyError, ValueError, TypeError):
+        return None
+    count = 1
+    for d in tensor.dims:
+        if d < 0:
+            return None
+        count *= d
+    return count * itemsize
 
 
 def load(path: str, load_external_data: bool = True) -> LoadedModel:

@@ -304,3 +304,65 @@ def test_dry_run_on_external_data_writes_nothing(tmp_path, capsys):
     src = os.path.join(MODELS, "repvgg_a0_tiny_dynamo.onnx")
     assert main([src, "--dry-run"]) == 0
     assert "22 fused" in capsys.readouterr().out
+
+
+def test_hostile_external_dims_fail_cleanly(tmp_path, capsys):
+    model = onnx.load(os.path.join(MODELS, "repvgg_a0_tiny_dynamo.onnx"), load_external_data=False)
+    shutil.copy(os.path.join(MODELS, "repvgg_a0_tiny_dynamo.onnx.data"), tmp_path / "repvgg_a0_tiny_dynamo.onnx.data")
+    tensor = next(t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL)
+    del tensor.dims[:]
+    tensor.dims.extend([100000, 100000, 3, 3])
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    _bad(tmp_path, capsys, [str(tmp_path / "m.onnx"), str(tmp_path / "o.onnx")], "declares shape")
+
+
+@pytest.mark.parametrize("failure,code", [(KeyboardInterrupt, 130), (OSError(28, "No space left on device"), 2)])
+def test_failed_write_keeps_previous_output(tmp_path, capsys, monkeypatch, failure, code):
+    block_model(tmp_path / "in.onnx")
+    (tmp_path / "out.onnx").write_bytes(b"previous")
+    from onnx_repvgg import io as rio
+
+    def failing_write(self, model, external, source_dir=None):
+        with open(self.model_path, "wb") as f:
+            f.write(b"half a model")
+        if isinstance(failure, OSError):
+            raise rio.BadInput(f"cannot write: {failure.strerror}")
+        raise failure
+
+    monkeypatch.setattr(rio.Staging, "write", failing_write)
+    assert main([str(tmp_path / "in.onnx"), str(tmp_path / "out.onnx")]) == code
+    assert (tmp_path / "out.onnx").read_bytes() == b"previous"
+    assert listing(tmp_path) == ["in.onnx", "out.onnx"]
+
+
+def test_custom_op_model_needs_no_check(tmp_path, capsys):
+    b = GraphBuilder()
+    out = repvgg_block(b, identity="bn")
+    b.nodes.append(onnx.helper.make_node("MyOp", [out], ["y"], domain="com.example"))
+    graph = onnx.helper.make_graph(b.nodes, "g", [onnx.helper.make_tensor_value_info("x", 1, [2, 4, 6, 6])],
+                                   [onnx.helper.make_tensor_value_info("y", 1, [2, 4, 6, 6])], b.initializers)
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17),
+                                                         onnx.helper.make_opsetid("com.example", 1)])
+    model.ir_version = 10
+    onnx.save(model, str(tmp_path / "in.onnx"))
+    assert main([str(tmp_path / "in.onnx"), str(tmp_path / "out.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert "original" in err and "--no-check" in err and err.count("\n") == 1
+    assert listing(tmp_path) == ["in.onnx"]
+    assert main([str(tmp_path / "in.onnx"), str(tmp_path / "out.onnx"), "--no-check"]) == 0
+    fused = onnx.load(str(tmp_path / "out.onnx"))
+    assert op_counts(fused) == {"Conv": 1, "MyOp": 1}
+
+
+def test_internal_error_is_one_line(tmp_path, capsys, monkeypatch):
+    block_model(tmp_path / "in.onnx")
+    import onnx_repvgg.cli as cli
+
+    def broken(*a, **k):
+        raise RuntimeError("simulated bug")
+
+    monkeypatch.setattr(cli, "fuse", broken)
+    assert main([str(tmp_path / "in.onnx"), str(tmp_path / "out.onnx")]) == 3
+    err = capsys.readouterr().err
+    assert "internal error" in err and "simulated bug" in err and "Traceback" not in err
+    assert listing(tmp_path) == ["in.onnx"]
