@@ -68,6 +68,16 @@ def identity_kernel(channels: int, groups: int, spatial_shape: Sequence[int],
     return kernel
 
 
+def avgpool_kernel(channels: int, groups: int, spatial_shape: Sequence[int]) -> np.ndarray:
+    """AveragePool (count_include_pad=1) as a grouped conv kernel: 1/prod(k) over the window
+    of input channel c % (channels/groups), for Cin == Cout == channels."""
+    spatial_shape = tuple(int(s) for s in spatial_shape)
+    kernel = np.zeros((channels, channels // groups) + spatial_shape, dtype=np.float64)
+    rows = np.arange(channels)
+    kernel[rows, rows % (channels // groups)] = 1.0 / float(np.prod(spatial_shape))
+    return kernel
+
+
 def scale_output_channels(weight, bias, scale, shift=None) -> tuple[np.ndarray, np.ndarray]:
     """The affine branch (W, b) followed by y*scale + shift, per output channel."""
     weight = np.asarray(weight, dtype=np.float64)

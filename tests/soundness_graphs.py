@@ -31,7 +31,7 @@ def graph_spec(draw):
     n_branches = draw(st.integers(1, 4))
     branches = []
     for _ in range(n_branches):
-        kind = draw(st.sampled_from(["conv", "conv", "conv_bn", "bn", "identity", "scaled_conv"]))
+        kind = draw(st.sampled_from(["conv", "conv", "conv_bn", "bn", "identity", "scaled_conv", "pool"]))
         k = tuple(draw(st.sampled_from([1, 2, 3])) for _ in range(ndim))
         dil = tuple(draw(st.sampled_from([1, 1, 2])) for _ in range(ndim))
         centred = draw(st.booleans())
@@ -51,6 +51,7 @@ def graph_spec(draw):
             extra_consumer=draw(st.integers(0, 12)) == 0,
             output_too=draw(st.integers(0, 12)) == 0,
             negate=draw(st.integers(0, 5)) == 0,
+            include_pad=draw(st.integers(0, 3)) > 0,
         ))
     return dict(
         ndim=ndim, channels=channels, spatial=spatial, branches=branches,
@@ -77,6 +78,13 @@ def build(spec) -> onnx.ModelProto | None:
         kind = br["kind"]
         if kind in ("bn", "identity"):
             shape = (c,) + spec["spatial"]
+        elif kind == "pool":
+            if any(pb >= k or pe >= k for k, pb, pe in zip(br["k"], br["pads"][:n], br["pads"][n:])):
+                continue  # ONNX wants pads smaller than the pooling window
+            shape = (c,) + tuple(conv_out(size, k, br["stride"], 1, pb, pe) for size, k, pb, pe in
+                                 zip(spec["spatial"], br["k"], br["pads"][:n], br["pads"][n:]))
+            if min(shape[1:]) < 1:
+                continue
         else:
             if c % br["group"] or br["cout"] % br["group"]:
                 continue
@@ -90,6 +98,9 @@ def build(spec) -> onnx.ModelProto | None:
             continue
         if kind == "identity":
             t = x
+        elif kind == "pool":
+            t = b.op("AveragePool", [x], kernel_shape=list(br["k"]), strides=[br["stride"]] * n,
+                     pads=list(br["pads"]), count_include_pad=int(br["include_pad"]))
         elif kind == "bn":
             t = b.bn(x, c, training_mode=1 if br["training"] else None, params=_bn_params(b, c, br, dtype))
         else:
@@ -122,8 +133,6 @@ def build(spec) -> onnx.ModelProto | None:
         terms.append(t)
     if not terms:
         return None
-    if spec["constant_addend"] and target[0] == terms and False:
-        pass
     if spec["constant_addend"] == "scalar":
         terms.append(b.constant(np.array(0.5, dtype), "addend"))
     elif spec["constant_addend"] == "channel":

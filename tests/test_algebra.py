@@ -110,3 +110,15 @@ def test_sum_branches_rejects_mismatched_channels():
     with pytest.raises(ValueError):
         algebra.sum_branches([(np.ones((2, 2, 1, 1)), np.zeros(2), (0, 0)),
                               (np.ones((3, 2, 1, 1)), np.zeros(3), (0, 0))], (1, 1))
+
+
+@pytest.mark.parametrize("groups", [1, 2, 6])
+def test_avgpool_kernel_equals_average_pool_with_padding_counted(groups):
+    x = rng.standard_normal((1, 6, 5, 5))
+    k = algebra.avgpool_kernel(6, groups, (3, 3))
+    padded = np.pad(x, [(0, 0), (0, 0), (1, 1), (1, 1)])
+    expected = np.zeros_like(x)
+    for i in range(5):
+        for j in range(5):
+            expected[:, :, i, j] = padded[:, :, i:i + 3, j:j + 3].mean(axis=(2, 3))
+    np.testing.assert_allclose(conv(x, k, pads=[1, 1, 1, 1], group=groups), expected, atol=1e-12)

@@ -552,3 +552,36 @@ def test_conv_plus_positional_embedding_is_not_a_candidate():
     fused, report = fuse(model)
     assert report.blocks == []
     assert fused.SerializeToString() == model.SerializeToString()
+
+
+def avgpool(b, x, k=3, stride=1, pad=1, include_pad=1):
+    return b.op("AveragePool", [x], kernel_shape=[k, k], strides=[stride, stride], pads=[pad] * 4,
+                count_include_pad=include_pad)
+
+
+@pytest.mark.parametrize("stride,identity", [(1, True), (2, False)])
+def test_average_pool_branch(stride, identity):
+    """QARepVGGBlockV2 / DBB: an AveragePool (count_include_pad=1) is a depthwise conv branch."""
+    b = GraphBuilder(channels=4, spatial=(7, 7))
+    x = b.x
+    out = b.add(b.add(b.conv(x, 4, 4, 3, stride=stride), b.conv(x, 4, 4, 1, stride=stride, pads=[0] * 4)),
+                avgpool(b, x, stride=stride))
+    if identity:
+        out = b.add(out, x)
+    fused, report = fuse_and_compare(b.model([b.bn(out, 4)]))
+    assert op_counts(fused) == {"Conv": 1}
+    assert "avgpool" in report.fused[0].branches
+
+
+def test_skip_average_pool_excluding_pad():
+    b = GraphBuilder(channels=4)
+    x = b.x
+    out = b.add(b.conv(x, 4, 4, 3), avgpool(b, x, include_pad=0))
+    assert "count_include_pad=0" in _skip(b.model([out]), "pool_exclude_pad")
+
+
+def test_pool_and_identity_alone_are_not_rewritten():
+    b = GraphBuilder(channels=4)
+    model = b.model([b.add(b.x, avgpool(b, b.x))])
+    fused, report = fuse(model)
+    assert report.blocks == [] and fused.SerializeToString() == model.SerializeToString()

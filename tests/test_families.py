@@ -24,6 +24,7 @@ CASES = {
                                 fam.MobileOneBlock(C, 16, 3, stride=2, groups=C, num_branches=2)],
     "repvit-dw": lambda: [fam.RepVggDw(C), fam.RepVggDw(C)],
     "qarepvgg": lambda: [fam.QARepVGGBlock(C)],
+    "qarepvgg-v2-avgpool": lambda: [fam.QARepVGGBlockV2(C)],
     "yolov6-plus-zero": lambda: [fam.YoloV6RepVGGBlock(C, 16, stride=2), fam.YoloV6RepVGGBlock(16, 16)],
     "fastvit-repmixer": lambda: [fam.RepMixer(C), fam.RepCPE(C)],
     "yolov10-repvggdw": lambda: [fam.LargeSmallDw(C, 7, 3, act=True)],

@@ -41,7 +41,7 @@ import onnx
 from .. import algebra, rewrite
 from ..block import Block, Candidate, ConvGeometry, Rewrite, Term
 from ..graph import GraphView
-from .common import ConvParams, NotWorthIt, Skip, conv_params, is_op
+from .common import ConvParams, NotWorthIt, Skip, conv_params, is_op, pool_params
 from .linear_tree import Addend, LinearIndex, LinearTree, channel_vector, constant_bias
 
 NAME = "branch_sum"
@@ -53,7 +53,7 @@ class Branch:
     """A leaf of the tree read as a branch of X."""
 
     addend: Addend
-    kind: str                 # "conv", "identity", "problem"
+    kind: str                 # "conv", "pool" (AveragePool), "identity", "problem"
     conv: int | None = None   # node index of the Conv
     problem: int | None = None  # node index of a linear-looking node that is not usable
 
@@ -66,6 +66,8 @@ def _deep_source(view: GraphView, index: LinearIndex, leaf: str) -> Branch | Non
     node = view.nodes[producer]
     if is_op(node, *LEAF_OPS) and node.input:
         return Branch(Addend(leaf, (), -1), "conv", conv=producer)
+    if is_op(node, "AveragePool") and node.input:
+        return Branch(Addend(leaf, (), -1), "pool", conv=producer)
     exp = index.expansions.get(producer)
     if exp is not None and exp.problem is not None and node.input:
         return Branch(Addend(leaf, (), -1), "problem", problem=producer)
@@ -73,7 +75,7 @@ def _deep_source(view: GraphView, index: LinearIndex, leaf: str) -> Branch | Non
 
 
 def _source_of(view: GraphView, branch: Branch) -> str:
-    if branch.kind == "conv":
+    if branch.kind in ("conv", "pool"):
         return view.nodes[branch.conv].input[0]
     node = view.nodes[branch.problem]
     inner = view.producer.get(node.input[0])
@@ -94,7 +96,7 @@ def choose_input(view: GraphView, index: LinearIndex, tree: LinearTree):
     best, best_count = None, 0
     for source in dict.fromkeys(s for s in sources if s is not None):
         if not any(s == source and b.kind in ("conv", "problem") for s, b in zip(sources, deep) if b):
-            continue
+            continue  # AveragePool and identity branches alone are not worth a conv
         count = sum(1 for s in sources if s == source) + sum(1 for leaf in tree.leaves if leaf.name == source)
         if count > best_count:
             best, best_count = source, count
@@ -134,7 +136,7 @@ def build_block(view: GraphView, index: LinearIndex, tree: LinearTree, x: str,
     for b in branches:
         if b.kind == "problem":
             raise Skip(index.expansions[b.problem].problem.code, index.expansions[b.problem].problem.message)
-    leaf_counts = Counter(b.addend.name for b in branches if b.kind == "conv")
+    leaf_counts = Counter(b.addend.name for b in branches if b.kind in ("conv", "pool"))
     for leaf, count in leaf_counts.items():
         if count > 1:
             raise Skip("intermediate_shared", f"branch output '{leaf}' is summed {count} times")
@@ -145,7 +147,10 @@ def build_block(view: GraphView, index: LinearIndex, tree: LinearTree, x: str,
     ops = sorted({view.nodes[b.conv].op_type for b in branches if b.kind == "conv"})
     if len(ops) > 1:
         raise Skip("mixed_ops", f"branches mix {' and '.join(ops)}")
+    pools = [(b, pool_params(view, view.nodes[b.conv])) for b in branches if b.kind == "pool"]
     if ops == ["Gemm"]:
+        if pools:
+            raise Skip("mixed_ops", "branches mix Gemm and AveragePool")
         from .dense import build_dense_block
         for b in branches:
             if b.kind == "conv":
@@ -157,6 +162,10 @@ def build_block(view: GraphView, index: LinearIndex, tree: LinearTree, x: str,
         if b.kind == "conv":
             _check_private(view, b.addend.name, "branch output")
             convs.append((b, conv_params(view, view.nodes[b.conv])))
+    if not convs:
+        raise NotWorthIt()
+    for b, _ in pools:
+        _check_private(view, b.addend.name, "branch output")
     first = convs[0][1]
     n = first.weight.ndim - 2
     cout, cin_per_group = first.weight.shape[:2]
@@ -175,11 +184,20 @@ def build_block(view: GraphView, index: LinearIndex, tree: LinearTree, x: str,
     group, strides = first.group, first.strides
     cin = cin_per_group * group
     rank = n + 2
+    for b, pp in pools:
+        name = view.nodes[b.conv].name
+        if len(pp.kernel) != n:
+            raise Skip("rank_mismatch", f"AveragePool '{name}' is {len(pp.kernel)}-D, the convs {n}-D")
+        if pp.strides != strides:
+            raise Skip("stride_mismatch", f"AveragePool '{name}' stride {pp.strides} != {strides} of the convs")
+        if cin != cout:
+            raise Skip("identity_channels", f"AveragePool branch '{name}' needs Cin == Cout, the convs map {cin} -> {cout}")
 
     # Dilation matters only on axes where a kernel is wider than 1.
     dilations = []
     for axis in range(n):
         wide = {p.dilations[axis] for _, p in convs if p.kernel[axis] > 1}
+        wide |= {1 for _, pp in pools if pp.kernel[axis] > 1}
         if len(wide) > 1:
             raise Skip("dilation_mismatch", f"branches have dilations {sorted(wide)} on spatial axis {axis}")
         dilations.append(wide.pop() if wide else 1)
@@ -193,6 +211,7 @@ def build_block(view: GraphView, index: LinearIndex, tree: LinearTree, x: str,
 
     # Each branch as (kernel sizes, pad begins, pad ends); an identity is a 1-wide kernel without pad.
     extents = [((1,) * n, (0,) * n, (0,) * n) for _ in identities]
+    extents += [(pp.kernel, pp.pads_begin, pp.pads_end) for _, pp in pools]
     extents += [(p.kernel, p.pads_begin, p.pads_end) for _, p in convs]
     kernel_shape, pad_begin, pad_end, offsets_by_axis = [], [], [], []
     for axis in range(n):
@@ -224,16 +243,23 @@ def build_block(view: GraphView, index: LinearIndex, tree: LinearTree, x: str,
         scale = channel_vector(b.addend.factors, rank, cout, f"identity branch '{x}'")
         kernel = algebra.identity_kernel(cout, group, (1,) * n, (0,) * n)
         terms.append(Term(_identity_label(view, b), kernel, np.zeros(cout), offsets, scale))
-    for (b, p), offsets in zip(convs, branch_offsets[len(identities):]):
+    for (b, pp), offsets in zip(pools, branch_offsets[len(identities):]):
+        if any(d != 1 for d, k in zip(dilations, pp.kernel) if k > 1):
+            raise Skip("dilation_mismatch", f"AveragePool '{view.nodes[b.conv].name}' taps are contiguous, "
+                       f"the convs are dilated {tuple(dilations)}")
+        scale = channel_vector(b.addend.factors, rank, cout, f"branch '{b.addend.name}'")
+        kernel = algebra.avgpool_kernel(cout, group, pp.kernel)
+        terms.append(Term("avg" + _label(pp.kernel), kernel, np.zeros(cout), offsets, scale))
+    for (b, p), offsets in zip(convs, branch_offsets[len(identities) + len(pools):]):
         scale = channel_vector(b.addend.factors, rank, cout, f"branch '{b.addend.name}'") if b.addend.factors else None
         bias = np.zeros(cout) if p.bias is None else p.bias
         terms.append(Term(_label(p.kernel), p.weight, bias, offsets, scale))
     bias_from_constants, kept = constant_bias(tree.constants, rank, cout)
     other_names = [o.name for o in others] + kept
-    if len(tree.nodes) + len(convs) <= 1 + len(other_names):
+    if len(tree.nodes) + len(convs) + len(pools) <= 1 + len(other_names):
         raise NotWorthIt()
 
-    removed = list(tree.nodes) + [b.conv for b, _ in convs]
+    removed = list(tree.nodes) + [b.conv for b, _ in convs] + [b.conv for b, _ in pools]
     main = max(convs, key=lambda c: int(np.prod(c[1].kernel)))[1]
     geometry = ConvGeometry(tuple(kernel_shape), tuple(strides), tuple(dilations),
                             tuple(pad_begin) + tuple(pad_end), group)
@@ -251,6 +277,8 @@ def _describe(view: GraphView, branches: list[Branch]) -> list[str]:
             labels.append(_identity_label(view, b))
         elif b.kind == "problem":
             labels.append(view.nodes[b.problem].op_type)
+        elif b.kind == "pool":
+            labels.append("avgpool")
         elif view.nodes[b.conv].op_type == "Gemm":
             labels.append("linear")
         else:
@@ -274,7 +302,7 @@ def find(view: GraphView, opset: int):
         x, branches, others = choose_input(view, index, tree)
         if x is None:
             continue
-        removed = len(tree.nodes) + sum(1 for b in branches if b.kind in ("conv", "problem"))
+        removed = len(tree.nodes) + sum(1 for b in branches if b.kind in ("conv", "pool", "problem"))
         if removed <= 1 + len(others):
             continue  # nothing to gain: e.g. a plain residual Add(conv(y), x)
         node = view.nodes[root]

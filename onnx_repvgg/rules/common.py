@@ -124,3 +124,39 @@ def bn_affine(view: GraphView, node: onnx.NodeProto, opset: int) -> tuple[np.nda
     if np.any(np.asarray(var, dtype=np.float64) + eps <= 0):
         raise Skip("bn_variance", f"BatchNormalization '{node.name}' has var + eps <= 0")
     return algebra.bn_scale_shift(gamma, beta, mean, var, eps)
+
+
+@dataclass
+class PoolParams:
+    kernel: tuple[int, ...]
+    strides: tuple[int, ...]
+    pads_begin: tuple[int, ...]
+    pads_end: tuple[int, ...]
+
+
+def pool_params(view: GraphView, node: onnx.NodeProto) -> PoolParams:
+    """An AveragePool that is exactly a depthwise conv with weights 1/prod(k), or Skip.
+
+    With count_include_pad=0 the border windows divide by fewer taps: not a convolution.
+    """
+    kernel = tuple(attribute(node, "kernel_shape", []))
+    n = len(kernel)
+    if not n:
+        raise Skip("malformed", f"AveragePool '{node.name}' has no kernel_shape")
+    if int(attribute(node, "count_include_pad", 0)) != 1:
+        raise Skip("pool_exclude_pad", f"AveragePool '{node.name}' has count_include_pad=0: border windows "
+                   "divide by fewer taps, which no convolution does")
+    if int(attribute(node, "ceil_mode", 0)) != 0:
+        raise Skip("pool_ceil_mode", f"AveragePool '{node.name}' has ceil_mode=1")
+    if any(d != 1 for d in attribute(node, "dilations", [1] * n)):
+        raise Skip("dilation_mismatch", f"AveragePool '{node.name}' is dilated")
+    strides = tuple(attribute(node, "strides", [1] * n))
+    auto_pad = attribute(node, "auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if auto_pad == "NOTSET":
+        pads = tuple(attribute(node, "pads", [0] * (2 * n)))
+    elif auto_pad == "VALID":
+        pads = (0,) * (2 * n)
+    else:
+        raise Skip("auto_pad", f"AveragePool '{node.name}' has auto_pad={auto_pad}")
+    return PoolParams(kernel, strides, pads[:n], pads[n:])

@@ -149,6 +149,28 @@ class QARepVGGBlock(nn.Module):
         return Deployed(bn_after(conv, self.bn), nn.ReLU())
 
 
+class QARepVGGBlockV2(nn.Module):
+    """YOLOv6 QARepVGGBlockV2: ReLU(BN(3x3-BN(x) + 1x1(x) + x + AvgPool3x3(x))), count_include_pad on."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.c = c
+        self.dense = ConvBN(c, c, 3)
+        self.one = nn.Conv2d(c, c, 1, bias=False)
+        self.avg = nn.AvgPool2d(3, 1, 1)
+        self.bn = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.dense(x) + self.one(x) + x + self.avg(x)))
+
+    def deploy(self):
+        avg = torch.zeros(self.c, self.c, 3, 3)
+        for i in range(self.c):
+            avg[i, i] = 1.0 / 9
+        kb = [self.dense.kernel_bias(), fold(self.one), identity_kernel_bias(self.c, 1), (avg, torch.zeros(self.c))]
+        return Deployed(bn_after(conv_from(kb, self.c, self.c), self.bn), nn.ReLU())
+
+
 class YoloV6RepVGGBlock(nn.Module):
     """YOLOv6 RepVGGBlock: id_out is the int 0 when there is no identity branch."""
 
