@@ -189,16 +189,45 @@ def _run(args, shapes) -> int:
             staging.discard()  # a no-op after commit; removes everything on any failure
 
 
+class Progress:
+    """'onnx-repvgg: fusing...' on stderr while a phase runs, only when stderr is a terminal."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.shown = False
+
+    def phase(self, text: str) -> None:
+        if self.enabled:
+            sys.stderr.write(f"\r\033[Konnx-repvgg: {text}...")
+            sys.stderr.flush()
+            self.shown = True
+
+    def done(self) -> None:
+        if self.shown:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+            self.shown = False
+
+
 def _run_staged(args, shapes, staging) -> int:
     say = (lambda *a: None) if args.quiet else print
     timings: dict[str, float] = {}
+    progress = Progress(not args.quiet and sys.stderr.isatty())
+    try:
+        return _phases(args, shapes, staging, say, timings, progress)
+    finally:
+        progress.done()
 
+
+def _phases(args, shapes, staging, say, timings, progress) -> int:
+    progress.phase("loading")
     t = time.perf_counter()
     # External data stays on disk: weights are read per block, untouched ones copied by range.
     loaded = io.load(args.input, load_external_data=False)
     timings["load"] = time.perf_counter() - t
 
     sink = staging.sink() if staging is not None and loaded.used_external_data else None
+    progress.phase("fusing")
     t = time.perf_counter()
     try:
         model, report = fuse(loaded.model, inplace=True, rules=args.rules, base_dir=loaded.base_dir, sink=sink)
@@ -210,23 +239,27 @@ def _run_staged(args, shapes, staging) -> int:
     report.timings = timings
 
     if staging is None:
+        progress.done()
         say(f"onnx-repvgg {__version__}: {args.input} (dry run, nothing written)")
         say(report.to_text(verbose=args.verbose))
         _write_json(args, report)
         return EXIT_OK
 
     external = loaded.used_external_data or io.tensor_bytes(model) > io.EXTERNAL_THRESHOLD
+    progress.phase("saving")
     t = time.perf_counter()
     staging.write(model, external, loaded.base_dir)
     timings["save"] = time.perf_counter() - t
     del model, loaded  # the staged file is the fused model from here on
     if not args.no_check:
+        progress.phase("validating with onnxruntime")
         t = time.perf_counter()
         try:
             report.validation = validate(args.input, staging.model_path,
                                          input_sets=args.check, rtol=args.rtol, atol=args.atol,
                                          input_shapes=shapes, seed=args.seed, input_data=args.feeds)
         except ValidationError as err:
+            progress.done()
             timings["validate"] = time.perf_counter() - t
             report.validation = Validation(passed=False, input_sets=args.check, error=str(err))
             print(f"onnx-repvgg: error: validation could not run: {err}. "
@@ -234,6 +267,7 @@ def _run_staged(args, shapes, staging) -> int:
             _write_json(args, report)
             return EXIT_BAD_INPUT if err.side == "original" else EXIT_VALIDATION_FAILED
         timings["validate"] = time.perf_counter() - t
+    progress.done()
     if report.validation is not None and not report.validation.passed:
         say(f"onnx-repvgg {__version__}: {args.input} -> (not written)")
         say(report.to_text(verbose=args.verbose))

@@ -44,6 +44,7 @@ class Validation:
     outputs: list[OutputCheck] = field(default_factory=list)
     input_shapes: dict[str, list[int]] = field(default_factory=dict)
     error: str | None = None
+    defaulted_dims: list[str] = field(default_factory=list)  # "input[axis]" resolved to 1
 
     @property
     def max_abs_diff(self) -> float:
@@ -160,6 +161,9 @@ def _validation_text(v: Validation) -> str:
     lines = [f"validation: {head} ({v.input_sets} random input set{'s' if v.input_sets != 1 else ''}, "
              f"onnxruntime, optimizations disabled): max abs diff {v.max_abs_diff:.3g}, "
              f"max rel diff {v.max_rel_diff:.3g}"]
+    if v.defaulted_dims:
+        lines.append(f"  note: dynamic dims set to 1: {', '.join(v.defaulted_dims)}; "
+                     "--input-shape NAME:D0,D1,... checks more of each kernel")
     for o in v.outputs:
         if not o.passed:
             lines.append(f"  output '{o.name}': max abs diff {o.max_abs_diff:.3g}, max rel diff "

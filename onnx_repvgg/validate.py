@@ -135,6 +135,8 @@ def validate(original, fused, *, input_sets: int = 1, rtol: float | None = None,
         raise ValidationError(f"--input-data names {unknown}, which are not model inputs", "original")
     output_names = [o.name for o in reference.get_outputs()]
     shapes = {a.name: resolve_shape(a.name, a.shape, overrides) for a in reference.get_inputs()}
+    defaulted = [f"{a.name}[{axis}]" for a in reference.get_inputs() if a.name not in overrides
+                 for axis, d in enumerate(a.shape) if not (isinstance(d, int) and d >= 0)]
     runs = []
     for k in range(max(1, input_sets)):
         feeds = random_inputs(reference, overrides, seed + k)
@@ -171,4 +173,4 @@ def validate(original, fused, *, input_sets: int = 1, rtol: float | None = None,
                                           prev.passed and check.passed)
     outputs = [worst[n] for n in output_names]
     return Validation(passed=all(o.passed for o in outputs), input_sets=max(1, input_sets),
-                      outputs=outputs, input_shapes=shapes)
+                      outputs=outputs, input_shapes=shapes, defaulted_dims=defaulted)

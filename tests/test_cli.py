@@ -366,3 +366,21 @@ def test_internal_error_is_one_line(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "internal error" in err and "simulated bug" in err and "Traceback" not in err
     assert listing(tmp_path) == ["in.onnx"]
+
+
+def test_dynamic_dims_note(tmp_path, capsys):
+    b = GraphBuilder()
+    model = b.model([repvgg_block(b, identity="bn")], input_shape=["N", 4, "H", "W"])
+    onnx.save(model, str(tmp_path / "in.onnx"))
+    assert main([str(tmp_path / "in.onnx"), str(tmp_path / "out.onnx")]) == 0
+    assert "dynamic dims set to 1: x[0], x[2], x[3]" in capsys.readouterr().out
+
+
+def test_progress_only_on_a_terminal(tmp_path, capsys, monkeypatch):
+    block_model(tmp_path / "in.onnx")
+    assert main([str(tmp_path / "in.onnx"), str(tmp_path / "a.onnx")]) == 0
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr("sys.stderr.isatty", lambda: True, raising=False)
+    assert main([str(tmp_path / "in.onnx"), str(tmp_path / "b.onnx")]) == 0
+    err = capsys.readouterr().err
+    assert "fusing..." in err and "validating with onnxruntime..." in err
