@@ -89,3 +89,16 @@ def test_unfolded_torchscript_export(tmp_path):
     assert "BatchNormalization" not in op_counts(fused)
     assert op_counts(fused)["Conv"] == 7  # stem + 6 blocks
     assert validate(train, fused).passed
+
+
+@pytest.mark.parametrize("opset", [9, 11, 13, 17])
+def test_older_opsets_torchscript(tmp_path, opset):
+    x = torch.randn(1, 3, 32, 32)
+    net = randomize_bn(small_repvgg(group_layers=(2, 3), groups=2), seed=5)
+    train = load(export(net, x, str(tmp_path / "t.onnx"), dynamo=False, opset=opset)).model
+    deploy = load(export(deploy_copy(net), x, str(tmp_path / "d.onnx"), dynamo=False, opset=opset)).model
+    assert train.opset_import[0].version == opset
+    fused, report = fuse(train)
+    assert not report.skipped
+    assert op_counts(fused) == op_counts(deploy)
+    assert validate(train, fused).passed
