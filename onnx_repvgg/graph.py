@@ -97,11 +97,18 @@ class GraphView:
         self.graph_inputs = {v.name for v in graph.input}
         self.initializers = {t.name: t for t in graph.initializer}
         self._constant_cache: dict[str, np.ndarray | None] = {}
+        self._elem_types: dict[str, int] | None = None
         # One pass in topological order: which node outputs are computed from constants only.
         self.constant_nodes: set[int] = set()
         known = {name for name in self.initializers if name not in self.graph_inputs}
         for index, node in enumerate(self.nodes):
             if node.domain not in ("", "ai.onnx") or any(True for _ in subgraphs_of(node)):
+                continue
+            if node.op_type == "CastLike" and len(node.input) == 2 and node.input[0] in known \
+                    and self.elem_type(node.input[1]) is not None:
+                # CastLike reads only the dtype of its second input, which is declared.
+                self.constant_nodes.add(index)
+                known.update(out for out in node.output if out)
                 continue
             if node.op_type == "Constant" or (
                     node.op_type not in _NOT_FOLDABLE and node.input
@@ -141,6 +148,18 @@ class GraphView:
             self._constant_cache[name] = value
         return value
 
+    def elem_type(self, name: str) -> int | None:
+        """The declared element type of a value (graph inputs, outputs, value_info, initializers)."""
+        if self._elem_types is None:
+            types = {}
+            for v in list(self.graph.input) + list(self.graph.output) + list(self.graph.value_info):
+                if v.type.HasField("tensor_type") and v.type.tensor_type.elem_type:
+                    types[v.name] = v.type.tensor_type.elem_type
+            for t in self.graph.initializer:
+                types[t.name] = t.data_type
+            self._elem_types = types
+        return self._elem_types.get(name)
+
     def constant_shape(self, name: str) -> tuple[int, ...] | None:
         """The shape of a constant, without converting an initializer to numpy."""
         if name in self.initializers and name in self.constant_names:
@@ -168,7 +187,13 @@ class GraphView:
         """Evaluate a node of constant inputs with onnx's reference evaluator (e.g. W + I, einsum)."""
         node = self.nodes[index]
         inputs = {}
-        for inp in node.input:
+        for slot, inp in enumerate(node.input):
+            if node.op_type == "CastLike" and slot == 1:
+                like = self.constant(inp)
+                if like is None:
+                    like = np.zeros((0,), onnx.helper.tensor_dtype_to_np_dtype(self.elem_type(inp)))
+                inputs[inp] = like
+                continue
             if inp:
                 value = self.constant(inp)
                 if value is None or value.size > _FOLD_LIMIT:

@@ -102,3 +102,25 @@ def test_older_opsets_torchscript(tmp_path, opset):
     assert not report.skipped
     assert op_counts(fused) == op_counts(deploy)
     assert validate(train, fused).passed
+
+
+def test_unoptimized_dynamo_export(tmp_path):
+    """dynamo=True, optimize=False: BN unfolded, conv biases built by CastLike/Expand at run time."""
+    import warnings
+
+    net = randomize_bn(small_repvgg(), seed=3)
+    x = torch.randn(1, 3, 32, 32)
+    paths = {}
+    for name, module in (("train", net), ("deploy", deploy_copy(net))):
+        paths[name] = str(tmp_path / f"{name}.onnx")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, (x,), paths[name], dynamo=True, optimize=False)
+    train, deploy = load(paths["train"]).model, load(paths["deploy"]).model
+    fused, report = fuse(train)
+    assert not report.skipped, [r.reason for r in report.skipped]
+    counts, expected = op_counts(fused), op_counts(deploy)
+    for op in ("Conv", "BatchNormalization", "Add", "Relu", "Gemm"):
+        assert counts.get(op, 0) == expected.get(op, 0), op
+    assert len(fused.graph.node) <= len(deploy.graph.node)
+    assert validate(train, fused).passed
