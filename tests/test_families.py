@@ -36,7 +36,8 @@ CASES = {
 }
 
 
-EXPORTERS = [pytest.param(False, id="torchscript"), pytest.param(True, id="dynamo")]
+EXPORTERS = [pytest.param(False, id="torchscript"), pytest.param(True, id="dynamo"),
+             pytest.param("unoptimized", id="dynamo-unoptimized")]
 
 
 @pytest.mark.parametrize("dynamo", EXPORTERS)
@@ -52,7 +53,7 @@ def test_family_fuses_to_deploy_form(tmp_path, case, dynamo):
     with torch.no_grad():
         expected = net(x).numpy()
         np.testing.assert_allclose(deploy(x).numpy(), expected, rtol=1e-4, atol=1e-5)
-    tag = "dynamo" if dynamo else "ts"
+    tag = {False: "ts", True: "dynamo", "unoptimized": "dynamo_unopt"}[dynamo]
     train = load(export(net, x, str(tmp_path / f"train_{tag}.onnx"), dynamo)).model
     deployed = load(export(deploy, x, str(tmp_path / f"deploy_{tag}.onnx"), dynamo)).model
     fused, report = fuse(train)

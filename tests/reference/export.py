@@ -10,11 +10,17 @@ import warnings
 import torch
 
 
-def export(model: torch.nn.Module, example: torch.Tensor, path: str, dynamo: bool,
+def export(model: torch.nn.Module, example: torch.Tensor, path: str, dynamo,
            dynamic_batch: bool = False, opset: int | None = None) -> str:
-    """torch.onnx.export with defaults; the dynamo exporter writes external data by default."""
+    """torch.onnx.export with defaults; the dynamo exporter writes external data by default.
+
+    dynamo: False (TorchScript exporter), True, or "unoptimized" (dynamo with optimize=False,
+    which leaves BN unfolded and builds conv biases at run time).
+    """
     model = model.eval()
     kwargs = {}
+    if dynamo == "unoptimized":
+        kwargs["optimize"] = False
     if opset is not None:
         kwargs["opset_version"] = opset
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
