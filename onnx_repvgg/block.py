@@ -51,7 +51,7 @@ class Block:
     dtype: np.dtype
     removed_nodes: list[int]      # node indices the fused Conv replaces
     other_leaves: list[str] = field(default_factory=list)  # addends that stay in the sum
-    name_hint: str = ""           # a name for the fused Conv node
+    name_hint: str = ""           # the main Conv's name: it is removed, so the fused Conv takes it
     constant_bias: np.ndarray | None = None  # per-channel constants summed into the bias (float64)
 
     @property

@@ -115,7 +115,7 @@ def fused_nodes(block: Block, weight: np.ndarray, bias: np.ndarray, names: NameR
     g = block.geometry
     conv_out = block.root_output if not block.other_leaves else names.fresh(f"{stem}.fused_output")
     conv = helper.make_node(
-        "Conv", [block.input, weight_name, bias_name], [conv_out], name=names.fresh(stem),
+        "Conv", [block.input, weight_name, bias_name], [conv_out], name=block.name_hint or names.fresh(stem),
         kernel_shape=list(g.kernel_shape), strides=list(g.strides), dilations=list(g.dilations),
         pads=list(g.pads), group=g.group)
     nodes = [conv]

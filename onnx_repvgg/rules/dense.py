@@ -40,7 +40,7 @@ class DenseBlock:
         stem = self.name_hint or self.anchor
         w_name, b_name = names.fresh(f"{stem}.fused_weight"), names.fresh(f"{stem}.fused_bias")
         out = self.root_output if not self.other_leaves else names.fresh(f"{stem}.fused_output")
-        node = helper.make_node("Gemm", [self.input, w_name, b_name], [out], name=names.fresh(stem), transB=1)
+        node = helper.make_node("Gemm", [self.input, w_name, b_name], [out], name=self.name_hint or names.fresh(stem), transB=1)
         nodes = [node]
         running = out
         for i, leaf in enumerate(self.other_leaves):
