@@ -124,3 +124,20 @@ def test_unoptimized_dynamo_export(tmp_path):
         assert counts.get(op, 0) == expected.get(op, 0), op
     assert len(fused.graph.node) <= len(deploy.graph.node)
     assert validate(train, fused).passed
+
+
+@pytest.mark.parametrize("dynamo", EXPORTERS)
+def test_half_precision_export(tmp_path, dynamo):
+    import copy
+
+    net = randomize_bn(small_repvgg(), seed=9)
+    x = torch.randn(1, 3, 32, 32).half()
+    train = load(export(copy.deepcopy(net).half(), x, str(tmp_path / "t.onnx"), dynamo)).model
+    deploy = load(export(deploy_copy(net).half(), x, str(tmp_path / "d.onnx"), dynamo)).model
+    fused, report = fuse(train)
+    assert not report.skipped
+    assert op_counts(fused) == op_counts(deploy)
+    assert all(t.data_type == onnx.TensorProto.FLOAT16 for t in fused.graph.initializer
+               if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16))
+    result = validate(train, fused)
+    assert result.passed and result.outputs[0].rtol == 1e-2
