@@ -57,8 +57,8 @@ def main() -> None:
     floor_t = statistics.median(r["seconds"] for r in results["floor"])
     floor_m = statistics.median(r["peak_rss_mb"] for r in results["floor"])
     print(f"model: {os.path.basename(a.model)} ({size / 1e6:.0f} MB), median of {a.repeat} interleaved runs")
-    print(f"| job | seconds | x floor | peak RSS MB | x floor |")
-    print(f"|---|---|---|---|---|")
+    print("| job | seconds | x floor | peak RSS MB | x floor |")
+    print("|---|---|---|---|---|")
     for job in jobs:
         if not results[job]:
             print(f"| {job} | failed | | | |")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 from hypothesis import strategies as st
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from tests.graphs import GraphBuilder
 

@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-from onnx import helper
 
 from onnx_repvgg import fuse
 from tests.graphs import GraphBuilder, fuse_and_compare, op_counts

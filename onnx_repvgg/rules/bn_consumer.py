@@ -21,7 +21,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import helper
 
 from .. import algebra
 from ..block import Candidate, Rewrite

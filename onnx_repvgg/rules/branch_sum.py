@@ -36,7 +36,6 @@ from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
-import onnx
 
 from .. import algebra, rewrite
 from ..block import Block, Candidate, ConvGeometry, Rewrite, Term
