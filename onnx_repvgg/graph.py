@@ -18,7 +18,10 @@ from onnx import numpy_helper
 # Ops never folded even when every input is constant: random, control flow, or stateful.
 _NOT_FOLDABLE = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
                  "Bernoulli", "Dropout", "If", "Loop", "Scan", "SequenceConstruct", "SequenceEmpty",
-                 "Optional", "Constant"}
+                 "Optional", "Constant",
+                 # Quantized weights stay quantized: folding a DequantizeLinear would silently
+                 # turn an int8 (QDQ) model's weights into float ones.
+                 "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
 # Folding a node whose inputs hold more elements than this is left to other tools.
 _FOLD_LIMIT = 1 << 26
 # Constants larger than this are converted again when asked for, not kept: a large model's

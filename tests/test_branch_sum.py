@@ -585,3 +585,47 @@ def test_pool_and_identity_alone_are_not_rewritten():
     model = b.model([b.add(b.x, avgpool(b, b.x))])
     fused, report = fuse(model)
     assert report.blocks == [] and fused.SerializeToString() == model.SerializeToString()
+
+
+def _qdq_weight(b, shape):
+    q = b.constant(b.rng.integers(-100, 100, shape).astype(np.int8), "Wq")
+    scale = b.constant(np.float32(0.01), "s")
+    zero = b.constant(np.int8(0), "z")
+    return b.op("DequantizeLinear", [q, scale, zero])
+
+
+def test_skip_quantized_weights():
+    """A QDQ model keeps its quantized weights: the block is left alone with a reason."""
+    b = GraphBuilder()
+    x = b.x
+    out = b.add(b.conv(x, 4, 4, 3, weight_name=_qdq_weight(b, (4, 4, 3, 3))),
+                b.conv(x, 4, 4, 1, pads=[0] * 4, weight_name=_qdq_weight(b, (4, 4, 1, 1))))
+    assert "DequantizeLinear" in _skip(b.model([out]), "quantized")
+
+
+def test_qdq_on_the_activation_is_not_a_block():
+    b = GraphBuilder()
+    x = b.x
+    scale, zero = b.constant(np.float32(0.05), "s"), b.constant(np.int8(0), "z")
+    xq = b.op("DequantizeLinear", [b.op("QuantizeLinear", [x, scale, zero]), scale, zero])
+    out = b.add(b.conv(xq, 4, 4, 3), b.conv(x, 4, 4, 1, pads=[0] * 4))
+    model = b.model([out])
+    fused, report = fuse(model)
+    assert report.blocks == [] and fused.SerializeToString() == model.SerializeToString()
+
+
+def test_skip_nonlinearity_inside_a_branch():
+    b = GraphBuilder()
+    x = b.x
+    out = b.add(b.add(b.op("Relu", [b.conv(x, 4, 4, 3)]), b.conv(x, 4, 4, 1, pads=[0] * 4)), x)
+    fused, report = fuse_and_compare(b.model([out]))
+    # the ReLU branch stays an addend; the linear 1x1 + identity merge into one conv
+    assert op_counts(fused) == {"Conv": 2, "Relu": 1, "Add": 1}
+
+
+def test_skip_depthwise_into_dense():
+    b = GraphBuilder(channels=4)
+    x = b.x
+    out = b.add(b.conv(x, 4, 4, 3, group=4), b.conv(x, 4, 4, 1, pads=[0] * 4))
+    reason = _skip(b.model([out]), "group_mismatch")
+    assert "group 1 != 4" in reason or "group 4 != 1" in reason

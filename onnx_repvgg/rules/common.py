@@ -33,6 +33,10 @@ def is_op(node: onnx.NodeProto | None, *ops: str) -> bool:
 def const(view: GraphView, name: str, what: str, node: onnx.NodeProto) -> np.ndarray:
     value = view.constant(name)
     if value is None:
+        producer = view.producer_of(name)
+        if producer is not None and producer.op_type in ("DequantizeLinear", "QuantizeLinear"):
+            raise Skip("quantized", f"{what} '{name}' of {node.op_type} '{node.name}' is quantized "
+                       f"({producer.op_type}); QDQ models are left as they are")
         where = "a graph input" if name in view.graph_inputs else "computed at run time"
         raise Skip("non_constant", f"{what} '{name}' of {node.op_type} '{node.name}' is not a constant ({where})")
     return value
