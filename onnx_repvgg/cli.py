@@ -11,7 +11,7 @@ import time
 from . import __version__, io
 from .pipeline import UnsupportedModel, fuse
 from .report import Validation
-from .rules import DEFAULT_RULES, RULES, describe
+from .rules import DEFAULT_RULES, PATTERNS, RULES, describe
 from .validate import DEFAULT_ATOL, DEFAULT_RTOL, ValidationError, validate
 
 EXIT_OK = 0
@@ -130,9 +130,14 @@ def main(argv: list[str] | None = None) -> int:
         except SystemExit as exit_:  # --help / --version
             return int(exit_.code or 0)
         if args.list_patterns:
+            print("rules:")
             for name in RULES:
                 default = "" if name in DEFAULT_RULES else " (opt-in)"
-                print(f"{name}{default}: {describe(name)}")
+                print(f"  {name}{default}: {describe(name)}")
+            print("patterns:")
+            width = max(len(family) for family, _, _ in PATTERNS)
+            for family, diagram, rule in PATTERNS:
+                print(f"  {family:<{width}}  {diagram}   [{rule}]")
             return EXIT_OK
         if args.input is None:
             raise UsageError("an input model is required")

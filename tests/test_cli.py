@@ -231,6 +231,9 @@ def test_list_patterns(capsys):
     assert main(["--list-patterns"]) == 0
     out = capsys.readouterr().out
     assert "branch_sum:" in out and "bn_into_consumer:" in out and "bn_to_conv (opt-in)" in out
+    for family in ("RepVGG", "MobileOne", "RepViT", "QARepVGG", "RepMixer", "RepLKNet", "ACNet", "PP-LCNetV2",
+                   "RepGhost", "ultralytics RepConv"):
+        assert family in out
 
 
 def test_only_and_skip_choose_rules(tmp_path, capsys):

@@ -33,6 +33,7 @@ CASES = {
     "pplcnetv2": lambda: [fam.RepDepthwise(C)],
     "ultralytics-repconv": lambda: [fam.UltralyticsRepConv(C)],
     "repghost": lambda: [fam.RepGhostCheap(C)],
+    "ghostnetv3": lambda: [fam.GhostModuleV3(C, C), fam.GhostModuleV3(C, 2 * C)],
 }
 
 
@@ -40,12 +41,19 @@ EXPORTERS = [pytest.param(False, id="torchscript"), pytest.param(True, id="dynam
              pytest.param("unoptimized", id="dynamo-unoptimized")]
 
 
+NETS = {
+    "repvit-distilled-head": fam.DistilledClassifier,
+    "mobileone-s0-net": fam.MobileOneS0Like,
+    "repvit-net": fam.RepViTLike,
+}
+
+
 @pytest.mark.parametrize("dynamo", EXPORTERS)
-@pytest.mark.parametrize("case", list(CASES) + ["repvit-distilled-head"])
+@pytest.mark.parametrize("case", list(CASES) + list(NETS))
 def test_family_fuses_to_deploy_form(tmp_path, case, dynamo):
     torch.manual_seed(0)
-    if case == "repvit-distilled-head":
-        net = randomize_bn(fam.DistilledClassifier(), seed=11)
+    if case in NETS:
+        net = randomize_bn(NETS[case](), seed=11)
     else:
         net = randomize_bn(fam.Net(CASES[case]()), seed=11)
     deploy = net.deploy()

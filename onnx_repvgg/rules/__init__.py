@@ -11,10 +11,32 @@ from . import bn_consumer, bn_to_conv, branch_sum
 RULES = {branch_sum.NAME: branch_sum, bn_consumer.NAME: bn_consumer, bn_to_conv.NAME: bn_to_conv}
 DEFAULT_RULES = [name for name, rule in RULES.items() if getattr(rule, "DEFAULT", True)]
 
+# The published blocks these rules cover, as one-line diagrams: (family, train-time form, rule).
+PATTERNS = [
+    ("RepVGG", "act(BN(conv3x3(x)) + BN(conv1x1(x)) + BN(x))  -> act(conv3x3(x))", "branch_sum"),
+    ("MobileOne / GhostNetV3", "act(sum_i BN(convKxK_i(x)) + BN(conv1x1(x)) + BN(x))  -> act(convKxK(x))", "branch_sum"),
+    ("RepViT RepVggDw", "BN(BN(dw3x3(x)) + dw1x1(x) + x)  -> dw3x3(x)", "branch_sum"),
+    ("QARepVGG (YOLOv6)", "act(BN(BN(conv3x3(x)) + conv1x1(x) + x [+ avgpool3x3(x)]))  -> act(conv3x3(x))", "branch_sum"),
+    ("YOLOv6/v7, ultralytics RepConv", "act(BN(conv3x3(x)) + BN(conv1x1(x)) [+ BN(x) | + 0])  -> act(conv3x3(x))",
+     "branch_sum"),
+    ("FastViT RepMixer", "x + g * (mixer(x) - BN(x))  -> dwKxK(x)", "branch_sum"),
+    ("FastViT RepCPE / CPE", "x + dwKxK(x)  -> dwKxK(x)", "branch_sum"),
+    ("RepLKNet, YOLOv10 RepVGGDW, FastViT", "BN(dwLxL(x)) + BN(dwSxS(x))  -> dwLxL(x)", "branch_sum"),
+    ("ACNet", "BN(conv3x3(x)) + BN(conv1x3(x)) + BN(conv3x1(x))  -> conv3x3(x)", "branch_sum"),
+    ("PP-LCNetV2", "BN(dw5x5(x)) + BN(dw3x3(x)) + BN(dw1x1(x)) + BN(x)  -> dw5x5(x)", "branch_sum"),
+    ("RepGhost", "BN(dw3x3(x)) + BN(x)  -> dw3x3(x)", "branch_sum"),
+    ("layer scale", "x + g * conv(x), conv(x) * g  -> conv(x)", "branch_sum"),
+    ("unfolded export", "BN(conv(x)), conv(x) + bias  -> conv(x)", "branch_sum"),
+    ("distilled heads (RepViT, LeViT)", "(linear(BN1d(x)) + linear'(BN1d'(x))) / 2  -> linear(x)",
+     "bn_into_consumer + branch_sum"),
+    ("BN before a conv or linear", "conv_pad0(BN(x)), linear(BN1d(x))  -> conv(x), linear(x)", "bn_into_consumer"),
+    ("stray BN (opt-in)", "BN(x)  -> dw1x1(x)", "bn_to_conv"),
+]
+
 
 def describe(name: str) -> str:
     doc = (RULES[name].__doc__ or "").strip()
     return " ".join(doc.split("\n\n")[0].split())
 
 
-__all__ = ["RULES", "DEFAULT_RULES", "describe"]
+__all__ = ["RULES", "DEFAULT_RULES", "PATTERNS", "describe"]

@@ -1,5 +1,5 @@
-"""(opt-in, --bn-to-conv) A BatchNormalization that nothing could absorb becomes a
-depthwise 1x1 Conv, for edge compilers that reject a bare BN.
+"""A BatchNormalization that nothing could absorb becomes a depthwise 1x1 Conv, for edge
+compilers that reject a bare BN (--bn-to-conv).
 
 Runs only after the other rules have reached their fixed point, so it never takes a BN
 that could have been folded away.

@@ -13,6 +13,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+class SqueezeExcite(nn.Module):
+    """x * sigmoid(fc2(relu(fc1(mean(x))))): a nonlinear block after the sum."""
+
+    def __init__(self, c, ratio=0.25):
+        super().__init__()
+        hidden = max(1, int(c * ratio))
+        self.fc1 = nn.Conv2d(c, hidden, 1)
+        self.fc2 = nn.Conv2d(hidden, c, 1)
+
+    def forward(self, x):
+        return x * torch.sigmoid(self.fc2(torch.relu(self.fc1(x.mean((2, 3), keepdim=True)))))
+
+
 class ConvBN(nn.Sequential):
     def __init__(self, cin, cout, k, stride=1, groups=1, padding=None, bias=False):
         super().__init__()
@@ -23,6 +36,16 @@ class ConvBN(nn.Sequential):
 
     def kernel_bias(self):
         return fold(self.conv, self.bn)
+
+    @torch.no_grad()
+    def deploy(self):
+        """Conv2d_BN.fuse() of RepViT/LeViT: the BN folded into the conv."""
+        c = self.conv
+        conv = nn.Conv2d(c.in_channels, c.out_channels, c.kernel_size, c.stride, c.padding, groups=c.groups, bias=True)
+        w, b = self.kernel_bias()
+        conv.weight.copy_(w)
+        conv.bias.copy_(b)
+        return conv
 
 
 def fold(conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None):
@@ -82,9 +105,10 @@ class Deployed(nn.Module):
 class MobileOneBlock(nn.Module):
     """N parallel kxk conv-BN + 1x1 'scale' conv-BN (k > 1) + identity BN, then act."""
 
-    def __init__(self, cin, cout, k=3, stride=1, groups=1, num_branches=3, act=True, use_scale=True):
+    def __init__(self, cin, cout, k=3, stride=1, groups=1, num_branches=3, act=True, use_scale=True, se=False):
         super().__init__()
         self.cin, self.cout, self.k, self.stride, self.groups = cin, cout, k, stride, groups
+        self.se = SqueezeExcite(cout) if se else nn.Identity()
         self.skip = nn.BatchNorm2d(cin) if cin == cout and stride == 1 else None
         self.scale = ConvBN(cin, cout, 1, stride, groups) if k > 1 and use_scale else None
         self.convs = nn.ModuleList([ConvBN(cin, cout, k, stride, groups) for _ in range(num_branches)])
@@ -98,7 +122,7 @@ class MobileOneBlock(nn.Module):
             out = out + self.scale(x)
         for c in self.convs:
             out = out + c(x)
-        return self.act(out)
+        return self.act(self.se(out))
 
     def kernel_bias_list(self):
         kb = [c.kernel_bias() for c in self.convs]
@@ -109,7 +133,8 @@ class MobileOneBlock(nn.Module):
         return kb
 
     def deploy(self):
-        return Deployed(conv_from(self.kernel_bias_list(), self.cin, self.cout, self.stride, self.groups), self.act)
+        conv = conv_from(self.kernel_bias_list(), self.cin, self.cout, self.stride, self.groups)
+        return Deployed(conv, nn.Sequential(self.se, self.act))
 
 
 class RepVggDw(nn.Module):
@@ -388,3 +413,117 @@ class DistilledClassifier(nn.Module):
             def forward(self, x):
                 return self.linear(torch.flatten(F.adaptive_avg_pool2d(F.relu(self.stem(x)), 1), 1))
         return Deploy().eval()
+
+
+
+def deploy_net(net: nn.Module) -> nn.Module:
+    """The authors' conversion of a whole net: every sub-block with deploy() is replaced by it."""
+    import copy
+
+    net = copy.deepcopy(net)
+
+    def convert(module):
+        for name, child in list(module.named_children()):
+            if hasattr(child, "deploy"):
+                setattr(module, name, child.deploy())
+            else:
+                convert(child)
+
+    with torch.no_grad():
+        convert(net)
+    return net.eval()
+
+
+class MobileOneS0Like(nn.Module):
+    """MobileOne-S0's layout at small width: stem, stages of (dw kxk, pw 1x1) MobileOne pairs
+    with stride 2 at each stage's start, SE after the sum in the last stage, ReLU, linear head."""
+
+    def __init__(self, widths=(16, 24, 32), depths=(2, 2, 2), branches=4, classes=10):
+        super().__init__()
+        self.stem = MobileOneBlock(3, widths[0], 3, stride=2, num_branches=1)
+        blocks, cin = [], widths[0]
+        for stage, (cout, depth) in enumerate(zip(widths, depths)):
+            for i in range(depth):
+                stride = 2 if i == 0 else 1
+                se = stage == len(widths) - 1
+                blocks += [MobileOneBlock(cin, cin, 3, stride, groups=cin, num_branches=branches, se=se),
+                           MobileOneBlock(cin, cout, 1, 1, num_branches=branches, se=se)]
+                cin = cout
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Linear(cin, classes)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)).mean((2, 3)))
+
+    def deploy(self):
+        return deploy_net(self)
+
+
+class RepViTBlock(nn.Module):
+    """RepViT block: token mixer RepVggDw (+ SE), then a residual 1x1 conv-BN MLP with GELU."""
+
+    def __init__(self, c, se=False):
+        super().__init__()
+        self.token_mixer = RepVggDw(c)
+        self.se = SqueezeExcite(c) if se else nn.Identity()
+        self.mlp = nn.Sequential(ConvBN(c, 2 * c, 1, padding=0), nn.GELU(), ConvBN(2 * c, c, 1, padding=0))
+
+    def forward(self, x):
+        x = self.se(self.token_mixer(x))
+        return x + self.mlp(x)
+
+
+class RepViTLike(nn.Module):
+    """RepViT's layout at small width: conv-BN stem with GELU, RepViT blocks, a downsample
+    (block, dw 3x3 s2 conv-BN, pw conv-BN, residual MLP), and the distilled NormLinear head."""
+
+    def __init__(self, widths=(16, 32), classes=10):
+        super().__init__()
+        c0, c1 = widths
+        self.stem = nn.Sequential(ConvBN(3, c0 // 2, 3, 2), nn.GELU(), ConvBN(c0 // 2, c0, 3, 2))
+        self.stage1 = nn.Sequential(RepViTBlock(c0, se=True), RepViTBlock(c0))
+        self.down = nn.Sequential(RepViTBlock(c0), ConvBN(c0, c0, 3, 2, groups=c0), ConvBN(c0, c1, 1, padding=0))
+        self.down_mlp = nn.Sequential(ConvBN(c1, 2 * c1, 1, padding=0), nn.GELU(), ConvBN(2 * c1, c1, 1, padding=0))
+        self.stage2 = nn.Sequential(RepViTBlock(c1, se=True), RepViTBlock(c1))
+        self.head = NormLinear(c1, classes)
+        self.head_dist = NormLinear(c1, classes)
+
+    def forward(self, x):
+        x = self.down(self.stage1(self.stem(x)))
+        x = self.stage2(x + self.down_mlp(x))
+        x = x.mean((2, 3))
+        return (self.head(x) + self.head_dist(x)) / 2
+
+    @torch.no_grad()
+    def deploy(self):
+        net = deploy_net(self)
+        (w1, b1), (w2, b2) = self.head.fused(), self.head_dist.fused()
+        linear = nn.Linear(w1.shape[1], w1.shape[0])
+        linear.weight.copy_((w1 + w2) / 2)
+        linear.bias.copy_((b1 + b2) / 2)
+        net.head, net.head_dist = linear, None
+
+        def forward(x):
+            x = net.down(net.stage1(net.stem(x)))
+            x = net.stage2(x + net.down_mlp(x))
+            return net.head(x.mean((2, 3)))
+        net.forward = forward
+        return net
+
+
+class GhostModuleV3(nn.Module):
+    """GhostNetV3's re-parameterized ghost module: primary = (N kxk conv-BN + 1x1 conv-BN + BN(x)),
+    ReLU; cheap = depthwise (N 3x3 conv-BN + BN) on the primary output; concat."""
+
+    def __init__(self, cin, cout, branches=3):
+        super().__init__()
+        init = cout // 2
+        self.primary = MobileOneBlock(cin, init, 1, num_branches=branches)
+        self.cheap = MobileOneBlock(init, cout - init, 3, groups=init, num_branches=branches)
+
+    def forward(self, x):
+        x1 = self.primary(x)
+        return torch.cat([x1, self.cheap(x1)], dim=1)
+
+    def deploy(self):
+        return deploy_net(self)
