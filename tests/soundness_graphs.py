@@ -58,7 +58,8 @@ def graph_spec(draw):
         dtype=draw(st.sampled_from(["float32", "float32", "float32", "float16"])),
         constant_addend=draw(st.sampled_from([None, "scalar", "channel"])),
         trailing_bn=draw(st.integers(0, 4)) == 0,
-        right_assoc=draw(st.booleans()),
+        tree_seed=draw(st.integers(0, 2**16)),
+        subtract=draw(st.integers(0, 3)) == 0,
         shared_weight=draw(st.integers(0, 8)) == 0,
         seed=draw(st.integers(0, 2**16)),
     )
@@ -137,10 +138,15 @@ def build(spec) -> onnx.ModelProto | None:
         terms.append(b.constant(np.array(0.5, dtype), "addend"))
     elif spec["constant_addend"] == "channel":
         terms.append(b.constant(b.rng.standard_normal((target[0],) + (1,) * n).astype(dtype), "addend"))
-    order = terms if not spec["right_assoc"] else list(reversed(terms))
-    out = order[0]
-    for t in order[1:]:
-        out = b.add(out, t) if not spec["right_assoc"] else b.add(t, out)
+    # A random binary tree over the terms: pick two, combine (Add, sometimes Sub), repeat.
+    tree_rng = np.random.default_rng(spec["tree_seed"])
+    pool = list(terms)
+    while len(pool) > 1:
+        i, j = sorted(tree_rng.choice(len(pool), 2, replace=False))
+        right, left = pool.pop(j), pool.pop(i)
+        op = "Sub" if spec["subtract"] and tree_rng.integers(0, 3) == 0 else "Add"
+        pool.insert(int(tree_rng.integers(0, len(pool) + 1)), b.op(op, [left, right]))
+    out = pool[0]
     if out == x or len(terms) == 1 and terms[0] == x:
         out = b.op("Identity", [out])
     if spec["trailing_bn"]:

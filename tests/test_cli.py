@@ -387,3 +387,22 @@ def test_progress_only_on_a_terminal(tmp_path, capsys, monkeypatch):
     assert main([str(tmp_path / "in.onnx"), str(tmp_path / "b.onnx")]) == 0
     err = capsys.readouterr().err
     assert "fusing..." in err and "validating with onnxruntime..." in err
+
+
+def test_absolute_external_data_path_is_refused(tmp_path, capsys):
+    model = onnx.load(os.path.join(MODELS, "repvgg_a0_tiny_dynamo.onnx"), load_external_data=False)
+    for t in model.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = "/etc/passwd"
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    _bad(tmp_path, capsys, [str(tmp_path / "m.onnx"), str(tmp_path / "o.onnx")], "is absolute; refused")
+
+
+def test_output_folder_not_writable(tmp_path, capsys, monkeypatch):
+    block_model(tmp_path / "m.onnx")
+    (tmp_path / "ro").mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p).endswith("ro") else real_access(p, mode))
+    _bad(tmp_path, capsys, [str(tmp_path / "m.onnx"), str(tmp_path / "ro" / "o.onnx")], "not writable")
+    assert os.listdir(tmp_path / "ro") == []
