@@ -44,6 +44,10 @@ def fuse(model: onnx.ModelProto, *, rules: Iterable[str] | None = None, inplace:
     opset = opset_version(model, "")
     if opset is None:
         raise UnsupportedModel("the model imports no default-domain (ai.onnx) opset")
+    if base_dir is None and any(t.data_location == onnx.TensorProto.EXTERNAL for g in _graphs(model.graph)
+                                for t in g.initializer):
+        raise UnsupportedModel("the model's external data is not loaded: pass base_dir= (its folder), "
+                               "or load it with onnx.load(path)")
     chosen = list(DEFAULT_RULES) if rules is None else list(rules)
     unknown = [r for r in chosen if r not in RULES]
     if unknown:

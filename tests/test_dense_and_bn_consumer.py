@@ -84,3 +84,18 @@ def test_bn_before_nonlinearity_is_left_alone():
     fused, report = fuse(model)
     assert report.blocks == []
     assert op_counts(fused) == op_counts(model)
+
+
+def test_api_with_unloaded_external_data(tmp_path):
+    import os
+
+    import onnx
+
+    from onnx_repvgg.pipeline import UnsupportedModel
+    models = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models")
+    path = os.path.join(models, "repvgg_a0_tiny_dynamo.onnx")
+    lazy = onnx.load(path, load_external_data=False)
+    with pytest.raises(UnsupportedModel, match="base_dir"):
+        fuse(lazy)
+    fused, report = fuse(lazy, base_dir=models)
+    assert len(report.fused) == 22
