@@ -42,7 +42,7 @@ def main() -> None:
             return
         tally["models built"] += 1
         try:
-            result = check_sound(model)
+            result = check_sound(model, allow_densify=spec["seed"] % 2 == 0)
         except AssertionError as err:
             tally["wrong outputs"] += 1
             failures.append((spec, str(err)[:300]))

@@ -78,6 +78,27 @@ def avgpool_kernel(channels: int, groups: int, spatial_shape: Sequence[int]) -> 
     return kernel
 
 
+def regroup_kernel(kernel, groups_from: int, groups_to: int) -> np.ndarray:
+    """The same grouped conv written with fewer groups (groups_to divides groups_from): the
+    kernel gains zero blocks where output channels do not read input channels.
+
+    Output o reads global input channels go*cpg_from + i (go = o // (Cout/groups_from)); with
+    groups_to groups its local index is that minus Go*cpg_to (Go = o // (Cout/groups_to)).
+    """
+    kernel = np.asarray(kernel)
+    cout, cpg_from = kernel.shape[:2]
+    if groups_from % groups_to:
+        raise ValueError(f"{groups_to} groups do not divide {groups_from}")
+    cin = cpg_from * groups_from
+    cpg_to = cin // groups_to
+    out = np.zeros((cout, cpg_to) + kernel.shape[2:], dtype=kernel.dtype)
+    o = np.arange(cout)
+    start = (o // (cout // groups_from)) * cpg_from - (o // (cout // groups_to)) * cpg_to
+    for i in range(cpg_from):
+        out[o, start + i] = kernel[o, i]
+    return out
+
+
 def scale_output_channels(weight, bias, scale, shift=None) -> tuple[np.ndarray, np.ndarray]:
     """The affine branch (W, b) followed by y*scale + shift, per output channel."""
     weight = np.asarray(weight, dtype=np.float64)

@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip", metavar="RULES", help="do not run these rules (comma-separated)")
     p.add_argument("--bn-to-conv", action="store_true",
                    help="turn BatchNormalizations that nothing absorbs into depthwise 1x1 Convs")
+    p.add_argument("--allow-densify", action="store_true",
+                   help="merge branches whose groups differ (e.g. depthwise beside dense) into one denser conv")
     p.add_argument("--list-patterns", action="store_true", help="list the rules and exit")
     p.add_argument("--dry-run", action="store_true", help="find and report blocks; write nothing")
     p.add_argument("--overwrite", action="store_true", help="allow the output to be the input file")
@@ -235,7 +237,8 @@ def _phases(args, shapes, staging, say, timings, progress) -> int:
     progress.phase("fusing")
     t = time.perf_counter()
     try:
-        model, report = fuse(loaded.model, inplace=True, rules=args.rules, base_dir=loaded.base_dir, sink=sink)
+        model, report = fuse(loaded.model, inplace=True, rules=args.rules, base_dir=loaded.base_dir, sink=sink,
+                             allow_densify=args.allow_densify)
     except UnsupportedModel as err:
         raise io.BadInput(str(err)) from None
     timings["fuse"] = time.perf_counter() - t

@@ -27,7 +27,7 @@ class UnsupportedModel(ValueError):
 
 
 def fuse(model: onnx.ModelProto, *, rules: Iterable[str] | None = None, inplace: bool = False,
-         base_dir: str | None = None, sink=None) -> tuple[onnx.ModelProto, Report]:
+         base_dir: str | None = None, sink=None, allow_densify: bool = False) -> tuple[onnx.ModelProto, Report]:
     """Fuse every re-parameterizable block of `model`.
 
     Returns the fused model (the same object when inplace=True, else a copy) and a
@@ -36,6 +36,8 @@ def fuse(model: onnx.ModelProto, *, rules: Iterable[str] | None = None, inplace:
     A model whose external data is not loaded needs `base_dir` (the model's folder);
     weights are then read from disk only for the blocks that use them. `sink`
     (io.DataSink) receives the new initializers' bytes instead of memory.
+    `allow_densify` lets branches with different groups (depthwise beside dense) merge into
+    one conv with their common divisor of groups, which can cost more than it saves.
     """
     if not inplace:
         copy = onnx.ModelProto()
@@ -56,7 +58,8 @@ def fuse(model: onnx.ModelProto, *, rules: Iterable[str] | None = None, inplace:
     report = Report(before=ModelStats.of(model))
     names = rewrite.NameRegistry(all_names(model.graph))
     for graph in _graphs(model.graph):
-        _fuse_graph(graph, opset, [RULES[r] for r in chosen], names, report, base_dir, sink)
+        _fuse_graph(graph, opset, [RULES[r] for r in chosen], names, report, base_dir, sink,
+                    {"allow_densify": allow_densify})
     report.after = ModelStats.of(model)
     return model, report
 
@@ -69,7 +72,7 @@ def _graphs(graph: onnx.GraphProto):
 
 
 def _fuse_graph(graph: onnx.GraphProto, opset: int, rules, names: rewrite.NameRegistry,
-                report: Report, base_dir: str | None, sink) -> None:
+                report: Report, base_dir: str | None, sink, options: dict) -> None:
     last_skips: list[BlockRecord] = []
     early = [r for r in rules if not getattr(r, "LATE", False)]
     late = [r for r in rules if getattr(r, "LATE", False)]
@@ -80,7 +83,7 @@ def _fuse_graph(graph: onnx.GraphProto, opset: int, rules, names: rewrite.NameRe
         claimed: set[int] = set()
         skips: list[BlockRecord] = []
         for rule in active:
-            for candidate in rule.find(view, opset):
+            for candidate in rule.find(view, opset, options):
                 record = BlockRecord(anchor=candidate.anchor, branches=candidate.branch_labels,
                                      status="skipped", group=candidate.group,
                                      strides=list(candidate.strides) if candidate.strides else None)

@@ -122,3 +122,14 @@ def test_avgpool_kernel_equals_average_pool_with_padding_counted(groups):
         for j in range(5):
             expected[:, :, i, j] = padded[:, :, i:i + 3, j:j + 3].mean(axis=(2, 3))
     np.testing.assert_allclose(conv(x, k, pads=[1, 1, 1, 1], group=groups), expected, atol=1e-12)
+
+
+@pytest.mark.parametrize("g_from,g_to", [(6, 1), (6, 2), (6, 3), (2, 1), (4, 4)])
+def test_regroup_kernel_is_the_same_conv(g_from, g_to):
+    cin = 12 if g_from != 4 else 8
+    x = rng.standard_normal((1, cin, 5, 5))
+    k = rng.standard_normal((cin, cin // g_from, 3, 3))
+    regrouped = algebra.regroup_kernel(k, g_from, g_to)
+    assert regrouped.shape == (cin, cin // g_to, 3, 3)
+    np.testing.assert_allclose(conv(x, regrouped, pads=[1] * 4, group=g_to), conv(x, k, pads=[1] * 4, group=g_from),
+                               atol=1e-10)

@@ -629,3 +629,16 @@ def test_skip_depthwise_into_dense():
     out = b.add(b.conv(x, 4, 4, 3, group=4), b.conv(x, 4, 4, 1, pads=[0] * 4))
     reason = _skip(b.model([out]), "group_mismatch")
     assert "group 1 != 4" in reason or "group 4 != 1" in reason
+
+
+def test_allow_densify_merges_depthwise_into_dense():
+    b = GraphBuilder(channels=4)
+    x = b.x
+    out = b.add(b.add(b.conv(x, 4, 4, 3, group=4), b.conv(x, 4, 4, 1, pads=[0] * 4)), b.bn(x, 4))
+    model = b.model([out])
+    fused, report = fuse(model, allow_densify=True)
+    onnx.checker.check_model(fused, full_check=True)
+    assert op_counts(fused) == {"Conv": 1} and report.fused[0].group == 1
+    from tests.graphs import random_feed, run
+    feeds = random_feed(model)
+    np.testing.assert_allclose(run(fused, feeds)[0], run(model, feeds)[0], rtol=1e-4, atol=1e-5)

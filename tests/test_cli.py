@@ -406,3 +406,14 @@ def test_output_folder_not_writable(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(os, "access", lambda p, mode: False if str(p).endswith("ro") else real_access(p, mode))
     _bad(tmp_path, capsys, [str(tmp_path / "m.onnx"), str(tmp_path / "ro" / "o.onnx")], "not writable")
     assert os.listdir(tmp_path / "ro") == []
+
+
+def test_allow_densify_flag(tmp_path, capsys):
+    b = GraphBuilder()
+    out = b.add(b.conv(b.x, 4, 4, 3, group=4), b.conv(b.x, 4, 4, 1, pads=[0] * 4))
+    onnx.save(b.model([out]), str(tmp_path / "in.onnx"))
+    assert main([str(tmp_path / "in.onnx"), str(tmp_path / "a.onnx")]) == 0
+    assert "--allow-densify" in capsys.readouterr().out
+    assert main([str(tmp_path / "in.onnx"), str(tmp_path / "b.onnx"), "--allow-densify"]) == 0
+    assert "validation: passed" in capsys.readouterr().out
+    assert op_counts(onnx.load(str(tmp_path / "b.onnx"))) == {"Conv": 1}

@@ -11,8 +11,8 @@ from tests.graphs import random_feed, run
 from tests.soundness_graphs import build, graph_spec
 
 
-def check_sound(model: onnx.ModelProto) -> dict:
-    fused, report = fuse(model)
+def check_sound(model: onnx.ModelProto, allow_densify: bool = False) -> dict:
+    fused, report = fuse(model, allow_densify=allow_densify)
     onnx.checker.check_model(fused, full_check=True)
     for record in report.skipped:
         assert record.reason and record.reason_code
@@ -39,4 +39,4 @@ def test_fusion_is_sound(spec):
     model = build(spec)
     if model is None:
         return
-    check_sound(model)
+    check_sound(model, allow_densify=spec["seed"] % 2 == 0)

@@ -104,7 +104,7 @@ def _fold_into_gemm(view: GraphView, index: int, scale, shift):
     return (new_eff.T if trans_b else new_eff), new_c
 
 
-def find(view: GraphView, opset: int) -> list[Candidate]:
+def find(view: GraphView, opset: int, options: dict | None = None) -> list[Candidate]:
     candidates = []
     for index, node in enumerate(view.nodes):
         if not is_op(node, "BatchNormalization") or not node.output or not node.input:

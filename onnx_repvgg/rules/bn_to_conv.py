@@ -74,7 +74,7 @@ class BnAsConv:
                        conv.name)
 
 
-def find(view: GraphView, opset: int):
+def find(view: GraphView, opset: int, options: dict | None = None):
     for index, node in enumerate(view.nodes):
         if not is_op(node, "BatchNormalization") or not node.input:
             continue

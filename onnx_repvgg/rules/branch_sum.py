@@ -32,6 +32,8 @@ sum, unscaled: the fused Conv replaces only the branches of X.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections import Counter
 from dataclasses import dataclass
 
@@ -130,7 +132,7 @@ def _identity_label(view: GraphView, branch: Branch) -> str:
 
 
 def build_block(view: GraphView, index: LinearIndex, tree: LinearTree, x: str,
-                branches: list[Branch], others: list) -> Block:
+                branches: list[Branch], others: list, allow_densify: bool = False) -> Block:
     """Check every precondition and return the Block, or raise Skip with the first failure."""
     for b in branches:
         if b.kind == "problem":
@@ -167,12 +169,18 @@ def build_block(view: GraphView, index: LinearIndex, tree: LinearTree, x: str,
         _check_private(view, b.addend.name, "branch output")
     first = convs[0][1]
     n = first.weight.ndim - 2
+    groups = {p.group for _, p in convs}
+    if len(groups) > 1:
+        other = next(p for _, p in convs if p.group != first.group)
+        if not allow_densify:
+            raise Skip("group_mismatch", f"Conv '{other.node_name}' group {other.group} != {first.group} of "
+                       f"'{first.node_name}' (--allow-densify merges them into a denser conv)")
+        convs = _regroup(convs, math.gcd(*groups))
+        first = convs[0][1]
     cout, cin_per_group = first.weight.shape[:2]
     for _, p in convs:
         if p.weight.ndim - 2 != n:
             raise Skip("rank_mismatch", f"Conv '{p.node_name}' is {p.weight.ndim - 2}-D, Conv '{first.node_name}' is {n}-D")
-        if p.group != first.group:
-            raise Skip("group_mismatch", f"Conv '{p.node_name}' group {p.group} != {first.group} of '{first.node_name}'")
         if p.weight.shape[:2] != (cout, cin_per_group):
             raise Skip("channel_mismatch", f"Conv '{p.node_name}' weight {p.weight.shape[:2]} != "
                        f"{(cout, cin_per_group)} of '{first.node_name}'")
@@ -269,6 +277,18 @@ def build_block(view: GraphView, index: LinearIndex, tree: LinearTree, x: str,
                  constant_bias=bias_from_constants)
 
 
+def _regroup(convs: list[tuple[Branch, ConvParams]], group: int) -> list[tuple[Branch, ConvParams]]:
+    """Write every conv with `group` groups (a divisor of each one's own): --allow-densify."""
+    out = []
+    for b, p in convs:
+        cin = p.weight.shape[1] * p.group
+        if p.weight.shape[0] % group or cin % group or p.group % group:
+            raise Skip("group_mismatch", f"Conv '{p.node_name}' with group {p.group} cannot be written with {group} groups")
+        weight = algebra.regroup_kernel(p.weight, p.group, group)
+        out.append((b, dataclasses.replace(p, weight=weight, group=group)))
+    return out
+
+
 def _describe(view: GraphView, branches: list[Branch]) -> list[str]:
     labels = []
     for b in branches:
@@ -292,7 +312,7 @@ def _describe(view: GraphView, branches: list[Branch]) -> list[str]:
     return sorted(labels, key=key)
 
 
-def find(view: GraphView, opset: int):
+def find(view: GraphView, opset: int, options: dict | None = None):
     """Every linear tree over branches of one tensor, as a Block or a Reason (a generator:
     each Block's float64 terms live only until the pipeline materializes it)."""
     index = LinearIndex(view, opset)
@@ -307,7 +327,7 @@ def find(view: GraphView, opset: int):
         node = view.nodes[root]
         candidate = Candidate(anchor=node.name or node.output[0], branch_labels=_describe(view, branches))
         try:
-            block = build_block(view, index, tree, x, branches, others)
+            block = build_block(view, index, tree, x, branches, others, bool((options or {}).get("allow_densify")))
         except NotWorthIt:
             continue
         except Skip as skip:
