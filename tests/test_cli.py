@@ -417,3 +417,63 @@ def test_allow_densify_flag(tmp_path, capsys):
     assert main([str(tmp_path / "in.onnx"), str(tmp_path / "b.onnx"), "--allow-densify"]) == 0
     assert "validation: passed" in capsys.readouterr().out
     assert op_counts(onnx.load(str(tmp_path / "b.onnx"))) == {"Conv": 1}
+
+
+def test_quiet_and_verbose(tmp_path, capsys):
+    src = os.path.join(MODELS, "repvgg_a0_tiny_ts.onnx")
+    assert main([src, str(tmp_path / "q.onnx"), "-q"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == ""
+    assert main([src, "--dry-run"]) == 0
+    assert main([src, "--dry-run", "-v"]) == 0
+    default, verbose = capsys.readouterr().out.split("(dry run, nothing written)")[1:]
+    assert verbose.count("  fused  ") == 22
+    assert default.count("  fused  ") == 22  # 22 blocks fit the default table (up to 30)
+
+
+def test_many_blocks_are_summarized(tmp_path, capsys):
+    b = GraphBuilder()
+    for _ in range(35):
+        b.x = b.op("Relu", [repvgg_block(b, identity="bn")])
+    last, b.x = b.x, "x"
+    onnx.save(b.model([last]), str(tmp_path / "in.onnx"))
+    assert main([str(tmp_path / "in.onnx"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "fused: 35x 3x3+1x1+bn (-v lists every block)" in out and out.count("  fused  ") == 0
+    assert main([str(tmp_path / "in.onnx"), "--dry-run", "-v"]) == 0
+    assert capsys.readouterr().out.count("  fused  ") == 35
+
+
+def test_help_documents_exit_codes(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for line in ("0  success", "1  validation failed", "2  bad usage or bad input", "3  internal error", "130 interrupted"):
+        assert line in out
+
+
+def test_json_schema(tmp_path, capsys):
+    b = GraphBuilder()
+    x = b.x
+    skipped = b.add(b.add(b.conv(x, 4, 4, 3), b.conv(x, 4, 4, 1, pads=[0] * 4)), b.bn(x, 4, training_mode=1))
+    fused = repvgg_block(b, identity="bare")
+    onnx.save(b.model([skipped, fused]), str(tmp_path / "in.onnx"))
+    assert main([str(tmp_path / "in.onnx"), str(tmp_path / "out.onnx"), "--json", str(tmp_path / "r.json")]) == 0
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert set(data) >= {"schema_version", "tool_version", "input_path", "output_path", "size_before", "size_after",
+                         "rounds", "summary", "timings", "before", "after", "blocks", "validation"}
+    assert data["output_path"] == str(tmp_path / "out.onnx") and data["size_after"] > 0
+    assert set(data["timings"]) == {"load", "fuse", "save", "validate"}
+    for side in ("before", "after"):
+        assert set(data[side]) == {"op_counts", "nodes", "params"}
+    by_status = {r["status"]: r for r in data["blocks"]}
+    assert set(by_status) == {"fused", "skipped"}
+    for record in data["blocks"]:
+        assert set(record) == {"anchor", "branches", "status", "reason_code", "reason", "group", "strides",
+                               "fused_node"}
+    assert by_status["skipped"]["reason_code"] == "bn_training" and "training_mode=1" in by_status["skipped"]["reason"]
+    assert by_status["fused"]["fused_node"] and by_status["fused"]["reason"] is None
+    v = data["validation"]
+    assert set(v) >= {"passed", "input_sets", "outputs", "input_shapes", "error", "defaulted_dims"}
+    assert {o["name"] for o in v["outputs"]} == {skipped, fused}
+    for o in v["outputs"]:
+        assert set(o) == {"name", "max_abs_diff", "max_rel_diff", "rtol", "atol", "passed"}
