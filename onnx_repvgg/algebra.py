@@ -143,6 +143,8 @@ def sum_branches(branches: Sequence[tuple], spatial_shape: Sequence[int], out_dt
             bias = bias * scale
         bias_sum += bias
         prepared.append((kernel, window, scale))
+    # The full-size unscaled branch first: it can initialize each block of rows by itself.
+    prepared.sort(key=lambda p: not (p[2] is None and p[0].shape[2:] == spatial_shape))
     out_dtype = np.dtype(np.float64 if out_dtype is None else out_dtype)
     kernel_out = np.empty((cout, cin) + spatial_shape, dtype=out_dtype)
     per_channel = max(1, cin * int(np.prod(spatial_shape)) * 8)
@@ -153,8 +155,13 @@ def sum_branches(branches: Sequence[tuple], spatial_shape: Sequence[int], out_dt
     for start in range(0, cout, step):
         rows = slice(start, min(cout, start + step))
         acc = buffer[: rows.stop - rows.start]
-        acc.fill(0.0)
-        for kernel, window, scale in prepared:
+        first = prepared[0]
+        covers = first[2] is None and first[0].shape[2:] == spatial_shape
+        if covers:
+            np.copyto(acc, first[0][rows])  # one pass instead of zero-fill then add
+        else:
+            acc.fill(0.0)
+        for kernel, window, scale in prepared[1:] if covers else prepared:
             part = kernel[rows]
             if scale is None:
                 acc[(slice(None), slice(None)) + window] += part
@@ -166,8 +173,10 @@ def sum_branches(branches: Sequence[tuple], spatial_shape: Sequence[int], out_dt
 
 def cast_like(values: np.ndarray, dtype) -> np.ndarray:
     """Cast float64 results back to the model's dtype, refusing overflow to inf."""
+    values = np.asarray(values)
     with np.errstate(over="ignore"):
-        out = np.asarray(values).astype(dtype)
-    if np.issubdtype(np.dtype(dtype), np.floating) and not np.all(np.isfinite(out)[np.isfinite(values)]):
-        raise OverflowError(f"fused values overflow {np.dtype(dtype).name}")
+        out = values.astype(dtype)
+    if np.issubdtype(np.dtype(dtype), np.floating) and not np.isfinite(out).all():
+        if not np.all(np.isfinite(out)[np.isfinite(values)]):
+            raise OverflowError(f"fused values overflow {np.dtype(dtype).name}")
     return out

@@ -125,7 +125,26 @@ def _same_file(a: str, b: str) -> bool:
     return os.path.abspath(a) == os.path.abspath(b)
 
 
+def _keep_freed_memory() -> None:
+    """Ask glibc not to hand freed heap back to the OS between phases (M_TRIM_THRESHOLD).
+
+    The float64 sums free large buffers; trimming them makes the next phase (serializing the
+    model) fault the same pages in again, which measured about 3x slower on a 222 MB model.
+    Peak memory is unchanged: the kept pages are reused. A no-op where glibc is absent.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
+    _keep_freed_memory()
     try:
         try:
             args = build_parser().parse_args(argv)

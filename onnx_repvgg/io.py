@@ -128,8 +128,13 @@ def _one_line(err: Exception) -> str:
 
 
 def tensor_bytes(model: onnx.ModelProto) -> int:
-    """Serialized size of all tensors (ByteSize: reading raw_data would copy it)."""
-    return sum(t.ByteSize() for t in external_data_helper._get_all_tensors(model))
+    """Bytes of all in-memory tensors, from their shapes (reading raw_data would copy it,
+    and ByteSize() would encode it)."""
+    total = 0
+    for t in external_data_helper._get_all_tensors(model):
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            total += _tensor_nbytes(t) or 0
+    return total
 
 
 ALIGN = 4096  # page-aligned offsets let runtimes mmap external tensors
