@@ -477,3 +477,38 @@ def test_json_schema(tmp_path, capsys):
     assert {o["name"] for o in v["outputs"]} == {skipped, fused}
     for o in v["outputs"]:
         assert set(o) == {"name", "max_abs_diff", "max_rel_diff", "rtol", "atol", "passed"}
+
+
+def test_large_models_are_written_with_external_data(tmp_path, capsys, monkeypatch):
+    """Over the 2 GB protobuf limit (lowered here) the output goes to OUT.onnx.data."""
+    from onnx_repvgg import io as rio
+
+    monkeypatch.setattr(rio, "EXTERNAL_THRESHOLD", 100)
+    b = GraphBuilder(channels=16)
+    onnx.save(b.model([repvgg_block(b, c=16, identity="bn")]), str(tmp_path / "in.onnx"))
+    assert main([str(tmp_path / "in.onnx"), str(tmp_path / "out.onnx")]) == 0
+    assert "validation: passed" in capsys.readouterr().out
+    assert listing(tmp_path) == ["in.onnx", "out.onnx", "out.onnx.data"]
+    fused = onnx.load(str(tmp_path / "out.onnx"), load_external_data=False)
+    assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in fused.graph.initializer)
+
+
+def test_hostile_inline_dims_fail_cleanly(tmp_path, capsys):
+    model = block_model(tmp_path / "m.onnx")
+    del model.graph.initializer[0].dims[:]
+    model.graph.initializer[0].dims.extend([1000000, 1000000, 3, 3])
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    _bad(tmp_path, capsys, [str(tmp_path / "m.onnx"), str(tmp_path / "o.onnx")], "too small for the declared shape")
+
+
+def test_interrupt_during_fusion(tmp_path, capsys, monkeypatch):
+    block_model(tmp_path / "in.onnx")
+    import onnx_repvgg.cli as cli
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "fuse", interrupted)
+    assert main([str(tmp_path / "in.onnx"), str(tmp_path / "out.onnx")]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert listing(tmp_path) == ["in.onnx"]
