@@ -642,3 +642,42 @@ def test_allow_densify_merges_depthwise_into_dense():
     from tests.graphs import random_feed, run
     feeds = random_feed(model)
     np.testing.assert_allclose(run(fused, feeds)[0], run(model, feeds)[0], rtol=1e-4, atol=1e-5)
+
+
+# --- zero padding in front of convs ---------------------------------------------------------
+
+def zero_pad(b, x, pads, opset_attr=False, mode=None, value=None):
+    if opset_attr:
+        attrs = {"pads": pads}
+        if value is not None:
+            attrs["value"] = value
+        return b.op("Pad", [x], **attrs)
+    inputs = [x, b.constant(np.array(pads, np.int64), "pads")]
+    if value is not None:
+        inputs.append(b.constant(np.array(value, np.float32), "value"))
+    return b.op("Pad", inputs, **({"mode": mode} if mode else {}))
+
+
+def test_pad_branch_fuses_after_folding():
+    """timm-style 'same' padding for an even kernel: ZeroPad(0,1) + conv2x2 beside a 1x1."""
+    b = GraphBuilder(spatial=(6, 6))
+    x = b.x
+    t2 = b.conv(zero_pad(b, x, [0, 0, 0, 0, 0, 0, 1, 1]), 4, 4, 2, pads=[0] * 4)
+    t3 = b.conv(zero_pad(b, x, [0, 0, 1, 1, 0, 0, 1, 1]), 4, 4, 3, pads=[0] * 4)
+    out = b.add(b.add(t2, t3), b.conv(x, 4, 4, 1, pads=[0] * 4))
+    fused, report = fuse_and_compare(b.model([out]))
+    assert op_counts(fused) == {"Conv": 1}
+
+
+def test_pad_in_old_opset_attribute_form():
+    b = GraphBuilder(opset=10)
+    out = b.conv(zero_pad(b, b.x, [0, 0, 1, 1, 0, 0, 1, 1], opset_attr=True), 4, 4, 3, pads=[0] * 4)
+    fused, report = fuse_and_compare(b.model([out]))
+    assert op_counts(fused) == {"Conv": 1}
+
+
+@pytest.mark.parametrize("mode,value,code", [("reflect", None, "pad_mode"), (None, 1.5, "pad_value")])
+def test_skip_pads_that_are_not_zero(mode, value, code):
+    b = GraphBuilder()
+    out = b.conv(zero_pad(b, b.x, [0, 0, 1, 1, 0, 0, 1, 1], mode=mode, value=value), 4, 4, 3, pads=[0] * 4)
+    _skip(b.model([out]), code)

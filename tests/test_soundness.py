@@ -33,7 +33,7 @@ def check_sound(model: onnx.ModelProto, allow_densify: bool = False) -> dict:
     return {"fused": len(report.fused), "skipped": [r.reason_code for r in report.skipped]}
 
 
-@settings(max_examples=150, deadline=None, derandomize=True, database=None,
+@settings(max_examples=400, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 @given(graph_spec())
 def test_fusion_is_sound(spec):

@@ -141,3 +141,30 @@ def test_half_precision_export(tmp_path, dynamo):
                if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16))
     result = validate(train, fused)
     assert result.passed and result.outputs[0].rtol == 1e-2
+
+
+class PaddedBranches(torch.nn.Module):
+    """Branches that pad explicitly (nn.ZeroPad2d, as 'same' padding for even kernels does)."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.even = torch.nn.Sequential(torch.nn.ZeroPad2d((0, 1, 0, 1)), torch.nn.Conv2d(c, c, 2, bias=False),
+                                        torch.nn.BatchNorm2d(c))
+        self.odd = torch.nn.Sequential(torch.nn.ZeroPad2d(1), torch.nn.Conv2d(c, c, 3, bias=False), torch.nn.BatchNorm2d(c))
+        self.one = torch.nn.Sequential(torch.nn.Conv2d(c, c, 1, bias=False), torch.nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        return torch.relu(self.even(x) + self.odd(x) + self.one(x))
+
+
+@pytest.mark.parametrize("dynamo", EXPORTERS)
+def test_explicit_zero_padding_is_folded(tmp_path, dynamo):
+    net = randomize_bn(PaddedBranches(), seed=4)
+    x = torch.randn(1, 8, 12, 12)
+    train = load(export(net, x, str(tmp_path / "t.onnx"), dynamo)).model
+    assert op_counts(train).get("Pad", 0) == (0 if dynamo else 2)  # the dynamo optimizer folds them itself
+    fused, report = fuse(train)
+    assert op_counts(fused) == {"Conv": 1, "Relu": 1}
+    with torch.no_grad():
+        np.testing.assert_allclose(run(fused, {fused.graph.input[0].name: x.numpy()})[0], net(x).numpy(),
+                                   rtol=1e-4, atol=1e-5)

@@ -6,9 +6,10 @@ A rule with DEFAULT = False runs only when asked for; one with LATE = True runs 
 the others have reached their fixed point.
 """
 
-from . import bn_consumer, bn_to_conv, branch_sum
+from . import bn_consumer, bn_to_conv, branch_sum, pad_into_conv
 
-RULES = {branch_sum.NAME: branch_sum, bn_consumer.NAME: bn_consumer, bn_to_conv.NAME: bn_to_conv}
+RULES = {pad_into_conv.NAME: pad_into_conv, branch_sum.NAME: branch_sum, bn_consumer.NAME: bn_consumer,
+         bn_to_conv.NAME: bn_to_conv}
 DEFAULT_RULES = [name for name, rule in RULES.items() if getattr(rule, "DEFAULT", True)]
 
 # The published blocks these rules cover, as one-line diagrams: (family, train-time form, rule).
@@ -31,6 +32,7 @@ PATTERNS = [
      "bn_into_consumer + branch_sum"),
     ("BN before a conv or linear", "conv_pad0(BN(x)), linear(BN1d(x))  -> conv(x), linear(x)", "bn_into_consumer"),
     ("stray BN (opt-in)", "BN(x)  -> dw1x1(x)", "bn_to_conv"),
+    ("explicit zero padding", "conv_pad0(ZeroPad(x))  -> conv_padded(x)", "pad_into_conv"),
 ]
 
 
