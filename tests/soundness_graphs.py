@@ -31,7 +31,7 @@ def graph_spec(draw):
     n_branches = draw(st.integers(1, 4))
     branches = []
     for _ in range(n_branches):
-        kind = draw(st.sampled_from(["conv", "conv", "conv_bn", "bn", "identity", "scaled_conv", "pool"]))
+        kind = draw(st.sampled_from(["conv", "conv", "conv_bn", "bn", "identity", "scaled_conv", "pool", "padded_conv"]))
         k = tuple(draw(st.sampled_from([1, 2, 3])) for _ in range(ndim))
         dil = tuple(draw(st.sampled_from([1, 1, 2])) for _ in range(ndim))
         centred = draw(st.booleans())
@@ -52,6 +52,8 @@ def graph_spec(draw):
             output_too=draw(st.integers(0, 12)) == 0,
             negate=draw(st.integers(0, 5)) == 0,
             include_pad=draw(st.integers(0, 3)) > 0,
+            pad_mode=draw(st.sampled_from(["constant", "constant", "constant", "reflect"])),
+            pad_value=draw(st.sampled_from([None, 0.0, 0.0, 0.5])),
         ))
     return dict(
         ndim=ndim, channels=channels, spatial=spatial, branches=branches,
@@ -116,7 +118,15 @@ def build(spec) -> onnx.ModelProto | None:
                 if shared is None or shared[0] != key:
                     shared = (key, b.constant((b.rng.standard_normal(key) * 0.3).astype(dtype), "shared"))
                 weight_name = shared[1]
-            t = b.conv(x, c, br["cout"], br["k"], stride=br["stride"], pads=list(br["pads"]), group=br["group"],
+            source, conv_pads = x, list(br["pads"])
+            if kind == "padded_conv":  # the same geometry, with the padding done by a Pad node
+                if br["pad_mode"] == "reflect" and any(p >= s for p, s in zip(br["pads"], spec["spatial"] * 2)):
+                    continue  # reflect needs pads smaller than the axis
+                inputs = [x, b.constant(np.array([0, 0, *br["pads"][:n], 0, 0, *br["pads"][n:]], np.int64), "pads")]
+                if br["pad_value"] is not None:
+                    inputs.append(b.constant(np.array(br["pad_value"], dtype), "pad_value"))
+                source, conv_pads = b.op("Pad", inputs, mode=br["pad_mode"]), [0] * (2 * n)
+            t = b.conv(source, c, br["cout"], br["k"], stride=br["stride"], pads=conv_pads, group=br["group"],
                        dilation=list(br["dil"]), bias=br["bias"], weight_name=weight_name)
             if kind == "conv_bn":
                 t = b.bn(t, br["cout"], training_mode=1 if br["training"] else None,
