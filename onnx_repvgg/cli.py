@@ -235,8 +235,14 @@ class Progress:
             self.shown = False
 
 
+def _use_color() -> bool:
+    """ANSI colour only on a terminal, and never when NO_COLOR is set (no-color.org)."""
+    return sys.stdout.isatty() and not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb"
+
+
 def _run_staged(args, shapes, staging) -> int:
     say = (lambda *a: None) if args.quiet else print
+    args.color = _use_color()
     timings: dict[str, float] = {}
     progress = Progress(not args.quiet and sys.stderr.isatty())
     try:
@@ -268,7 +274,7 @@ def _phases(args, shapes, staging, say, timings, progress) -> int:
     if staging is None:
         progress.done()
         say(f"onnx-repvgg {__version__}: {args.input} (dry run, nothing written)")
-        say(report.to_text(verbose=args.verbose))
+        say(report.to_text(verbose=args.verbose, color=args.color))
         _write_json(args, report)
         return EXIT_OK
 
@@ -297,7 +303,7 @@ def _phases(args, shapes, staging, say, timings, progress) -> int:
     progress.done()
     if report.validation is not None and not report.validation.passed:
         say(f"onnx-repvgg {__version__}: {args.input} -> (not written)")
-        say(report.to_text(verbose=args.verbose))
+        say(report.to_text(verbose=args.verbose, color=args.color))
         print("onnx-repvgg: error: the fused model differs from the original; nothing written",
               file=sys.stderr)
         _write_json(args, report)
@@ -306,7 +312,7 @@ def _phases(args, shapes, staging, say, timings, progress) -> int:
     report.output_path = args.output
 
     say(f"onnx-repvgg {__version__}: {args.input} -> {args.output}")
-    say(report.to_text(verbose=args.verbose))
+    say(report.to_text(verbose=args.verbose, color=args.color))
     if args.no_check:
         say("validation: skipped (--no-check)")
     _write_json(args, report)

@@ -102,7 +102,9 @@ class Report:
         data["summary"] = {"fused": len(self.fused), "skipped": len(self.skipped)}
         return data
 
-    def to_text(self, verbose: bool = False, max_rows: int = 30) -> str:
+    def to_text(self, verbose: bool = False, max_rows: int = 30, color: bool = False) -> str:
+        """The terminal report; `color` adds ANSI colours (the CLI asks only for a terminal)."""
+        paint = _painter(color)
         lines = [f"blocks: {len(self.fused)} fused, {len(self.skipped)} skipped"]
         rows = self.blocks if verbose or len(self.blocks) <= max_rows else self.skipped
         for b in rows:
@@ -111,9 +113,9 @@ class Report:
             if b.group is not None:
                 extra = f" g={b.group} s={','.join(map(str, b.strides or []))}"
             if b.status == "fused":
-                lines.append(f"  fused    {b.anchor}  {shape}{extra}")
+                lines.append(f"  {paint('fused', 'green')}    {b.anchor}  {shape}{extra}")
             else:
-                lines.append(f"  skipped  {b.anchor}  {shape}: {b.reason}")
+                lines.append(f"  {paint('skipped', 'yellow')}  {b.anchor}  {shape}: {b.reason}")
         if rows is not self.blocks:
             patterns = Counter(b.pattern for b in self.fused)
             summary = ", ".join(f"{n}x {p}" for p, n in patterns.most_common())
@@ -123,7 +125,7 @@ class Report:
             lines.extend(_side_by_side(self))
         if self.validation is not None:
             lines.append("")
-            lines.append(_validation_text(self.validation))
+            lines.append(_validation_text(self.validation, paint))
         if self.timings:
             lines.append("time: " + ", ".join(f"{k} {v:.2f}s" for k, v in self.timings.items()))
         return "\n".join(lines)
@@ -154,10 +156,19 @@ def _side_by_side(report: Report) -> list[str]:
     return out
 
 
-def _validation_text(v: Validation) -> str:
+_COLORS = {"green": "32", "yellow": "33", "red": "31"}
+
+
+def _painter(enabled: bool):
+    def paint(text: str, color: str) -> str:
+        return f"\033[{_COLORS[color]}m{text}\033[0m" if enabled else text
+    return paint
+
+
+def _validation_text(v: Validation, paint=_painter(False)) -> str:
     if v.error:
-        return f"validation: could not run: {v.error}"
-    head = "passed" if v.passed else "FAILED"
+        return f"validation: {paint('could not run', 'red')}: {v.error}"
+    head = paint("passed", "green") if v.passed else paint("FAILED", "red")
     lines = [f"validation: {head} ({v.input_sets} random input set{'s' if v.input_sets != 1 else ''}, "
              f"onnxruntime, optimizations disabled): max abs diff {v.max_abs_diff:.3g}, "
              f"max rel diff {v.max_rel_diff:.3g}"]

@@ -512,3 +512,17 @@ def test_interrupt_during_fusion(tmp_path, capsys, monkeypatch):
     assert main([str(tmp_path / "in.onnx"), str(tmp_path / "out.onnx")]) == 130
     assert "interrupted" in capsys.readouterr().err
     assert listing(tmp_path) == ["in.onnx"]
+
+
+def test_colour_only_on_a_terminal(tmp_path, capsys, monkeypatch):
+    block_model(tmp_path / "in.onnx")
+    assert main([str(tmp_path / "in.onnx"), "--dry-run"]) == 0
+    assert "\033[" not in capsys.readouterr().out
+    monkeypatch.setattr("sys.stdout.isatty", lambda: True, raising=False)
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    monkeypatch.setenv("TERM", "xterm")
+    assert main([str(tmp_path / "in.onnx"), "--dry-run"]) == 0
+    assert "\033[32mfused\033[0m" in capsys.readouterr().out
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert main([str(tmp_path / "in.onnx"), "--dry-run"]) == 0
+    assert "\033[" not in capsys.readouterr().out
