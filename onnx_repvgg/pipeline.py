@@ -1,11 +1,14 @@
 """fuse(model) -> (model, Report): the whole flow of the pass, written down once.
 
     for each graph (the main graph and every If/Loop/Scan body):
-        repeat until nothing changes:
-            index the graph                  (graph.GraphView)
-            match: each rule finds Candidates, each a Block or a Reason
-            fuse:  numpy algebra turns each Block into one kernel and bias (float64)
-            rewrite: swap the block's nodes for the fused Conv
+        repeat until nothing changes (a fusion can expose the next one):
+            index the graph                  (graph.GraphView: constants folded on demand)
+            match: each rule finds Candidates, each a match or a Reason
+                   (pad_into_conv, branch_sum, bn_into_consumer; bn_to_conv last, if asked)
+            fuse:  numpy algebra turns each match into new weights (float64, cast back),
+                   written to the output's data file at once when there is one (io.DataSink)
+            rewrite: swap the matched nodes for the new ones; drop constants left unused
+        late rules (bn_to_conv) run only after the others have reached their fixed point
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
-"""Apply matched Blocks to a graph: one Conv in, the block's nodes out.
+"""Apply Rewrites to a graph: new nodes in, matched nodes out, unused constants dropped.
 
-The fused Conv is inserted where the block's root sum was, so the node list stays
-topologically sorted (X and the constants come before every branch). It writes the
+For a block, the fused Conv is inserted where the block's root sum was, so the node list
+stays topologically sorted (X and the constants come before every branch). It writes the
 root's output name, so downstream nodes and graph outputs are untouched. Only the
 constants that the removed nodes were the last users of are deleted; shared
 initializers are never modified.
