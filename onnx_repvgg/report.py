@@ -165,7 +165,10 @@ def _painter(enabled: bool):
     return paint
 
 
-def _validation_text(v: Validation, paint=_painter(False)) -> str:
+_PLAIN = _painter(False)
+
+
+def _validation_text(v: Validation, paint=_PLAIN) -> str:
     if v.error:
         return f"validation: {paint('could not run', 'red')}: {v.error}"
     head = paint("passed", "green") if v.passed else paint("FAILED", "red")

@@ -25,7 +25,7 @@ import onnx
 from .. import algebra
 from ..block import Candidate, Rewrite
 from ..graph import GraphView, attribute
-from .common import Skip, bn_affine, conv_params, const, is_op
+from .common import Skip, bn_affine, conv_params, const, data_consumers, is_op
 
 NAME = "bn_into_consumer"
 
@@ -107,15 +107,14 @@ def _fold_into_gemm(view: GraphView, index: int, scale, shift):
 def find(view: GraphView, opset: int, options: dict | None = None) -> list[Candidate]:
     candidates = []
     for index, node in enumerate(view.nodes):
-        if not is_op(node, "BatchNormalization") or not node.output or not node.input:
+        if not is_op(node, "BatchNormalization"):
+            continue
+        users = data_consumers(view, node, "Conv", "Gemm")
+        if users is None:
             continue
         out = node.output[0]
-        uses = view.consumers.get(out, [])
-        if not uses or out in view.graph_outputs:
-            continue
-        consumers = [view.nodes[i] for i, _ in uses]
-        if not all(is_op(c, "Conv", "Gemm") and slot == 0 for c, (_, slot) in zip(consumers, uses)):
-            continue
+        uses = [(i, 0) for i in users]
+        consumers = [view.nodes[i] for i in users]
         kinds = sorted({c.op_type.lower() for c in consumers})
         candidate = Candidate(anchor=node.name or out, branch_labels=["bn"] + [k.replace("gemm", "linear") for k in kinds])
         try:

@@ -30,6 +30,20 @@ def is_op(node: onnx.NodeProto | None, *ops: str) -> bool:
     return node is not None and node.op_type in ops and node.domain in ("", "ai.onnx")
 
 
+def data_consumers(view: GraphView, node: onnx.NodeProto, *ops: str) -> list[int] | None:
+    """Indices of the nodes that read `node`'s first output, if every use is the data input
+    (slot 0) of one of `ops` and the output is not a graph output; otherwise None."""
+    if not node.input or not node.output:
+        return None
+    out = node.output[0]
+    uses = view.consumers.get(out, [])
+    if not uses or out in view.graph_outputs:
+        return None
+    if not all(is_op(view.nodes[i], *ops) and slot == 0 for i, slot in uses):
+        return None
+    return [i for i, _ in uses]
+
+
 def const(view: GraphView, name: str, what: str, node: onnx.NodeProto) -> np.ndarray:
     value = view.constant(name)
     if value is None:

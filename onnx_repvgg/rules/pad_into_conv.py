@@ -17,7 +17,7 @@ import onnx
 
 from ..block import Candidate, Rewrite
 from ..graph import GraphView, attribute
-from .common import Skip, is_op
+from .common import Skip, data_consumers, is_op
 
 NAME = "pad_into_conv"
 
@@ -75,14 +75,13 @@ def _pad_amounts(view: GraphView, node: onnx.NodeProto, opset: int) -> list[int]
 
 def find(view: GraphView, opset: int, options: dict | None = None):
     for index, node in enumerate(view.nodes):
-        if not is_op(node, "Pad") or not node.input or not node.output:
+        if not is_op(node, "Pad"):
+            continue
+        users = data_consumers(view, node, "Conv")
+        if users is None:
             continue
         out = node.output[0]
-        uses = view.consumers.get(out, [])
-        if not uses or out in view.graph_outputs:
-            continue
-        if not all(is_op(view.nodes[i], "Conv") and slot == 0 for i, slot in uses):
-            continue
+        uses = [(i, 0) for i in users]
         candidate = Candidate(anchor=node.name or out, branch_labels=["pad", "conv"])
         try:
             pads = _pad_amounts(view, node, opset)
