@@ -51,6 +51,7 @@ class Block:
     dtype: np.dtype
     removed_nodes: list[int]      # node indices the fused Conv replaces
     other_leaves: list[str] = field(default_factory=list)  # addends that stay in the sum
+    other_scales: list[np.ndarray | None] = field(default_factory=list)  # their factor (broadcast form), if any
     name_hint: str = ""           # the main Conv's name: it is removed, so the fused Conv takes it
     constant_bias: np.ndarray | None = None  # per-channel constants summed into the bias (float64)
 

@@ -120,12 +120,19 @@ def fused_nodes(block: Block, weight: np.ndarray, bias: np.ndarray, names: NameR
         pads=list(g.pads), group=g.group)
     nodes = [conv]
     running = conv_out
-    for i, leaf in enumerate(block.other_leaves):
+    tensors = [(weight_name, weight), (bias_name, bias)]
+    scales = block.other_scales or [None] * len(block.other_leaves)
+    for i, (leaf, scale) in enumerate(zip(block.other_leaves, scales)):
+        if scale is not None:  # the addend was scaled inside the sum: keep that as one Mul
+            scale_name = names.fresh(f"{block.anchor}.addend_scale")
+            scaled = names.fresh(f"{block.anchor}.scaled_addend")
+            tensors.append((scale_name, np.asarray(scale).astype(block.dtype)))
+            nodes.append(helper.make_node("Mul", [leaf, scale_name], [scaled], name=names.fresh(f"{block.anchor}.scale")))
+            leaf = scaled
         last = i == len(block.other_leaves) - 1
         out = block.root_output if last else names.fresh(f"{block.anchor}.partial_sum")
         nodes.append(helper.make_node("Add", [running, leaf], [out], name=names.fresh(f"{block.anchor}.rest")))
         running = out
-    tensors = [(weight_name, weight), (bias_name, bias)]
     return nodes, tensors
 
 

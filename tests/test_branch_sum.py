@@ -494,12 +494,25 @@ def test_skip_spatial_scale():
     assert "not per-channel" in _skip(b.model([out]), "not_per_channel")
 
 
-def test_skip_scaled_addend_of_another_tensor():
+def test_scaled_addend_of_another_tensor_keeps_its_scale():
+    """x + g*(conv(x) - relu(x)): the conv and identity fuse; relu(x) stays, times -g."""
     b = GraphBuilder()
     x = b.x
     g = b.constant(np.full((4, 1, 1), 0.5, np.float32), "g")
     out = b.add(x, b.op("Mul", [b.op("Sub", [b.conv(x, 4, 4, 3), b.op("Relu", [x])]), g]))
-    _skip(b.model([out]), "scaled_addend")
+    fused, report = fuse_and_compare(b.model([b.bn(out, 4)]))
+    assert op_counts(fused) == {"Conv": 1, "Relu": 1, "Mul": 1, "Add": 1}
+
+
+def test_scaled_residual_of_another_tensor_is_not_a_candidate():
+    """YOLOv6 BottleRep: conv2(conv1(x)) + alpha * x has nothing to fuse."""
+    b = GraphBuilder()
+    x = b.x
+    alpha = b.constant(np.float32(0.7), "alpha")
+    out = b.add(b.conv(b.op("Relu", [b.conv(x, 4, 4, 3)]), 4, 4, 3), b.op("Mul", [alpha, x]))
+    model = b.model([out])
+    fused, report = fuse(model)
+    assert report.blocks == [] and fused.SerializeToString() == model.SerializeToString()
 
 
 def test_nonconstant_scale_is_not_linear():

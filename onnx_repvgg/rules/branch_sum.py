@@ -43,7 +43,7 @@ from .. import algebra, rewrite
 from ..block import Block, Candidate, ConvGeometry, Rewrite, Term
 from ..graph import GraphView
 from .common import ConvParams, NotWorthIt, Skip, conv_params, is_op, pool_params
-from .linear_tree import Addend, LinearIndex, LinearTree, channel_vector, constant_bias
+from .linear_tree import Addend, LinearIndex, LinearTree, addend_scale, channel_vector, constant_bias
 
 NAME = "branch_sum"
 LEAF_OPS = ("Conv", "Gemm")  # a branch of X is one of these applied to X (or X itself)
@@ -141,10 +141,6 @@ def build_block(view: GraphView, index: LinearIndex, tree: LinearTree, x: str,
     for leaf, count in leaf_counts.items():
         if count > 1:
             raise Skip("intermediate_shared", f"branch output '{leaf}' is summed {count} times")
-    for other in others:
-        if other.factors:
-            raise Skip("scaled_addend", f"addend '{other.name}' is scaled inside the sum but is not a branch of '{x}'")
-
     ops = sorted({view.nodes[b.conv].op_type for b in branches if b.kind == "conv"})
     if len(ops) > 1:
         raise Skip("mixed_ops", f"branches mix {' and '.join(ops)}")
@@ -263,7 +259,10 @@ def build_block(view: GraphView, index: LinearIndex, tree: LinearTree, x: str,
         terms.append(Term(_label(p.kernel), p.weight, bias, offsets, scale))
     bias_from_constants, kept = constant_bias(tree.constants, rank, cout)
     other_names = [o.name for o in others] + kept
-    if len(tree.nodes) + len(convs) + len(pools) <= 1 + len(other_names):
+    # An addend that is not a branch of X but is scaled inside the sum stays as Mul(addend, scale).
+    other_scales = [addend_scale(o.factors, rank) if o.factors else None for o in others] + [None] * len(kept)
+    added = 1 + len(other_names) + sum(1 for s in other_scales if s is not None)
+    if len(tree.nodes) + len(convs) + len(pools) <= added:
         raise NotWorthIt()
 
     removed = list(tree.nodes) + [b.conv for b, _ in convs] + [b.conv for b, _ in pools]
@@ -273,7 +272,7 @@ def build_block(view: GraphView, index: LinearIndex, tree: LinearTree, x: str,
     root = view.nodes[tree.root]
     return Block(anchor=root.name or root.output[0], root_output=root.output[0], input=x, terms=terms,
                  geometry=geometry, dtype=first.weight.dtype, removed_nodes=removed,
-                 other_leaves=other_names, name_hint=main.node_name,
+                 other_leaves=other_names, other_scales=other_scales, name_hint=main.node_name,
                  constant_bias=bias_from_constants)
 
 

@@ -79,6 +79,9 @@ def gemm_weight_bias(view: GraphView, index: int) -> tuple[np.ndarray, np.ndarra
 
 
 def build_dense_block(view: GraphView, tree: LinearTree, x: str, branches, others) -> DenseBlock:
+    for other in others:
+        if other.factors:
+            raise Skip("scaled_addend", f"addend '{other.name}' is scaled inside the sum but is not a branch of '{x}'")
     dtype = None
     weights = []
     for b in branches:

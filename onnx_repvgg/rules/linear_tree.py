@@ -204,3 +204,16 @@ def constant_bias(constants: list[Addend], rank: int, channels: int) -> tuple[np
                 raise
             kept.append(c.name)
     return bias, kept
+
+
+def addend_scale(factors: tuple[Factor, ...], rank: int) -> np.ndarray:
+    """The product of an addend's factors as one constant in ONNX broadcast form, for an
+    addend that stays in the sum as Mul(addend, scale). Per-channel factors (from BN) act on
+    axis 1 of a tensor of `rank`."""
+    scale = np.ones(())
+    for f in factors:
+        value = np.asarray(f.value, dtype=np.float64)
+        if f.per_channel:
+            value = value.reshape((-1,) + (1,) * (rank - 2))
+        scale = scale * value
+    return scale
