@@ -694,3 +694,31 @@ def test_skip_pads_that_are_not_zero(mode, value, code):
     b = GraphBuilder()
     out = b.conv(zero_pad(b, b.x, [0, 0, 1, 1, 0, 0, 1, 1], mode=mode, value=value), 4, 4, 3, pads=[0] * 4)
     _skip(b.model([out]), code)
+
+
+# --- sequential 1x1 -> fill -> kxk (DBB) ------------------------------------------------------
+
+def _seq_graph(bias_value, pad_value, cin=4, cm=4):
+    b = GraphBuilder(channels=cin, spatial=(6, 6))
+    x = b.x
+    bias = b.constant(np.full(cm, bias_value, np.float32), "b1")
+    t = b.op("Conv", [x, b.constant((b.rng.standard_normal((cm, cin, 1, 1)) * 0.3).astype(np.float32), "W1"), bias],
+             kernel_shape=[1, 1], pads=[0] * 4)
+    filled = b.op("Identity", [zero_pad(b, t, [0, 0, 1, 1, 0, 0, 1, 1], value=pad_value)])
+    out = b.conv(filled, cm, 4, 3, pads=[0] * 4)
+    return b.model([out])
+
+
+def test_sequential_fill_equal_to_the_bias_fuses():
+    fused, report = fuse_and_compare(_seq_graph(0.5, 0.5))
+    assert op_counts(fused) == {"Conv": 1}
+    attrs = {a.name: helper.get_attribute_value(a) for a in fused.graph.node[0].attribute}
+    assert attrs["pads"] == [1, 1, 1, 1] and attrs["kernel_shape"] == [3, 3]
+
+
+def test_sequential_fill_not_equal_to_the_bias_is_skipped():
+    assert "not one conv" in _skip(_seq_graph(0.5, 0.25), "pad_condition")
+
+
+def test_sequential_narrowing_1x1_is_not_merged():
+    assert "cost more" in _skip(_seq_graph(0.5, 0.5, cin=8, cm=4), "sequential_cost")

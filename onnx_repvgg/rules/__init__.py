@@ -6,10 +6,10 @@ A rule with DEFAULT = False runs only when asked for; one with LATE = True runs 
 the others have reached their fixed point.
 """
 
-from . import bn_consumer, bn_to_conv, branch_sum, pad_into_conv
+from . import bn_consumer, bn_to_conv, branch_sum, pad_into_conv, sequential
 
-RULES = {pad_into_conv.NAME: pad_into_conv, branch_sum.NAME: branch_sum, bn_consumer.NAME: bn_consumer,
-         bn_to_conv.NAME: bn_to_conv}
+RULES = {pad_into_conv.NAME: pad_into_conv, sequential.NAME: sequential, branch_sum.NAME: branch_sum,
+         bn_consumer.NAME: bn_consumer, bn_to_conv.NAME: bn_to_conv}
 DEFAULT_RULES = [name for name, rule in RULES.items() if getattr(rule, "DEFAULT", True)]
 
 # The published blocks these rules cover, as one-line diagrams: (family, train-time form, rule).
@@ -33,6 +33,8 @@ PATTERNS = [
     ("BN before a conv or linear", "conv_pad0(BN(x)), linear(BN1d(x))  -> conv(x), linear(x)", "bn_into_consumer"),
     ("stray BN (opt-in)", "BN(x)  -> dw1x1(x)", "bn_to_conv"),
     ("explicit zero padding", "conv_pad0(ZeroPad(x))  -> conv_padded(x)", "pad_into_conv"),
+    ("DBB 1x1 -> kxk, 1x1 -> avg", "convKxK(fill_b(conv1x1(x))), avgpool(fill_b(conv1x1(x)))  -> convKxK_padded(x)",
+     "sequential"),
 ]
 
 

@@ -527,3 +527,81 @@ class GhostModuleV3(nn.Module):
 
     def deploy(self):
         return deploy_net(self)
+
+
+class BNAndPad(nn.Module):
+    """DBB's BN that pads its output with its own value at a zero input (the BN shift)."""
+
+    def __init__(self, c, pad):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(c)
+        self.pad = pad
+
+    def forward(self, x):
+        out = self.bn(x)
+        if self.pad > 0:
+            bn = self.bn
+            pad_values = (bn.bias - bn.running_mean * bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach()
+            out = F.pad(out, [self.pad] * 4)
+            pad_values = pad_values.view(1, -1, 1, 1)
+            out[:, :, 0:self.pad, :] = pad_values
+            out[:, :, -self.pad:, :] = pad_values
+            out[:, :, :, 0:self.pad] = pad_values
+            out[:, :, :, -self.pad:] = pad_values
+        return out
+
+
+class DiverseBranchBlock(nn.Module):
+    """DBB (Ding et al., CVPR 2021): kxk-BN + 1x1-BN + (1x1 -> BNAndPad -> AvgPool -> BN)
+    + (1x1 (identity-initialized) -> BNAndPad -> kxk -> BN), then ReLU."""
+
+    def __init__(self, cin, cout, k=3, stride=1, groups=1):
+        super().__init__()
+        self.cin, self.cout, self.k, self.stride, self.groups = cin, cout, k, stride, groups
+        p = k // 2
+        self.origin = ConvBN(cin, cout, k, stride, groups)
+        self.one = ConvBN(cin, cout, 1, stride, groups, padding=0)
+        self.avg_conv = nn.Conv2d(cin, cout, 1, groups=groups, bias=False)
+        self.avg_pad = BNAndPad(cout, p)
+        self.avg = nn.AvgPool2d(k, stride, 0)
+        self.avg_bn = nn.BatchNorm2d(cout)
+        self.seq_conv1 = nn.Conv2d(cin, cin, 1, groups=groups, bias=False)
+        self.seq_pad = BNAndPad(cin, p)
+        self.seq_conv2 = nn.Conv2d(cin, cout, k, stride, 0, groups=groups, bias=False)
+        self.seq_bn = nn.BatchNorm2d(cout)
+
+    def forward(self, x):
+        out = self.origin(x) + self.one(x)
+        out = out + self.avg_bn(self.avg(self.avg_pad(self.avg_conv(x))))
+        out = out + self.seq_bn(self.seq_conv2(self.seq_pad(self.seq_conv1(x))))
+        return torch.relu(out)
+
+    @torch.no_grad()
+    def deploy(self):
+        """DBB's transforms: fuse BN; 1x1 -> kxk by a per-group product; AvgPool as a kernel."""
+        k, g = self.k, self.groups
+        kb = [self.origin.kernel_bias(), self.one.kernel_bias()]
+
+        def seq(w1, b1, w2, b2):  # w1 (cm, cin/g, 1, 1), w2 (cout, cm/g, k, k)
+            cout, cm = w2.shape[0], w1.shape[0]
+            w = torch.zeros(cout, w1.shape[1], k, k)
+            b = b2.clone()
+            for grp in range(g):
+                o = slice(grp * cout // g, (grp + 1) * cout // g)
+                m = slice(grp * cm // g, (grp + 1) * cm // g)
+                w[o] = torch.einsum("omhw,mi->oihw", w2[o], w1[m, :, 0, 0])
+                b[o] += torch.einsum("omhw,m->o", w2[o], b1[m])
+            return w, b
+
+        s1 = self.avg_pad.bn
+        w1, b1 = fold(self.avg_conv, s1)
+        avg_kernel = torch.zeros(self.cout, self.cout // g, k, k)
+        for c in range(self.cout):
+            avg_kernel[c, c % (self.cout // g)] = 1.0 / (k * k)
+        w2, b2 = fold(nn.Conv2d(self.cout, self.cout, k, groups=g, bias=False).requires_grad_(False), self.avg_bn)
+        w2 = avg_kernel * (self.avg_bn.weight / (self.avg_bn.running_var + self.avg_bn.eps).sqrt()).reshape(-1, 1, 1, 1)
+        kb.append(seq(w1, b1, w2, b2))
+        w1, b1 = fold(self.seq_conv1, self.seq_pad.bn)
+        w2, b2 = fold(self.seq_conv2, self.seq_bn)
+        kb.append(seq(w1, b1, w2, b2))
+        return Deployed(conv_from(kb, self.cin, self.cout, self.stride, g), nn.ReLU())
