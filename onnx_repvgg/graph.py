@@ -79,10 +79,12 @@ class GraphView:
     as uses by that node, with slot -1, so such a value is never treated as private.
     """
 
-    def __init__(self, graph: onnx.GraphProto, opset: int | None = None, base_dir: str | None = None):
+    def __init__(self, graph: onnx.GraphProto, opset: int | None = None, base_dir: str | None = None,
+                 static_shapes: dict[str, tuple[int, ...]] | None = None):
         self.graph = graph
         self.opset = opset
         self.base_dir = base_dir  # where external data not yet loaded lives
+        self.static_shapes = dict(static_shapes or {})  # fully known shapes (see infer_static_shapes)
         self.nodes = list(graph.node)
         self.producer: dict[str, int] = {}
         self.consumers: dict[str, list[tuple[int, int]]] = defaultdict(list)
@@ -104,8 +106,16 @@ class GraphView:
         # One pass in topological order: which node outputs are computed from constants only.
         self.constant_nodes: set[int] = set()
         known = {name for name in self.initializers if name not in self.graph_inputs}
+        self.constant_names = known  # grows in the pass below; constant() may be asked meanwhile
         for index, node in enumerate(self.nodes):
             if node.domain not in ("", "ai.onnx") or any(True for _ in subgraphs_of(node)):
+                continue
+            if self.static_shapes:
+                self._propagate_shape(node, known)
+            if node.op_type == "Shape" and len(node.input) == 1 and node.input[0] in self.static_shapes:
+                # A Shape of a statically shaped tensor is a constant (exporters index with it).
+                self.constant_nodes.add(index)
+                known.update(out for out in node.output if out)
                 continue
             if node.op_type == "CastLike" and len(node.input) == 2 and node.input[0] in known \
                     and self.elem_type(node.input[1]) is not None:
@@ -118,7 +128,39 @@ class GraphView:
                     and all(name in known for name in node.input if name)):
                 self.constant_nodes.add(index)
                 known.update(out for out in node.output if out)
-        self.constant_names = known
+
+    def _propagate_shape(self, node: onnx.NodeProto, known: set[str]) -> None:
+        """Static output shapes of data-movement ops whose parameters are constant, where shape
+        inference could not see through computed parameters (TorchScript's index math)."""
+        if not node.input or not node.output or node.output[0] in self.static_shapes:
+            return
+        shape = self.static_shapes.get(node.input[0])
+        if shape is None:
+            return
+        op, out = node.op_type, node.output[0]
+        if op in ("Identity", "ScatterND", "Relu", "Neg", "Cast"):
+            self.static_shapes[out] = shape
+        elif op == "Transpose":
+            perm = attribute(node, "perm", list(reversed(range(len(shape)))))
+            self.static_shapes[out] = tuple(shape[p] for p in perm)
+        elif op == "Slice" and len(node.input) >= 3 and all(i in known for i in node.input[1:] if i):
+            params = [self.constant(i) if i else None for i in list(node.input[1:]) + [""] * (5 - len(node.input))]
+            starts, ends, axes, steps = params[:4]
+            if starts is None or ends is None:
+                return
+            axes = list(range(len(starts))) if axes is None else [int(a) % len(shape) for a in axes.reshape(-1)]
+            steps = [1] * len(axes) if steps is None else [int(t) for t in steps.reshape(-1)]
+            dims = list(shape)
+            for axis, start, end, step in zip(axes, starts.reshape(-1), ends.reshape(-1), steps):
+                if step == 0:
+                    return
+                dims[axis] = len(range(*slice(int(start), int(end), step).indices(shape[axis])))
+            self.static_shapes[out] = tuple(dims)
+        elif op == "Pad" and len(node.input) > 1 and node.input[1] in known and not (len(node.input) > 3 and node.input[3]):
+            pads = self.constant(node.input[1])
+            if pads is not None and pads.size == 2 * len(shape):
+                pads = [int(v) for v in pads.reshape(-1)]
+                self.static_shapes[out] = tuple(d + pads[i] + pads[i + len(shape)] for i, d in enumerate(shape))
 
     # -- structure -------------------------------------------------------------
     def producer_of(self, name: str) -> onnx.NodeProto | None:
@@ -184,6 +226,10 @@ class GraphView:
             return _constant_node_value(node)
         if node.op_type == "Identity":
             return self.constant(node.input[0])
+        if node.op_type == "Shape" and node.input[0] in self.static_shapes:
+            dims = self.static_shapes[node.input[0]]
+            start, end = attribute(node, "start", 0), attribute(node, "end", None)
+            return np.array(dims[slice(start, end)], dtype=np.int64)
         return self._fold(index, name)
 
     def _fold(self, index: int, name: str) -> np.ndarray | None:
@@ -222,6 +268,47 @@ class GraphView:
             if out == name:
                 value = array
         return value
+
+
+def infer_static_shapes(model: onnx.ModelProto, hints: dict[str, tuple[int, ...]] | None = None,
+                        graph: onnx.GraphProto | None = None) -> dict[str, tuple[int, ...]]:
+    """Fully known tensor shapes of the main graph, from onnx shape inference (with data
+    propagation) on a copy that holds only small initializers: large weights become typed
+    inputs, so nothing big is copied. Run only when the graph asks for shapes (Shape nodes)."""
+    graph = graph if graph is not None else model.graph
+    if not any(node.op_type == "Shape" for node in graph.node):
+        return {}
+    light = onnx.ModelProto(ir_version=max(model.ir_version, 4))
+    light.opset_import.extend(model.opset_import)
+    g = light.graph
+    g.name = graph.name
+    g.node.extend(graph.node)
+    g.input.extend(graph.input)
+    g.output.extend(graph.output)
+    g.value_info.extend(graph.value_info)
+    known = {v.name for v in graph.value_info} | {v.name for v in graph.input} | {v.name for v in graph.output}
+    for name, dims in (hints or {}).items():  # shapes learned past where inference stopped
+        if name not in known:
+            g.value_info.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.UNDEFINED, list(dims)))
+    declared = {v.name for v in graph.input}
+    for tensor in graph.initializer:
+        small = tensor.data_location != onnx.TensorProto.EXTERNAL and np.prod(tensor.dims, dtype=np.int64) <= 64
+        if small:
+            g.initializer.append(tensor)
+        elif tensor.name not in declared:
+            g.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+    try:
+        inferred = onnx.shape_inference.infer_shapes(light, data_prop=True)
+    except Exception:  # shape inference is a help here, never a requirement
+        return {}
+    shapes = {}
+    for v in list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input):
+        t = v.type.tensor_type
+        if v.type.HasField("tensor_type") and t.HasField("shape"):
+            dims = [d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim]
+            if all(d >= 0 for d in dims):
+                shapes[v.name] = tuple(dims)
+    return shapes
 
 
 def _constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:

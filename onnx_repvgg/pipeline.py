@@ -18,7 +18,7 @@ from typing import Iterable
 import onnx
 
 from . import rewrite
-from .graph import GraphView, all_names, opset_version, subgraphs_of
+from .graph import GraphView, all_names, infer_static_shapes, opset_version, subgraphs_of
 from .report import BlockRecord, ModelStats, Report
 from .rules import DEFAULT_RULES, RULES
 
@@ -62,9 +62,28 @@ def fuse(model: onnx.ModelProto, *, rules: Iterable[str] | None = None, inplace:
     names = rewrite.NameRegistry(all_names(model.graph))
     for graph in _graphs(model.graph):
         _fuse_graph(graph, opset, [RULES[r] for r in chosen], names, report, base_dir, sink,
-                    {"allow_densify": allow_densify})
+                    {"allow_densify": allow_densify}, model if graph is model.graph else None)
     report.after = ModelStats.of(model)
     return model, report
+
+
+def _view_with_shapes(graph: onnx.GraphProto, opset: int, base_dir: str | None,
+                      model: onnx.ModelProto | None) -> GraphView:
+    """Index the graph, with the static shapes that make exporters' shape arithmetic constant.
+
+    onnx shape inference stops at ops whose parameters are computed; the view carries shapes
+    through data-movement ops whose parameters it can evaluate, and inference is run again
+    with those as hints, until nothing new is learned. Graphs with no Shape node skip this."""
+    if model is None:
+        return GraphView(graph, opset, base_dir)
+    shapes = infer_static_shapes(model, graph=graph)
+    view = GraphView(graph, opset, base_dir, shapes)
+    for _ in range(16):
+        if len(view.static_shapes) <= len(shapes):
+            break
+        shapes = infer_static_shapes(model, hints=view.static_shapes, graph=graph)
+        view = GraphView(graph, opset, base_dir, shapes)
+    return view
 
 
 def _graphs(graph: onnx.GraphProto):
@@ -75,13 +94,14 @@ def _graphs(graph: onnx.GraphProto):
 
 
 def _fuse_graph(graph: onnx.GraphProto, opset: int, rules, names: rewrite.NameRegistry,
-                report: Report, base_dir: str | None, sink, options: dict) -> None:
+                report: Report, base_dir: str | None, sink, options: dict,
+                model: onnx.ModelProto | None) -> None:
     last_skips: list[BlockRecord] = []
     early = [r for r in rules if not getattr(r, "LATE", False)]
     late = [r for r in rules if getattr(r, "LATE", False)]
     active = early
     for _ in range(MAX_ROUNDS):
-        view = GraphView(graph, opset, base_dir)
+        view = _view_with_shapes(graph, opset, base_dir, model)
         replacements = []
         claimed: set[int] = set()
         skips: list[BlockRecord] = []

@@ -153,6 +153,8 @@ def apply(graph: onnx.GraphProto, view: GraphView, rewrites: list[Rewrite], sink
     def drop_use(name: str) -> None:
         uses[name] = uses.get(name, 0) - 1
 
+    pending: list[tuple[str, object]] = []
+
     for rw in rewrites:
         for index, nodes in rw.insertions:
             inserted[index].extend(nodes)
@@ -164,8 +166,7 @@ def apply(graph: onnx.GraphProto, view: GraphView, rewrites: list[Rewrite], sink
             for name in view.nodes[index].input:
                 if name:
                     drop_use(name)
-        for name, array in rw.initializers:
-            add_initializer(graph, name, array, sink)
+        pending.extend(rw.initializers)
 
     # Constants that lost their last use: the nodes that computed them, then initializers.
     dead_initializers: set[str] = set()
@@ -189,6 +190,12 @@ def apply(graph: onnx.GraphProto, view: GraphView, rewrites: list[Rewrite], sink
                         frontier.append(inp)
         elif name in view.initializers and name not in view.graph_inputs:
             dead_initializers.add(name)
+
+    # New initializers, once dead code is gone: a constant that stood in for a removed node's
+    # output (see the sequential rule) is kept only if something still reads it.
+    for name, value in pending:
+        if uses.get(name, 0) > 0:
+            add_initializer(graph, name, value, sink)
 
     new_nodes = []
     for index, node in enumerate(view.nodes):

@@ -27,7 +27,7 @@ from onnx import helper
 from .. import algebra
 from ..block import Candidate, Rewrite
 from ..graph import GraphView, attribute
-from .common import Skip, conv_params, is_op
+from .common import Skip, bn_affine, conv_params, is_op
 
 NAME = "sequential"
 CHAIN_OPS = ("Pad", "ScatterND", "Transpose", "Identity")
@@ -48,6 +48,7 @@ class SequentialMatch:
     dtype: np.dtype
     removed_nodes: list[int]
     name_hint: str
+    stand_ins: list[tuple[str, np.ndarray]]
 
     def materialize(self, view: GraphView, names) -> Rewrite:
         w_name = names.fresh(f"{self.name_hint}.fused_weight")
@@ -57,11 +58,13 @@ class SequentialMatch:
                                 pads=list(self.pads), group=self.group)
         weight = algebra.cast_like(self.weight, self.dtype)
         bias = algebra.cast_like(self.bias, self.dtype)
-        return Rewrite(self.removed_nodes, [(view.producer[self.output], [node])], [(w_name, weight), (b_name, bias)],
-                       node.name)
+        return Rewrite(self.removed_nodes, [(view.producer[self.output], [node])],
+                       [(w_name, weight), (b_name, bias)] + list(self.stand_ins), node.name)
 
 
 def _declared_shape(view: GraphView, name: str) -> tuple[int, ...] | None:
+    if name in view.static_shapes:
+        return view.static_shapes[name]
     for v in list(view.graph.value_info) + list(view.graph.input) + list(view.graph.output):
         if v.name == name and v.type.tensor_type.HasField("shape"):
             dims = [d.dim_value if d.HasField("dim_value") else -1 for d in v.type.tensor_type.shape.dim]
@@ -69,9 +72,37 @@ def _declared_shape(view: GraphView, name: str) -> tuple[int, ...] | None:
     return None
 
 
-def _chain_to(view: GraphView, u: str) -> tuple[list[int], str] | None:
-    """The data-movement nodes producing `u`, back to the first tensor that is not made by one."""
+def _shape_only(view: GraphView, index: int) -> bool:
+    """A node that reads a tensor only for its static shape or its type.
+
+    A constant node that reads a non-constant tensor can only be a Shape of a statically
+    shaped tensor or a CastLike to its type (see GraphView); a node whose every output feeds
+    only such constant nodes (TorchScript slices a tensor to shape a fill) reads it for that too.
+    """
+    if index in view.constant_nodes:
+        return True
+    node = view.nodes[index]
+    if any(out in view.graph_outputs for out in node.output if out):
+        return False
+    readers = [i for out in node.output if out for i, _ in view.consumers.get(out, [])]
+    return bool(readers) and all(i in view.constant_nodes for i in readers)
+
+
+def _with_meta_readers(view: GraphView, side: list[int]) -> list[int]:
+    """Side nodes plus, for a non-constant one (a Slice), the constant nodes that read it:
+    all of them go with the chain, their constant outputs standing in where still read."""
+    out = list(side)
+    for i in side:
+        if i not in view.constant_nodes:
+            out += [j for o in view.nodes[i].output if o for j, _ in view.consumers.get(o, [])]
+    return out
+
+
+def _chain_to(view: GraphView, u: str) -> tuple[list[int], str, list[int]] | None:
+    """The data-movement nodes producing `u`, back to the first tensor not made by one, and
+    the side nodes that read chain tensors only for their shapes."""
     chain: list[int] = []
+    side: list[int] = []
     name = u
     while True:
         index = view.producer.get(name)
@@ -80,11 +111,21 @@ def _chain_to(view: GraphView, u: str) -> tuple[list[int], str] | None:
         node = view.nodes[index]
         if any(view.constant(i) is None for i in node.input[1:] if i):
             return None
-        if not view.is_private(node.output[0]):
+        out = node.output[0]
+        if out in view.graph_outputs:
             return None
+        readers = [i for i, _ in view.consumers.get(out, [])]
+        data_readers = [i for i in readers if not _shape_only(view, i)]
+        if len(data_readers) != 1:
+            return None
+        side += _with_meta_readers(view, [i for i in readers if i not in data_readers])
         chain.append(index)
         name = node.input[0]
-    return (list(reversed(chain)), name) if chain else None
+    if not chain:
+        return None
+    # The chain's input may be read for its shape too.
+    side += _with_meta_readers(view, [i for i, _ in view.consumers.get(name, []) if _shape_only(view, i)])
+    return list(reversed(chain)), name, side
 
 
 def _run_chain(view: GraphView, chain: list[int], t: str, probe: np.ndarray, opset: int) -> np.ndarray:
@@ -143,9 +184,19 @@ def find(view: GraphView, opset: int, options: dict | None = None):
         found = _chain_to(view, node.input[0])
         if found is None:
             continue
-        chain, t = found
+        chain, t, side = found
         c1_index = view.producer.get(t)
-        if c1_index is None or not is_op(view.nodes[c1_index], "Conv") or not view.is_private(t):
+        if c1_index is None or t in view.graph_outputs:
+            continue
+        if [i for i, _ in view.consumers.get(t, []) if i not in side] != [chain[0]]:
+            continue
+        bn_index = None
+        if is_op(view.nodes[c1_index], "BatchNormalization"):  # unfolded export: 1x1 conv -> BN -> fill
+            bn_index, inner = c1_index, view.nodes[c1_index].input[0]
+            c1_index = view.producer.get(inner)
+            if c1_index is None or not view.is_private(inner):
+                continue
+        if not is_op(view.nodes[c1_index], "Conv"):
             continue
         conv1 = view.nodes[c1_index]
         candidate = Candidate(anchor=node.name or node.output[0], branch_labels=["1x1", "fill", node.op_type.lower()])
@@ -168,10 +219,13 @@ def find(view: GraphView, opset: int, options: dict | None = None):
                 raise Skip("pad_chain", f"the shape of '{t}' is not declared; cannot probe the fill")
             pads, v = fill_geometry(view, chain, t, shape, p1.weight.dtype, opset)
             b1 = np.zeros(cm) if p1.bias is None else p1.bias.astype(np.float64)
+            w1 = p1.weight.astype(np.float64)[:, :, 0, 0]  # (cm, cin/g)
+            if bn_index is not None:
+                scale, shift = bn_affine(view, view.nodes[bn_index], opset)
+                w1, b1 = w1 * scale[:, None], b1 * scale + shift
             if not np.allclose(v, b1, rtol=1e-5, atol=1e-6 * max(1.0, float(np.abs(b1).max(initial=0)))):
                 raise Skip("pad_condition", f"the border holds {v[:3].tolist()}..., but Conv '{conv1.name}' gives "
                            f"{b1[:3].tolist()}... at a zero input: not one conv")
-            w1 = p1.weight.astype(np.float64)[:, :, 0, 0]  # (cm, cin/g)
             if is_op(node, "Conv"):
                 p2 = conv_params(view, node)
                 if any(p2.pads_begin) or any(p2.pads_end):
@@ -208,9 +262,15 @@ def find(view: GraphView, opset: int, options: dict | None = None):
         except Skip as skip:
             candidate.reason = skip.reason
         else:
+            side = sorted(set(side))
+            # Shapes read off the removed tensors stay available as constants to whatever else reads them.
+            stand_ins = [(out, view.constant(out)) for i in side if i in view.constant_nodes
+                         for out in view.nodes[i].output if out]
             candidate.block = SequentialMatch(candidate.anchor, conv1.input[0], node.output[0], weight, bias,
                                               tuple(kernel), tuple(strides), pads4, p1.group, dtype,
-                                              [c1_index] + chain + [index], node.name or conv1.name)
+                                              [c1_index] + ([bn_index] if bn_index is not None else []) + chain
+                                              + side + [index], node.name or conv1.name,
+                                              stand_ins)
         yield candidate
 
 
