@@ -84,7 +84,7 @@ class GraphView:
         self.graph = graph
         self.opset = opset
         self.base_dir = base_dir  # where external data not yet loaded lives
-        self.static_shapes = dict(static_shapes or {})  # fully known shapes (see infer_static_shapes)
+        self.static_shapes = dict(static_shapes or {})  # inferred shapes, -1 where a dim is unknown
         self.nodes = list(graph.node)
         self.producer: dict[str, int] = {}
         self.consumers: dict[str, list[tuple[int, int]]] = defaultdict(list)
@@ -112,7 +112,7 @@ class GraphView:
                 continue
             if self.static_shapes:
                 self._propagate_shape(node, known)
-            if node.op_type == "Shape" and len(node.input) == 1 and node.input[0] in self.static_shapes:
+            if node.op_type == "Shape" and len(node.input) == 1 and self._is_static(node.input[0]):
                 # A Shape of a statically shaped tensor is a constant (exporters index with it).
                 self.constant_nodes.add(index)
                 known.update(out for out in node.output if out)
@@ -129,10 +129,13 @@ class GraphView:
                 self.constant_nodes.add(index)
                 known.update(out for out in node.output if out)
 
+    def _is_static(self, name: str) -> bool:
+        return name in self.static_shapes and all(d >= 0 for d in self.static_shapes[name])
+
     def _propagate_shape(self, node: onnx.NodeProto, known: set[str]) -> None:
         """Static output shapes of data-movement ops whose parameters are constant, where shape
         inference could not see through computed parameters (TorchScript's index math)."""
-        if not node.input or not node.output or node.output[0] in self.static_shapes:
+        if not node.input or not node.output or self._is_static(node.output[0]):
             return
         shape = self.static_shapes.get(node.input[0])
         if shape is None:
@@ -154,13 +157,14 @@ class GraphView:
             for axis, start, end, step in zip(axes, starts.reshape(-1), ends.reshape(-1), steps):
                 if step == 0:
                     return
-                dims[axis] = len(range(*slice(int(start), int(end), step).indices(shape[axis])))
+                dims[axis] = len(range(*slice(int(start), int(end), step).indices(shape[axis]))) if shape[axis] >= 0 else -1
             self.static_shapes[out] = tuple(dims)
         elif op == "Pad" and len(node.input) > 1 and node.input[1] in known and not (len(node.input) > 3 and node.input[3]):
             pads = self.constant(node.input[1])
             if pads is not None and pads.size == 2 * len(shape):
                 pads = [int(v) for v in pads.reshape(-1)]
-                self.static_shapes[out] = tuple(d + pads[i] + pads[i + len(shape)] for i, d in enumerate(shape))
+                self.static_shapes[out] = tuple(d + pads[i] + pads[i + len(shape)] if d >= 0 else -1
+                                                for i, d in enumerate(shape))
 
     # -- structure -------------------------------------------------------------
     def producer_of(self, name: str) -> onnx.NodeProto | None:
@@ -226,7 +230,7 @@ class GraphView:
             return _constant_node_value(node)
         if node.op_type == "Identity":
             return self.constant(node.input[0])
-        if node.op_type == "Shape" and node.input[0] in self.static_shapes:
+        if node.op_type == "Shape" and self._is_static(node.input[0]):
             dims = self.static_shapes[node.input[0]]
             start, end = attribute(node, "start", 0), attribute(node, "end", None)
             return np.array(dims[slice(start, end)], dtype=np.int64)
@@ -272,11 +276,11 @@ class GraphView:
 
 def infer_static_shapes(model: onnx.ModelProto, hints: dict[str, tuple[int, ...]] | None = None,
                         graph: onnx.GraphProto | None = None) -> dict[str, tuple[int, ...]]:
-    """Fully known tensor shapes of the main graph, from onnx shape inference (with data
-    propagation) on a copy that holds only small initializers: large weights become typed
-    inputs, so nothing big is copied. Run only when the graph asks for shapes (Shape nodes)."""
+    """Tensor shapes of the main graph (-1 for a dim not known), from onnx shape inference (with
+    data propagation) on a copy that holds only small initializers: large weights become typed
+    inputs, so nothing big is copied. Run only where shapes matter (Shape or MatMul nodes)."""
     graph = graph if graph is not None else model.graph
-    if not any(node.op_type == "Shape" for node in graph.node):
+    if not any(node.op_type in ("Shape", "MatMul") for node in graph.node):
         return {}
     light = onnx.ModelProto(ir_version=max(model.ir_version, 4))
     light.opset_import.extend(model.opset_import)
@@ -289,7 +293,8 @@ def infer_static_shapes(model: onnx.ModelProto, hints: dict[str, tuple[int, ...]
     known = {v.name for v in graph.value_info} | {v.name for v in graph.input} | {v.name for v in graph.output}
     for name, dims in (hints or {}).items():  # shapes learned past where inference stopped
         if name not in known:
-            g.value_info.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.UNDEFINED, list(dims)))
+            g.value_info.append(onnx.helper.make_tensor_value_info(
+                name, onnx.TensorProto.UNDEFINED, [d if d >= 0 else None for d in dims]))
     declared = {v.name for v in graph.input}
     for tensor in graph.initializer:
         small = tensor.data_location != onnx.TensorProto.EXTERNAL and np.prod(tensor.dims, dtype=np.int64) <= 64
@@ -305,9 +310,7 @@ def infer_static_shapes(model: onnx.ModelProto, hints: dict[str, tuple[int, ...]
     for v in list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input):
         t = v.type.tensor_type
         if v.type.HasField("tensor_type") and t.HasField("shape"):
-            dims = [d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim]
-            if all(d >= 0 for d in dims):
-                shapes[v.name] = tuple(dims)
+            shapes[v.name] = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim)
     return shapes
 
 

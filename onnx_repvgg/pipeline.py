@@ -79,7 +79,7 @@ def _view_with_shapes(graph: onnx.GraphProto, opset: int, base_dir: str | None,
     shapes = infer_static_shapes(model, graph=graph)
     view = GraphView(graph, opset, base_dir, shapes)
     for _ in range(16):
-        if len(view.static_shapes) <= len(shapes):
+        if view.static_shapes == shapes:
             break
         shapes = infer_static_shapes(model, hints=view.static_shapes, graph=graph)
         view = GraphView(graph, opset, base_dir, shapes)

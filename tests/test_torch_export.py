@@ -168,3 +168,50 @@ def test_explicit_zero_padding_is_folded(tmp_path, dynamo):
     with torch.no_grad():
         np.testing.assert_allclose(run(fused, {fused.graph.input[0].name: x.numpy()})[0], net(x).numpy(),
                                    rtol=1e-4, atol=1e-5)
+
+
+class BiaslessHead(torch.nn.Module):
+    """Linear(bias=False) -> BN1d, and BN1d -> Linear(bias=False): MatMul in TorchScript exports."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1 = torch.nn.Linear(12, 16, bias=False)
+        self.bn1 = torch.nn.BatchNorm1d(16)
+        self.bn2 = torch.nn.BatchNorm1d(16)
+        self.l2 = torch.nn.Linear(16, 5, bias=False)
+
+    def forward(self, x):
+        return self.l2(self.bn2(torch.relu(self.bn1(self.l1(x)))))
+
+
+@pytest.mark.parametrize("dynamo", EXPORTERS)
+def test_bn1d_around_biasless_linears(tmp_path, dynamo):
+    net = randomize_bn(BiaslessHead(), seed=2)
+    x = torch.randn(4, 12)
+    train = load(export(net, x, str(tmp_path / "t.onnx"), dynamo)).model
+    fused, report = fuse(train)
+    counts = op_counts(fused)
+    assert "BatchNormalization" not in counts and "MatMul" not in counts
+    assert counts == {"Gemm": 2, "Relu": 1}
+    with torch.no_grad():
+        np.testing.assert_allclose(run(fused, {fused.graph.input[0].name: x.numpy()})[0], net(x).numpy(),
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_attention_style_matmuls_are_left_alone(tmp_path):
+    """MatMuls of activations (attention) and of 3-D inputs are not linear layers to fold."""
+
+    class Attention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q = torch.nn.Linear(8, 8)
+            self.k = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            return torch.softmax(self.q(x) @ self.k(x).transpose(1, 2), -1) + x.sum(-1, keepdim=True)
+
+    x = torch.randn(2, 5, 8)
+    train = load(export(Attention().eval(), x, str(tmp_path / "a.onnx"), False)).model
+    fused, report = fuse(train)
+    assert report.blocks == []
+    assert op_counts(fused) == op_counts(train)

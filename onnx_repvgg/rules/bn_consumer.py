@@ -21,11 +21,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+from onnx import helper
 
 from .. import algebra
 from ..block import Candidate, Rewrite
 from ..graph import GraphView, attribute
-from .common import Skip, bn_affine, conv_params, const, data_consumers, is_op
+from .common import Skip, bn_affine, conv_params, const, data_consumers, is_op, tensor_rank
 
 NAME = "bn_into_consumer"
 
@@ -45,10 +46,13 @@ class ConsumerFold:
             dtype = view.constant(node.input[1]).dtype
             w_name = names.fresh(f"{node.name or node.output[0]}.bn_folded_weight")
             b_name = names.fresh(f"{node.name or node.output[0]}.bn_folded_bias")
-            new = onnx.NodeProto()
-            new.CopyFrom(node)
-            del new.input[:]
-            new.input.extend([self.input, w_name, b_name])
+            if node.op_type == "MatMul":  # with a bias now, it is a Gemm
+                new = helper.make_node("Gemm", [self.input, w_name, b_name], list(node.output), transB=0)
+            else:
+                new = onnx.NodeProto()
+                new.CopyFrom(node)
+                del new.input[:]
+                new.input.extend([self.input, w_name, b_name])
             if node.op_type == "Gemm":
                 for attr in list(new.attribute):
                     if attr.name == "beta":
@@ -104,14 +108,27 @@ def _fold_into_gemm(view: GraphView, index: int, scale, shift):
     return (new_eff.T if trans_b else new_eff), new_c
 
 
+def _fold_into_matmul(view: GraphView, index: int, scale, shift):
+    """MatMul(BN(X), B) for 2-D X = X @ (diag(s) B) + h @ B: a Gemm with transB=0."""
+    node = view.nodes[index]
+    b = view.constant(node.input[1]).astype(np.float64)  # (in, out)
+    if b.shape[0] != scale.shape[0]:
+        raise Skip("channel_mismatch", f"MatMul '{node.name}' reads {b.shape[0]} features, the BN has {scale.shape[0]}")
+    return b * scale[:, None], shift @ b
+
+
 def find(view: GraphView, opset: int, options: dict | None = None) -> list[Candidate]:
     candidates = []
     for index, node in enumerate(view.nodes):
         if not is_op(node, "BatchNormalization"):
             continue
-        users = data_consumers(view, node, "Conv", "Gemm")
+        users = data_consumers(view, node, "Conv", "Gemm", "MatMul")
         if users is None:
             continue
+        if any(view.nodes[i].op_type == "MatMul" for i in users) and (
+                tensor_rank(view, node.input[0]) != 2
+                or any(view.constant(view.nodes[i].input[1]) is None for i in users if view.nodes[i].op_type == "MatMul")):
+            continue  # BN1d before a MatMul folds only for a 2-D input and a constant matrix
         out = node.output[0]
         uses = [(i, 0) for i in users]
         consumers = [view.nodes[i] for i in users]
@@ -121,7 +138,7 @@ def find(view: GraphView, opset: int, options: dict | None = None) -> list[Candi
             scale, shift = bn_affine(view, node, opset)
             folds = []
             for (ci, _), c in zip(uses, consumers):
-                fold = _fold_into_conv if c.op_type == "Conv" else _fold_into_gemm
+                fold = {"Conv": _fold_into_conv, "Gemm": _fold_into_gemm, "MatMul": _fold_into_matmul}[c.op_type]
                 w, b = fold(view, ci, scale, shift)
                 folds.append((ci, w, b))
         except Skip as skip:

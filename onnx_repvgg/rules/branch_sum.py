@@ -46,7 +46,7 @@ from .common import ConvParams, NotWorthIt, Skip, conv_params, is_op, pool_param
 from .linear_tree import Addend, LinearIndex, LinearTree, addend_scale, channel_vector, constant_bias
 
 NAME = "branch_sum"
-LEAF_OPS = ("Conv", "Gemm")  # a branch of X is one of these applied to X (or X itself)
+LEAF_OPS = ("Conv", "Gemm", "MatMul")  # a branch of X is one of these applied to X (or X itself)
 
 
 @dataclass
@@ -142,10 +142,12 @@ def build_block(view: GraphView, index: LinearIndex, tree: LinearTree, x: str,
         if count > 1:
             raise Skip("intermediate_shared", f"branch output '{leaf}' is summed {count} times")
     ops = sorted({view.nodes[b.conv].op_type for b in branches if b.kind == "conv"})
-    if len(ops) > 1:
+    if "MatMul" in ops and not set(ops) <= {"Gemm", "MatMul"}:
+        raise NotWorthIt()  # a MatMul beside a Conv is no block
+    if len(ops) > 1 and set(ops) != {"Gemm", "MatMul"}:
         raise Skip("mixed_ops", f"branches mix {' and '.join(ops)}")
     pools = [(b, pool_params(view, view.nodes[b.conv])) for b in branches if b.kind == "pool"]
-    if ops == ["Gemm"]:
+    if set(ops) <= {"Gemm", "MatMul"}:
         if pools:
             raise Skip("mixed_ops", "branches mix Gemm and AveragePool")
         from .dense import build_dense_block

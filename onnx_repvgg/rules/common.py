@@ -30,6 +30,16 @@ def is_op(node: onnx.NodeProto | None, *ops: str) -> bool:
     return node is not None and node.op_type in ops and node.domain in ("", "ai.onnx")
 
 
+def tensor_rank(view: GraphView, name: str) -> int | None:
+    """The rank of a tensor when its shape is known (static shapes or declared types)."""
+    if name in view.static_shapes:
+        return len(view.static_shapes[name])
+    for v in list(view.graph.input) + list(view.graph.value_info) + list(view.graph.output):
+        if v.name == name and v.type.tensor_type.HasField("shape"):
+            return len(v.type.tensor_type.shape.dim)
+    return None
+
+
 def data_consumers(view: GraphView, node: onnx.NodeProto, *ops: str) -> list[int] | None:
     """Indices of the nodes that read `node`'s first output, if every use is the data input
     (slot 0) of one of `ops` and the output is not a graph output; otherwise None."""

@@ -20,7 +20,7 @@ from onnx import helper
 from .. import algebra
 from ..block import Rewrite
 from ..graph import GraphView, attribute
-from .common import FLOAT_DTYPES, NotWorthIt, Skip, const
+from .common import FLOAT_DTYPES, NotWorthIt, Skip, const, tensor_rank
 from .linear_tree import LinearTree, channel_vector, constant_bias
 
 
@@ -53,8 +53,14 @@ class DenseBlock:
 
 
 def gemm_weight_bias(view: GraphView, index: int) -> tuple[np.ndarray, np.ndarray]:
-    """A Gemm as X @ W^T + b with W (out, in) and b (out,) in float64, or Skip."""
+    """A Gemm (or a MatMul of a 2-D X by a constant) as X @ W^T + b with W (out, in) and
+    b (out,) in float64, or Skip. A MatMul that is not that is simply not a candidate."""
     node = view.nodes[index]
+    if node.op_type == "MatMul":
+        b = view.constant(node.input[1]) if len(node.input) > 1 else None
+        if b is None or b.ndim != 2 or b.dtype not in FLOAT_DTYPES or tensor_rank(view, node.input[0]) != 2:
+            raise NotWorthIt()  # attention products, batched matmuls: not a linear layer here
+        return b.T.astype(np.float64), np.zeros(b.shape[1])
     if int(attribute(node, "transA", 0)) != 0:
         raise Skip("gemm_transA", f"Gemm '{node.name}' transposes its input (transA=1)")
     if len(node.input) < 2:
