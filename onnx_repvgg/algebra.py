@@ -35,6 +35,14 @@ def fold_bn(weight, bias, gamma, beta, mean, var, eps: float) -> tuple[np.ndarra
     return folded_weight, bias * scale + shift
 
 
+def _window(kernel_shape, spatial_shape, offsets) -> tuple[slice, ...]:
+    """The slices of a kernel placed at `offsets` in a grid of `spatial_shape`; checks it fits."""
+    for k, size, off in zip(kernel_shape, spatial_shape, offsets):
+        if off < 0 or off + k > size:
+            raise ValueError(f"kernel of size {k} at offset {off} does not fit in {size}")
+    return tuple(slice(int(o), int(o) + k) for o, k in zip(offsets, kernel_shape))
+
+
 def embed_kernel(kernel, spatial_shape: Sequence[int], offsets: Sequence[int]) -> np.ndarray:
     """Zero-pad a kernel into a larger spatial grid, its first tap at `offsets` per axis."""
     kernel = np.asarray(kernel, dtype=np.float64)
@@ -42,12 +50,8 @@ def embed_kernel(kernel, spatial_shape: Sequence[int], offsets: Sequence[int]) -
     offsets = tuple(int(o) for o in offsets)
     if len(spatial_shape) != kernel.ndim - 2 or len(offsets) != kernel.ndim - 2:
         raise ValueError("spatial_shape and offsets need one entry per spatial axis")
-    for k, size, off in zip(kernel.shape[2:], spatial_shape, offsets):
-        if off < 0 or off + k > size:
-            raise ValueError(f"kernel of size {k} at offset {off} does not fit in {size}")
     out = np.zeros(kernel.shape[:2] + spatial_shape, dtype=np.float64)
-    window = tuple(slice(o, o + k) for o, k in zip(offsets, kernel.shape[2:]))
-    out[(slice(None), slice(None)) + window] = kernel
+    out[(slice(None), slice(None)) + _window(kernel.shape[2:], spatial_shape, offsets)] = kernel
     return out
 
 
@@ -132,10 +136,7 @@ def sum_branches(branches: Sequence[tuple], spatial_shape: Sequence[int], out_dt
         kernel = np.asarray(kernel)
         if kernel.shape[:2] != (cout, cin) or kernel.ndim != 2 + len(spatial_shape):
             raise ValueError(f"branch kernel {kernel.shape[:2]} does not match {(cout, cin)}")
-        for k, size, off in zip(kernel.shape[2:], spatial_shape, offsets):
-            if off < 0 or off + k > size:
-                raise ValueError(f"kernel of size {k} at offset {off} does not fit in {size}")
-        window = tuple(slice(o, o + k) for o, k in zip(offsets, kernel.shape[2:]))
+        window = _window(kernel.shape[2:], spatial_shape, offsets)
         bias = np.asarray(bias, dtype=np.float64)
         if scale is not None:
             scale = np.asarray(scale, dtype=np.float64).reshape(-1)

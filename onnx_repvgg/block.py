@@ -23,7 +23,6 @@ class Reason:
 class Term:
     """One branch as an affine conv on the block's kernel grid (float64)."""
 
-    label: str               # "3x3", "1x1", "id", "bn", ...
     kernel: np.ndarray       # (Cout, Cin/groups, k1, ..., kn), any float dtype
     bias: np.ndarray         # (Cout,)
     offsets: tuple[int, ...]  # where the kernel's first tap sits in the fused grid
@@ -54,10 +53,6 @@ class Block:
     other_scales: list[np.ndarray | None] = field(default_factory=list)  # their factor (broadcast form), if any
     name_hint: str = ""           # the main Conv's name: it is removed, so the fused Conv takes it
     constant_bias: np.ndarray | None = None  # per-channel constants summed into the bias (float64)
-
-    @property
-    def branch_labels(self) -> list[str]:
-        return [t.label for t in self.terms]
 
 
 @dataclass

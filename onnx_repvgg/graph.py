@@ -103,6 +103,7 @@ class GraphView:
         self.initializers = {t.name: t for t in graph.initializer}
         self._constant_cache: dict[str, np.ndarray | None] = {}
         self._elem_types: dict[str, int] | None = None
+        self._declared_shapes: dict[str, tuple[int, ...]] = {}
         # One pass in topological order: which node outputs are computed from constants only.
         self.constant_nodes: set[int] = set()
         known = {name for name in self.initializers if name not in self.graph_inputs}
@@ -197,17 +198,36 @@ class GraphView:
             self._constant_cache[name] = value
         return value
 
+    def _scan_declared(self) -> None:
+        """One pass over the declared types (inputs, outputs, value_info, initializers)."""
+        types: dict[str, int] = {}
+        shapes: dict[str, tuple[int, ...]] = {}
+        for v in list(self.graph.input) + list(self.graph.output) + list(self.graph.value_info):
+            if not v.type.HasField("tensor_type"):
+                continue
+            t = v.type.tensor_type
+            if t.elem_type:
+                types[v.name] = t.elem_type
+            if t.HasField("shape"):
+                shapes[v.name] = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim)
+        for t in self.graph.initializer:
+            types[t.name] = t.data_type
+            shapes[t.name] = tuple(t.dims)
+        self._elem_types, self._declared_shapes = types, shapes
+
     def elem_type(self, name: str) -> int | None:
         """The declared element type of a value (graph inputs, outputs, value_info, initializers)."""
         if self._elem_types is None:
-            types = {}
-            for v in list(self.graph.input) + list(self.graph.output) + list(self.graph.value_info):
-                if v.type.HasField("tensor_type") and v.type.tensor_type.elem_type:
-                    types[v.name] = v.type.tensor_type.elem_type
-            for t in self.graph.initializer:
-                types[t.name] = t.data_type
-            self._elem_types = types
+            self._scan_declared()
         return self._elem_types.get(name)
+
+    def shape(self, name: str) -> tuple[int, ...] | None:
+        """The known shape of a value (-1 for an unknown dim): inferred, else declared."""
+        if name in self.static_shapes:
+            return self.static_shapes[name]
+        if self._elem_types is None:
+            self._scan_declared()
+        return self._declared_shapes.get(name)
 
     def constant_shape(self, name: str) -> tuple[int, ...] | None:
         """The shape of a constant, without converting an initializer to numpy."""

@@ -106,22 +106,19 @@ def add_initializer(graph: onnx.GraphProto, name: str, value, sink=None) -> None
     graph.initializer.add().ParseFromString(wire)
 
 
-def fused_nodes(block: Block, weight: np.ndarray, bias: np.ndarray, names: NameRegistry
-                ) -> tuple[list[onnx.NodeProto], list[tuple[str, np.ndarray]]]:
-    """The Conv (and the Adds of addends that stay in the sum) replacing the block."""
+def fused_output(block, names: NameRegistry) -> str:
+    """Where the fused node writes: the root's own output, unless other addends follow."""
     stem = block.name_hint or block.anchor
-    weight_name = names.fresh(f"{stem}.fused_weight")
-    bias_name = names.fresh(f"{stem}.fused_bias")
-    g = block.geometry
-    conv_out = block.root_output if not block.other_leaves else names.fresh(f"{stem}.fused_output")
-    conv = helper.make_node(
-        "Conv", [block.input, weight_name, bias_name], [conv_out], name=block.name_hint or names.fresh(stem),
-        kernel_shape=list(g.kernel_shape), strides=list(g.strides), dilations=list(g.dilations),
-        pads=list(g.pads), group=g.group)
-    nodes = [conv]
-    running = conv_out
-    tensors = [(weight_name, weight), (bias_name, bias)]
-    scales = block.other_scales or [None] * len(block.other_leaves)
+    return block.root_output if not block.other_leaves else names.fresh(f"{stem}.fused_output")
+
+
+def rest_of_sum(block, fused: str, names: NameRegistry
+                ) -> tuple[list[onnx.NodeProto], list[tuple[str, np.ndarray]]]:
+    """The Adds (and Muls, for scaled addends) that add the addends left in the sum to the
+    fused output; the last one writes the root's output."""
+    nodes, tensors = [], []
+    running = fused
+    scales = getattr(block, "other_scales", None) or [None] * len(block.other_leaves)
     for i, (leaf, scale) in enumerate(zip(block.other_leaves, scales)):
         if scale is not None:  # the addend was scaled inside the sum: keep that as one Mul
             scale_name = names.fresh(f"{block.anchor}.addend_scale")
@@ -134,6 +131,22 @@ def fused_nodes(block: Block, weight: np.ndarray, bias: np.ndarray, names: NameR
         nodes.append(helper.make_node("Add", [running, leaf], [out], name=names.fresh(f"{block.anchor}.rest")))
         running = out
     return nodes, tensors
+
+
+def fused_nodes(block: Block, weight: np.ndarray, bias: np.ndarray, names: NameRegistry
+                ) -> tuple[list[onnx.NodeProto], list[tuple[str, np.ndarray]]]:
+    """The Conv (and the Adds of addends that stay in the sum) replacing the block."""
+    stem = block.name_hint or block.anchor
+    weight_name = names.fresh(f"{stem}.fused_weight")
+    bias_name = names.fresh(f"{stem}.fused_bias")
+    g = block.geometry
+    conv_out = fused_output(block, names)
+    conv = helper.make_node(
+        "Conv", [block.input, weight_name, bias_name], [conv_out], name=block.name_hint or names.fresh(stem),
+        kernel_shape=list(g.kernel_shape), strides=list(g.strides), dilations=list(g.dilations),
+        pads=list(g.pads), group=g.group)
+    rest, extra = rest_of_sum(block, conv_out, names)
+    return [conv] + rest, [(weight_name, weight), (bias_name, bias)] + extra
 
 
 def branch_sum_rewrite(block: Block, weight: np.ndarray, bias: np.ndarray, view: GraphView,

@@ -48,14 +48,9 @@ NETS = {
 }
 
 
-@pytest.mark.parametrize("dynamo", EXPORTERS)
-@pytest.mark.parametrize("case", list(CASES) + list(NETS))
-def test_family_fuses_to_deploy_form(tmp_path, case, dynamo):
-    torch.manual_seed(0)
-    if case in NETS:
-        net = randomize_bn(NETS[case](), seed=11)
-    else:
-        net = randomize_bn(fam.Net(CASES[case]()), seed=11)
+def fuse_against_deploy(tmp_path, net, dynamo):
+    """Export the train-time net and its deploy form, fuse the first, and check that the fused
+    model has the deploy export's op counts and PyTorch's outputs. Returns the Report."""
     deploy = net.deploy()
     x = torch.randn(1, 3, 16, 16)
     with torch.no_grad():
@@ -71,6 +66,18 @@ def test_family_fuses_to_deploy_form(tmp_path, case, dynamo):
     got = run(fused, {fused.graph.input[0].name: x.numpy()})[0]
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
     assert validate(train, fused, input_sets=2).passed
+    return report
+
+
+@pytest.mark.parametrize("dynamo", EXPORTERS)
+@pytest.mark.parametrize("case", list(CASES) + list(NETS))
+def test_family_fuses_to_deploy_form(tmp_path, case, dynamo):
+    torch.manual_seed(0)
+    if case in NETS:
+        net = randomize_bn(NETS[case](), seed=11)
+    else:
+        net = randomize_bn(fam.Net(CASES[case]()), seed=11)
+    fuse_against_deploy(tmp_path, net, dynamo)
 
 
 def dbb_net():
@@ -87,18 +94,5 @@ def test_dbb(tmp_path, dynamo):
     shapes make that index math constant, and the `sequential` rule probes the fill.
     """
     torch.manual_seed(0)
-    net = randomize_bn(dbb_net(), seed=11)
-    deploy = net.deploy()
-    x = torch.randn(1, 3, 16, 16)
-    with torch.no_grad():
-        expected = net(x).numpy()
-        np.testing.assert_allclose(deploy(x).numpy(), expected, rtol=1e-4, atol=1e-5)
-    tag = {False: "ts", True: "dynamo", "unoptimized": "dynamo_unopt"}[dynamo]
-    train = load(export(net, x, str(tmp_path / f"train_{tag}.onnx"), dynamo)).model
-    deployed = load(export(deploy, x, str(tmp_path / f"deploy_{tag}.onnx"), dynamo)).model
-    fused, report = fuse(train)
-    onnx.checker.check_model(fused, full_check=True)
-    got = run(fused, {fused.graph.input[0].name: x.numpy()})[0]
-    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
-    assert op_counts(fused) == op_counts(deployed)
+    report = fuse_against_deploy(tmp_path, randomize_bn(dbb_net(), seed=11), dynamo)
     assert sum(1 for r in report.fused if "fill" in r.branches) == 6  # 2 per block

@@ -16,7 +16,7 @@ from onnx import helper
 
 from ..block import Candidate, Rewrite
 from ..graph import GraphView
-from .common import Skip, bn_affine, is_op
+from .common import Skip, bn_affine, is_op, tensor_rank
 
 NAME = "bn_to_conv"
 LATE = True  # run after the default rules converge
@@ -29,11 +29,11 @@ _SAME_RANK_OPS = {"Relu", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSw
 _BROADCAST_OPS = {"Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "Pow", "Where"}
 
 
-def tensor_rank(view: GraphView, name: str, depth: int = 0) -> int | None:
-    """The rank of a tensor, from declared types or by following simple producers."""
-    for v in list(view.graph.input) + list(view.graph.output) + list(view.graph.value_info):
-        if v.name == name and v.type.tensor_type.HasField("shape"):
-            return len(v.type.tensor_type.shape.dim)
+def inferred_rank(view: GraphView, name: str, depth: int = 0) -> int | None:
+    """The rank of a tensor, from known shapes or by following simple producers."""
+    rank = tensor_rank(view, name)
+    if rank is not None:
+        return rank
     node = view.producer_of(name)
     if node is None or depth > 64:
         return None
@@ -42,9 +42,9 @@ def tensor_rank(view: GraphView, name: str, depth: int = 0) -> int | None:
         if shape is not None:
             return len(shape)
     if node.op_type in _SAME_RANK_OPS and node.input:
-        return tensor_rank(view, node.input[0], depth + 1)
+        return inferred_rank(view, node.input[0], depth + 1)
     if node.op_type in _BROADCAST_OPS:
-        ranks = [tensor_rank(view, i, depth + 1) for i in node.input if i]
+        ranks = [inferred_rank(view, i, depth + 1) for i in node.input if i]
         known = [r for r in ranks if r is not None]
         return max(known) if len(known) == len(ranks) and known else None
     return None
@@ -81,7 +81,7 @@ def find(view: GraphView, opset: int, options: dict | None = None):
         candidate = Candidate(anchor=node.name or node.output[0], branch_labels=["bn", "->conv1x1"])
         try:
             scale, shift = bn_affine(view, node, opset)
-            rank = tensor_rank(view, node.input[0])
+            rank = inferred_rank(view, node.input[0])
             if rank is None or not 3 <= rank <= 5:
                 raise Skip("rank_unknown", f"BatchNormalization '{node.name}': input rank "
                            f"{'unknown' if rank is None else rank}; a 1x1 conv needs rank 3 to 5")

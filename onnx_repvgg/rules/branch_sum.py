@@ -247,18 +247,18 @@ def build_block(view: GraphView, index: LinearIndex, tree: LinearTree, x: str,
     for b, offsets in zip(identities, branch_offsets):
         scale = channel_vector(b.addend.factors, rank, cout, f"identity branch '{x}'")
         kernel = algebra.identity_kernel(cout, group, (1,) * n, (0,) * n)
-        terms.append(Term(_identity_label(view, b), kernel, np.zeros(cout), offsets, scale))
+        terms.append(Term(kernel, np.zeros(cout), offsets, scale))
     for (b, pp), offsets in zip(pools, branch_offsets[len(identities):]):
         if any(d != 1 for d, k in zip(dilations, pp.kernel) if k > 1):
             raise Skip("dilation_mismatch", f"AveragePool '{view.nodes[b.conv].name}' taps are contiguous, "
                        f"the convs are dilated {tuple(dilations)}")
         scale = channel_vector(b.addend.factors, rank, cout, f"branch '{b.addend.name}'")
         kernel = algebra.avgpool_kernel(cout, group, pp.kernel)
-        terms.append(Term("avg" + _label(pp.kernel), kernel, np.zeros(cout), offsets, scale))
+        terms.append(Term(kernel, np.zeros(cout), offsets, scale))
     for (b, p), offsets in zip(convs, branch_offsets[len(identities) + len(pools):]):
         scale = channel_vector(b.addend.factors, rank, cout, f"branch '{b.addend.name}'") if b.addend.factors else None
         bias = np.zeros(cout) if p.bias is None else p.bias
-        terms.append(Term(_label(p.kernel), p.weight, bias, offsets, scale))
+        terms.append(Term(p.weight, bias, offsets, scale))
     bias_from_constants, kept = constant_bias(tree.constants, rank, cout)
     other_names = [o.name for o in others] + kept
     # An addend that is not a branch of X but is scaled inside the sum stays as Mul(addend, scale).

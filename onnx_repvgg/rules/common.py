@@ -32,12 +32,8 @@ def is_op(node: onnx.NodeProto | None, *ops: str) -> bool:
 
 def tensor_rank(view: GraphView, name: str) -> int | None:
     """The rank of a tensor when its shape is known (static shapes or declared types)."""
-    if name in view.static_shapes:
-        return len(view.static_shapes[name])
-    for v in list(view.graph.input) + list(view.graph.value_info) + list(view.graph.output):
-        if v.name == name and v.type.tensor_type.HasField("shape"):
-            return len(v.type.tensor_type.shape.dim)
-    return None
+    shape = view.shape(name)
+    return None if shape is None else len(shape)
 
 
 def data_consumers(view: GraphView, node: onnx.NodeProto, *ops: str) -> list[int] | None:

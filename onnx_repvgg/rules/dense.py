@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from onnx import helper
 
-from .. import algebra
+from .. import algebra, rewrite
 from ..block import Rewrite
 from ..graph import GraphView, attribute
 from .common import FLOAT_DTYPES, NotWorthIt, Skip, const, tensor_rank
@@ -39,14 +39,10 @@ class DenseBlock:
     def materialize(self, view: GraphView, names) -> Rewrite:
         stem = self.name_hint or self.anchor
         w_name, b_name = names.fresh(f"{stem}.fused_weight"), names.fresh(f"{stem}.fused_bias")
-        out = self.root_output if not self.other_leaves else names.fresh(f"{stem}.fused_output")
+        out = rewrite.fused_output(self, names)
         node = helper.make_node("Gemm", [self.input, w_name, b_name], [out], name=self.name_hint or names.fresh(stem), transB=1)
-        nodes = [node]
-        running = out
-        for i, leaf in enumerate(self.other_leaves):
-            nxt = self.root_output if i == len(self.other_leaves) - 1 else names.fresh(f"{self.anchor}.partial_sum")
-            nodes.append(helper.make_node("Add", [running, leaf], [nxt], name=names.fresh(f"{self.anchor}.rest")))
-            running = nxt
+        rest, _ = rewrite.rest_of_sum(self, out, names)
+        nodes = [node] + rest
         tensors = [(w_name, algebra.cast_like(self.weight, self.dtype)),
                    (b_name, algebra.cast_like(self.bias, self.dtype))]
         return Rewrite(self.removed_nodes, [(view.producer[self.root_output], nodes)], tensors, node.name)

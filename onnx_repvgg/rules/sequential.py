@@ -63,14 +63,9 @@ class SequentialMatch:
 
 
 def _declared_shape(view: GraphView, name: str) -> tuple[int, ...] | None:
-    if name in view.static_shapes:
-        dims = view.static_shapes[name]
-        return dims if all(d > 0 for d in dims) else None
-    for v in list(view.graph.value_info) + list(view.graph.input) + list(view.graph.output):
-        if v.name == name and v.type.tensor_type.HasField("shape"):
-            dims = [d.dim_value if d.HasField("dim_value") else -1 for d in v.type.tensor_type.shape.dim]
-            return tuple(dims) if all(d > 0 for d in dims) else None
-    return None
+    """The shape of a tensor if every dim is known."""
+    dims = view.shape(name)
+    return dims if dims is not None and all(d > 0 for d in dims) else None
 
 
 def _shape_only(view: GraphView, index: int) -> bool:
