@@ -144,8 +144,8 @@ def sum_branches(branches: Sequence[tuple], spatial_shape: Sequence[int], out_dt
             bias = bias * scale
         bias_sum += bias
         prepared.append((kernel, window, scale))
-    # The full-size unscaled branch first: it can initialize each block of rows by itself.
-    prepared.sort(key=lambda p: not (p[2] is None and p[0].shape[2:] == spatial_shape))
+    # A full-size branch first: it can initialize each block of rows by itself.
+    prepared.sort(key=lambda p: p[0].shape[2:] != spatial_shape)
     out_dtype = np.dtype(np.float64 if out_dtype is None else out_dtype)
     kernel_out = np.empty((cout, cin) + spatial_shape, dtype=out_dtype)
     per_channel = max(1, cin * int(np.prod(spatial_shape)) * 8)
@@ -157,9 +157,12 @@ def sum_branches(branches: Sequence[tuple], spatial_shape: Sequence[int], out_dt
         rows = slice(start, min(cout, start + step))
         acc = buffer[: rows.stop - rows.start]
         first = prepared[0]
-        covers = first[2] is None and first[0].shape[2:] == spatial_shape
-        if covers:
-            np.copyto(acc, first[0][rows])  # one pass instead of zero-fill then add
+        covers = first[0].shape[2:] == spatial_shape
+        if covers:  # one pass (convert, scale, store) instead of zero-fill then add
+            if first[2] is None:
+                np.copyto(acc, first[0][rows])
+            else:
+                np.multiply(first[0][rows], first[2][rows].reshape((-1,) + extra), out=acc)
         else:
             acc.fill(0.0)
         for kernel, window, scale in prepared[1:] if covers else prepared:
@@ -168,8 +171,17 @@ def sum_branches(branches: Sequence[tuple], spatial_shape: Sequence[int], out_dt
                 acc[(slice(None), slice(None)) + window] += part
             else:
                 acc[(slice(None), slice(None)) + window] += part * scale[rows].reshape((-1,) + extra)
-        kernel_out[rows] = cast_like(acc, out_dtype)
+        _cast_into(kernel_out[rows], acc)
     return kernel_out, cast_like(bias_sum, out_dtype)
+
+
+def _cast_into(out: np.ndarray, values: np.ndarray) -> None:
+    """out[...] = values cast to out's dtype, refusing overflow to inf (as cast_like)."""
+    with np.errstate(over="ignore"):
+        np.copyto(out, values, casting="unsafe")
+    if (np.issubdtype(out.dtype, np.floating) and not np.isfinite(out).all()
+            and not np.all(np.isfinite(out)[np.isfinite(values)])):
+        raise OverflowError(f"fused values overflow {out.dtype.name}")
 
 
 def cast_like(values: np.ndarray, dtype) -> np.ndarray:

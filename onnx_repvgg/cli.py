@@ -12,6 +12,8 @@ from . import __version__, io
 from .pipeline import UnsupportedModel, fuse
 from .report import Validation
 from .rules import DEFAULT_RULES, PATTERNS, RULES, describe
+from .sinks import MemorySink
+from .staging import Staging
 from .validate import DEFAULT_ATOL, DEFAULT_RTOL, ValidationError, validate
 
 EXIT_OK = 0
@@ -207,7 +209,7 @@ def _check_output_path(args) -> None:
 
 def _run(args, shapes) -> int:
     _check_output_path(args)
-    staging = None if args.dry_run else io.Staging(args.output)
+    staging = None if args.dry_run else Staging(args.output)
     try:
         return _run_staged(args, shapes, staging)
     finally:
@@ -254,11 +256,14 @@ def _run_staged(args, shapes, staging) -> int:
 def _phases(args, shapes, staging, say, timings, progress) -> int:
     progress.phase("loading")
     t = time.perf_counter()
-    # External data stays on disk: weights are read per block, untouched ones copied by range.
+    # Weights stay on disk (external data, and large inline initializers too): they are read
+    # per block, and untouched ones are copied to the output by byte range.
     loaded = io.load(args.input, load_external_data=False)
     timings["load"] = time.perf_counter() - t
 
-    sink = staging.sink() if staging is not None and loaded.used_external_data else None
+    external = loaded.used_external_data or io.tensor_bytes(loaded.model) > io.EXTERNAL_THRESHOLD
+    # Fused weights go to the output's data file at once, or are kept as arrays for the writer.
+    sink = staging.sink() if staging is not None and external else MemorySink()
     progress.phase("fusing")
     t = time.perf_counter()
     try:
@@ -278,12 +283,12 @@ def _phases(args, shapes, staging, say, timings, progress) -> int:
         _write_json(args, report)
         return EXIT_OK
 
-    external = loaded.used_external_data or io.tensor_bytes(model) > io.EXTERNAL_THRESHOLD
+    external = external or io.tensor_bytes(model) > io.EXTERNAL_THRESHOLD  # --allow-densify can grow it
     progress.phase("saving")
     t = time.perf_counter()
-    staging.write(model, external, loaded.base_dir)
+    staging.write(model, external, loaded.base_dir, memory=sink if isinstance(sink, MemorySink) else None)
     timings["save"] = time.perf_counter() - t
-    del model, loaded  # the staged file is the fused model from here on
+    del model, loaded, sink  # the staged file is the fused model from here on
     if not args.no_check:
         progress.phase("validating with onnxruntime")
         t = time.perf_counter()

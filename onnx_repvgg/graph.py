@@ -80,10 +80,12 @@ class GraphView:
     """
 
     def __init__(self, graph: onnx.GraphProto, opset: int | None = None, base_dir: str | None = None,
-                 static_shapes: dict[str, tuple[int, ...]] | None = None):
+                 static_shapes: dict[str, tuple[int, ...]] | None = None, reader=None):
         self.graph = graph
         self.opset = opset
         self.base_dir = base_dir  # where external data not yet loaded lives
+        # reads an external-data tensor (sinks.TensorReader also finds tensors fused earlier)
+        self.read_external = reader or (lambda tensor: read_external(tensor, base_dir or ""))
         self.static_shapes = dict(static_shapes or {})  # inferred shapes, -1 where a dim is unknown
         self.nodes = list(graph.node)
         self.producer: dict[str, int] = {}
@@ -242,7 +244,7 @@ class GraphView:
         if name in self.initializers:
             tensor = self.initializers[name]
             if tensor.data_location == onnx.TensorProto.EXTERNAL:
-                return read_external(tensor, self.base_dir or "")
+                return self.read_external(tensor)
             return numpy_helper.to_array(tensor)
         index = self.producer[name]
         node = self.nodes[index]

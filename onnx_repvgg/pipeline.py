@@ -6,7 +6,8 @@
             match: each rule finds Candidates, each a match or a Reason
                    (pad_into_conv, branch_sum, bn_into_consumer; bn_to_conv last, if asked)
             fuse:  numpy algebra turns each match into new weights (float64, cast back),
-                   written to the output's data file at once when there is one (io.DataSink)
+                   handed at once to a sink when there is one (the output's data file,
+                   or arrays kept for the writer: onnx_repvgg.sinks)
             rewrite: swap the matched nodes for the new ones; drop constants left unused
         late rules (bn_to_conv) run only after the others have reached their fixed point
 """
@@ -21,6 +22,7 @@ from . import rewrite
 from .graph import GraphView, all_names, infer_static_shapes, opset_version, subgraphs_of
 from .report import BlockRecord, ModelStats, Report
 from .rules import DEFAULT_RULES, RULES
+from .sinks import TensorReader
 
 MAX_ROUNDS = 32
 
@@ -38,7 +40,8 @@ def fuse(model: onnx.ModelProto, *, rules: Iterable[str] | None = None, inplace:
     `rules` names the rules to run (default: onnx_repvgg.rules.DEFAULT_RULES).
     A model whose external data is not loaded needs `base_dir` (the model's folder);
     weights are then read from disk only for the blocks that use them. `sink`
-    (io.DataSink) receives the new initializers' bytes instead of memory.
+    (sinks.DataSink or sinks.MemorySink) takes the new initializers' bytes instead of the
+    model, as soon as each block is fused.
     `allow_densify` lets branches with different groups (depthwise beside dense) merge into
     one conv with their common divisor of groups, which can cost more than it saves.
     """
@@ -60,14 +63,15 @@ def fuse(model: onnx.ModelProto, *, rules: Iterable[str] | None = None, inplace:
 
     report = Report(before=ModelStats.of(model))
     names = rewrite.NameRegistry(all_names(model.graph))
+    reader = TensorReader(base_dir, sink)
     for graph in _graphs(model.graph):
-        _fuse_graph(graph, opset, [RULES[r] for r in chosen], names, report, base_dir, sink,
+        _fuse_graph(graph, opset, [RULES[r] for r in chosen], names, report, reader, sink,
                     {"allow_densify": allow_densify}, model if graph is model.graph else None)
     report.after = ModelStats.of(model)
     return model, report
 
 
-def _view_with_shapes(graph: onnx.GraphProto, opset: int, base_dir: str | None,
+def _view_with_shapes(graph: onnx.GraphProto, opset: int, reader: TensorReader,
                       model: onnx.ModelProto | None) -> GraphView:
     """Index the graph, with the static shapes that make exporters' shape arithmetic constant.
 
@@ -75,14 +79,14 @@ def _view_with_shapes(graph: onnx.GraphProto, opset: int, base_dir: str | None,
     through data-movement ops whose parameters it can evaluate, and inference is run again
     with those as hints, until nothing new is learned. Graphs with no Shape node skip this."""
     if model is None:
-        return GraphView(graph, opset, base_dir)
+        return GraphView(graph, opset, reader.base_dir, reader=reader)
     shapes = infer_static_shapes(model, graph=graph)
-    view = GraphView(graph, opset, base_dir, shapes)
+    view = GraphView(graph, opset, reader.base_dir, shapes, reader=reader)
     for _ in range(16):
         if view.static_shapes == shapes:
             break
         shapes = infer_static_shapes(model, hints=view.static_shapes, graph=graph)
-        view = GraphView(graph, opset, base_dir, shapes)
+        view = GraphView(graph, opset, reader.base_dir, shapes, reader=reader)
     return view
 
 
@@ -94,14 +98,14 @@ def _graphs(graph: onnx.GraphProto):
 
 
 def _fuse_graph(graph: onnx.GraphProto, opset: int, rules, names: rewrite.NameRegistry,
-                report: Report, base_dir: str | None, sink, options: dict,
+                report: Report, reader: TensorReader, sink, options: dict,
                 model: onnx.ModelProto | None) -> None:
     last_skips: list[BlockRecord] = []
     early = [r for r in rules if not getattr(r, "LATE", False)]
     late = [r for r in rules if getattr(r, "LATE", False)]
     active = early
     for _ in range(MAX_ROUNDS):
-        view = _view_with_shapes(graph, opset, base_dir, model)
+        view = _view_with_shapes(graph, opset, reader, model)
         replacements = []
         claimed: set[int] = set()
         skips: list[BlockRecord] = []

@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from . import wire
 from .block import Block, Rewrite
 from .graph import GraphView
 
@@ -35,21 +36,6 @@ class NameRegistry:
         return name
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
-_RAW_DATA_TAG = b"\x4a"  # TensorProto.raw_data: field 9, length-delimited
-
-
 def _little_endian(array: np.ndarray) -> np.ndarray:
     array = np.ascontiguousarray(array)
     if array.dtype.byteorder == ">":
@@ -63,7 +49,7 @@ def _header(name: str, array: np.ndarray) -> onnx.TensorProto:
 
 
 def external_initializer(name: str, array: np.ndarray, sink) -> onnx.TensorProto:
-    """A new initializer whose bytes are written to `sink` (io.DataSink) right away."""
+    """A new initializer whose bytes are written to `sink` right away (sinks.DataSink or sinks.MemorySink)."""
     array = _little_endian(array)
     tensor = _header(name, array)
     location, offset, length = sink.put(array, name)
@@ -98,12 +84,12 @@ def add_initializer(graph: onnx.GraphProto, name: str, value, sink=None) -> None
         graph.initializer.add().CopyFrom(external_initializer(name, value, sink))
         return
     array = _little_endian(value)
-    prefix = _header(name, array).SerializeToString() + _RAW_DATA_TAG + _varint(array.nbytes)
-    wire = bytearray(len(prefix) + array.nbytes)
-    wire[:len(prefix)] = prefix
+    prefix = _header(name, array).SerializeToString() + wire.length_delimited(wire.TENSOR_RAW_DATA, array.nbytes)
+    serialized = bytearray(len(prefix) + array.nbytes)
+    serialized[:len(prefix)] = prefix
     if array.nbytes:
-        np.frombuffer(wire, dtype=array.dtype, offset=len(prefix)).reshape(array.shape)[...] = array
-    graph.initializer.add().ParseFromString(wire)
+        np.frombuffer(serialized, dtype=array.dtype, offset=len(prefix)).reshape(array.shape)[...] = array
+    graph.initializer.add().ParseFromString(serialized)
 
 
 def fused_output(block, names: NameRegistry) -> str:

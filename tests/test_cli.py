@@ -326,15 +326,16 @@ def test_failed_write_keeps_previous_output(tmp_path, capsys, monkeypatch, failu
     block_model(tmp_path / "in.onnx")
     (tmp_path / "out.onnx").write_bytes(b"previous")
     from onnx_repvgg import io as rio
+    from onnx_repvgg import staging
 
-    def failing_write(self, model, external, source_dir=None):
+    def failing_write(self, model, external, source_dir=None, memory=None):
         with open(self.model_path, "wb") as f:
             f.write(b"half a model")
         if isinstance(failure, OSError):
             raise rio.BadInput(f"cannot write: {failure.strerror}")
         raise failure
 
-    monkeypatch.setattr(rio.Staging, "write", failing_write)
+    monkeypatch.setattr(staging.Staging, "write", failing_write)
     assert main([str(tmp_path / "in.onnx"), str(tmp_path / "out.onnx")]) == code
     assert (tmp_path / "out.onnx").read_bytes() == b"previous"
     assert listing(tmp_path) == ["in.onnx", "out.onnx"]

@@ -1,0 +1,255 @@
+"""Writing the output: a hidden staging folder, the two file layouts, and the atomic move.
+
+The model is written in the staging folder beside the output, validated from there, and then
+moved into place by rename; nothing else is ever left behind.
+
+Tensors whose bytes are not in the ModelProto (external-data references into the input's
+files, or arrays kept by a MemorySink) are written without passing through protobuf:
+
+- inline output: each such tensor is serialized as its header with the raw_data bytes
+  spliced in (copied range by range from the input file, or straight from the array),
+  giving the bytes `model.SerializeToString()` would give had they been inline;
+- external-data output: the bytes go to <name>.data, ranges copied in the kernel.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+import numpy as np
+import onnx
+from onnx import external_data_helper
+
+from . import wire
+from .graph import external_info
+from .io import BadInput
+from .sinks import INLINE_LIMIT, DataSink, MemorySink, copy_range, write_all
+
+
+class Staging:
+    def __init__(self, path: str):
+        out_dir = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(out_dir):
+            raise BadInput(f"output folder {out_dir} does not exist")
+        self.name = os.path.basename(path)
+        self.out_dir = out_dir
+        try:
+            self.dir = tempfile.mkdtemp(prefix=f".{self.name}.", suffix=".tmp", dir=out_dir)
+        except OSError as err:
+            raise BadInput(f"cannot write to {out_dir}: {err.strerror or err}") from None
+        self.model_path = os.path.join(self.dir, self.name)
+        self.data_path = self.model_path + ".data"
+        self._sink: DataSink | None = None
+
+    def sink(self) -> DataSink:
+        if self._sink is None:
+            self._sink = DataSink(self.data_path)
+        return self._sink
+
+    def write(self, model: onnx.ModelProto, external_data: bool, source_dir: str | None = None,
+              memory: MemorySink | None = None) -> None:
+        """Write the model. With external_data, every tensor of INLINE_LIMIT bytes or more goes
+        to <name>.data; otherwise everything goes into the one .onnx file. Tensors still in the
+        source model's files (under `source_dir`) are copied range by range, never loaded;
+        `memory` holds the arrays of tensors that point into it. The model's tensors are
+        changed on the way: don't use `model` afterwards."""
+        payloads = Payloads(source_dir or "", memory)
+        try:
+            if external_data:
+                self._write_external(model, payloads)
+            else:
+                write_inline(model, self.model_path, payloads)
+        except OSError as err:
+            target = os.path.join(self.out_dir, self.name)
+            raise BadInput(f"cannot write {target}: {err.strerror or err}") from None
+
+    def _write_external(self, model: onnx.ModelProto, payloads: Payloads) -> None:
+        sink = self.sink()
+        for tensor in external_data_helper._get_all_tensors(model):
+            if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                if sink.holds(tensor):
+                    continue
+                array = payloads.array(tensor)
+                if array is not None:
+                    length, new_offset = array.nbytes, sink.put_bytes(memoryview(array).cast("B"))
+                else:
+                    source, offset, length = payloads.file_range(tensor)
+                    new_offset = sink.put_file_range(source, offset, length)
+            elif tensor.ByteSize() >= INLINE_LIMIT and tensor.HasField("raw_data"):
+                data = tensor.raw_data
+                length = len(data)
+                new_offset = sink.put_bytes(data)
+                tensor.ClearField("raw_data")
+                tensor.data_location = onnx.TensorProto.EXTERNAL
+            else:
+                continue
+            del tensor.external_data[:]
+            for key, value in (("location", sink.location), ("offset", str(new_offset)), ("length", str(length))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+        sink.close()
+        with open(self.model_path, "wb") as f:
+            f.write(model.SerializeToString())
+
+    def commit(self) -> int:
+        """Move the staged files into place (data file first); return the bytes written."""
+        total = 0
+        try:
+            if self._sink is not None:
+                self._sink.close()
+            if os.path.exists(self.data_path):
+                total += os.path.getsize(self.data_path)
+                os.replace(self.data_path, os.path.join(self.out_dir, self.name + ".data"))
+            total += os.path.getsize(self.model_path)
+            os.replace(self.model_path, os.path.join(self.out_dir, self.name))
+        finally:
+            self.discard()
+        return total
+
+    def discard(self) -> None:
+        if self._sink is not None:
+            self._sink.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Payloads:
+    """Where the bytes of an external-data tensor are: an array in memory, or a file range."""
+
+    def __init__(self, source_dir: str, memory: MemorySink | None):
+        self.source_dir = source_dir
+        self.memory = memory
+
+    def array(self, tensor: onnx.TensorProto) -> np.ndarray | None:
+        if self.memory is not None and self.memory.holds(tensor):
+            return self.memory.array(tensor)
+        return None
+
+    def file_range(self, tensor: onnx.TensorProto) -> tuple[str, int, int]:
+        info = external_info(tensor)
+        source = os.path.join(self.source_dir, info["location"])
+        offset = int(info.get("offset", 0) or 0)
+        length = int(info["length"]) if info.get("length") else os.path.getsize(source) - offset
+        return source, offset, length
+
+
+def write_inline(model: onnx.ModelProto, path: str, payloads: Payloads) -> None:
+    """Write `model` as one .onnx file, splicing in the bytes of its external-data tensors.
+
+    The main graph's initializers are written field by field after the graph's other fields
+    are serialized; tensors elsewhere (subgraphs, Constant nodes) that still point outside are
+    loaded into their messages first (there are few, and small)."""
+    _load_nested_external(model, payloads)
+    graph = model.graph
+    entries = []  # per initializer: (bytes before the payload, payload or None, bytes after)
+    for tensor in graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            serialized = tensor.SerializeToString()
+            entries.append((wire.length_delimited(wire.GRAPH_INITIALIZER, len(serialized)) + serialized, None, b""))
+            continue
+        payload = payloads.array(tensor)
+        if payload is None:
+            payload = payloads.file_range(tensor)
+        length = payload.nbytes if isinstance(payload, np.ndarray) else payload[2]
+        header = onnx.TensorProto()
+        header.CopyFrom(tensor)
+        header.ClearField("external_data")
+        header.ClearField("data_location")
+        serialized = header.SerializeToString()
+        cut = wire.split_before(serialized, wire.TENSOR_RAW_DATA)
+        before = serialized[:cut] + wire.length_delimited(wire.TENSOR_RAW_DATA, length)
+        after = serialized[cut:]
+        size = len(before) + length + len(after)
+        entries.append((wire.length_delimited(wire.GRAPH_INITIALIZER, size) + before, payload, after))
+    graph.ClearField("initializer")
+    graph_bytes = graph.SerializeToString()
+    graph_cut = wire.split_before(graph_bytes, wire.GRAPH_INITIALIZER)
+    graph_size = len(graph_bytes) + sum(len(b) + _payload_length(p) + len(a) for b, p, a in entries)
+    model.ClearField("graph")
+    model_bytes = model.SerializeToString()
+    model_cut = wire.split_before(model_bytes, wire.MODEL_GRAPH)
+    with open(path, "wb", buffering=0) as f:
+        out = _Output(f.fileno())
+        out.write(model_bytes[:model_cut])
+        out.write(wire.length_delimited(wire.MODEL_GRAPH, graph_size))
+        out.write(graph_bytes[:graph_cut])
+        for before, payload, after in entries:
+            out.write(before)
+            if isinstance(payload, np.ndarray):
+                out.write(memoryview(payload).cast("B"))
+            elif payload is not None:
+                out.copy(*payload)
+            out.write(after)
+        out.write(graph_bytes[graph_cut:])
+        out.write(model_bytes[model_cut:])
+        out.flush()
+
+
+def _payload_length(payload) -> int:
+    if payload is None:
+        return 0
+    return payload.nbytes if isinstance(payload, np.ndarray) else payload[2]
+
+
+def _nested_tensors(nodes, with_initializers_of=None):
+    """Tensors held by node attributes (recursively, with subgraphs' initializers)."""
+    if with_initializers_of is not None:
+        yield from with_initializers_of.initializer
+    for node in nodes:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from _nested_tensors(sub.node, sub)
+
+
+def _load_nested_external(model: onnx.ModelProto, payloads: Payloads) -> None:
+    nested = list(_nested_tensors(model.graph.node))
+    for function in model.functions:
+        nested.extend(_nested_tensors(function.node))
+    for tensor in nested:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        array = payloads.array(tensor)
+        if array is not None:
+            data = array.tobytes()
+        else:
+            source, offset, length = payloads.file_range(tensor)
+            with open(source, "rb") as f:
+                f.seek(offset)
+                data = f.read(length)
+            if len(data) != length:
+                raise OSError(f"{source} ended early")
+        tensor.ClearField("external_data")
+        tensor.ClearField("data_location")
+        tensor.raw_data = data
+
+
+class _Output:
+    """Small writes gathered into one buffer; large ones and file ranges go straight through."""
+
+    LIMIT = 1 << 20
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.buffer = bytearray()
+
+    def write(self, data) -> None:
+        if len(data) >= self.LIMIT:
+            self.flush()
+            write_all(self.fd, data)
+        else:
+            self.buffer += data
+            if len(self.buffer) >= self.LIMIT:
+                self.flush()
+
+    def copy(self, source: str, offset: int, length: int) -> None:
+        self.flush()
+        copy_range(source, offset, length, self.fd)
+
+    def flush(self) -> None:
+        if self.buffer:
+            write_all(self.fd, self.buffer)
+            self.buffer = bytearray()

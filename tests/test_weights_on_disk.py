@@ -1,0 +1,217 @@
+"""Weights left on disk: the wire-format walk, the model skeleton, and the splicing writer.
+
+The CLI reads an inline model as a skeleton whose large initializers point back into the
+file, fuses reading only matched blocks' weights, and writes the output by splicing tensor
+bytes between serialized headers. These tests hold that to protobuf's own bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from onnx_repvgg import fuse, skeleton, wire
+from onnx_repvgg.cli import main
+from onnx_repvgg.sinks import MemorySink
+from onnx_repvgg.staging import Payloads, write_inline
+from tests.graphs import GraphBuilder, op_counts, random_feed, run
+
+
+def chain_model(channels=48, blocks=2, seed=0) -> onnx.ModelProto:
+    """`blocks` RepVGG blocks (3x3-BN + 1x1-BN + BN identity, ReLU, scaled down so values stay
+    near 1) in a row, then a Mul by a typed-field constant (float_data, not raw_data) and an
+    Add of a Constant node."""
+    b = GraphBuilder(channels=channels, spatial=(6, 6), seed=seed)
+    x = b.x
+    for _ in range(blocks):
+        c3 = b.bn(b.conv(x, channels, channels, 3, bias=False), channels)
+        c1 = b.bn(b.conv(x, channels, channels, 1, pads=[0, 0, 0, 0], bias=False), channels)
+        x = b.op("Relu", [b.add(b.add(c3, c1), b.bn(x, channels))])
+        x = b.op("Mul", [x, b.constant(np.array(0.1, np.float32), "damp")])
+    typed = helper.make_tensor("typed_scale", onnx.TensorProto.FLOAT, [1, channels, 1, 1],
+                               list(np.linspace(0.5, 1.5, channels)))
+    b.initializers.append(typed)
+    shift = b.constant(np.full((1, channels, 1, 1), 0.25, np.float32), "shift", as_node=True)
+    y = b.op("Add", [b.op("Mul", [x, "typed_scale"]), shift])
+    return b.model([y])
+
+
+def saved(model: onnx.ModelProto, path) -> str:
+    onnx.save(model, str(path))
+    return str(path)
+
+
+def read_bytes(path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def digest(path) -> str:
+    return hashlib.sha256(read_bytes(path)).hexdigest()
+
+
+# --- wire format --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("value", [0, 1, 127, 128, 300, 2**31, 2**63 - 1])
+def test_varint_round_trip(value):
+    encoded = wire.encode_varint(value)
+    assert wire.read_varint(encoded, 0, len(encoded)) == (value, len(encoded))
+
+
+def test_fields_and_split_before_follow_protobuf():
+    tensor = numpy_helper.from_array(np.arange(6, dtype=np.float32).reshape(2, 3), "t")
+    tensor.doc_string = "after raw_data"
+    data = tensor.SerializeToString()
+    found = list(wire.fields(data))
+    assert [f.number for f in found] == [1, 1, 2, 8, 9, 12]  # dims (unpacked), type, name, raw, doc
+    raw = found[4]
+    assert data[raw.value_start:raw.end] == tensor.raw_data
+    assert wire.split_before(data, wire.TENSOR_RAW_DATA) == found[5].start
+    header = onnx.TensorProto()
+    header.CopyFrom(tensor)
+    header.ClearField("raw_data")
+    serialized = header.SerializeToString()
+    cut = wire.split_before(serialized, wire.TENSOR_RAW_DATA)
+    spliced = serialized[:cut] + wire.length_delimited(9, len(tensor.raw_data)) + tensor.raw_data + serialized[cut:]
+    assert spliced == data
+
+
+@pytest.mark.parametrize("data", [b"\x08", b"\x0a\x05ab", b"\x0b\x00", b"\x00\x01", b"\x08" + b"\xff" * 11])
+def test_malformed_wire_is_refused(data):
+    with pytest.raises(wire.WireError):
+        list(wire.fields(data))
+
+
+# --- the skeleton ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("min_bytes,expected", [(1024, 4), (skeleton.MIN_BYTES, 2), (1 << 30, 0)])
+def test_skeleton_leaves_large_raw_initializers_in_the_file(tmp_path, min_bytes, expected):
+    model = chain_model(channels=16 if min_bytes == 1024 else 48)
+    path = saved(model, tmp_path / "m.onnx")
+    skeleton_model, moved = skeleton.read(path, min_bytes)
+    original = {t.name: t for t in model.graph.initializer}
+    data = read_bytes(path)
+    large = {name for name, t in original.items() if len(t.raw_data) >= min_bytes}
+    # 16 channels: two 3x3 and two 1x1 kernels of 1 KB and more; 48: the two 3x3 are 81 KB
+    assert moved == len(large) == expected
+    for tensor in skeleton_model.graph.initializer:
+        source = original[tensor.name]
+        if tensor.name in large:
+            info = {e.key: e.value for e in tensor.external_data}
+            assert tensor.data_location == onnx.TensorProto.EXTERNAL and info["location"] == "m.onnx"
+            offset, length = int(info["offset"]), int(info["length"])
+            assert data[offset:offset + length] == source.raw_data
+            assert list(tensor.dims) == list(source.dims) and tensor.data_type == source.data_type
+        else:  # small ones, and the typed-field constant, stay parsed as they were
+            assert tensor == source
+    assert skeleton_model.graph.node == model.graph.node
+    assert skeleton_model.opset_import == model.opset_import
+
+
+def test_writer_splices_protobufs_own_bytes(tmp_path):
+    """Skeleton in, inline file out: byte for byte the file onnx.save wrote."""
+    path = saved(chain_model(channels=16), tmp_path / "m.onnx")
+    skeleton_model, moved = skeleton.read(path, 1024)
+    assert moved == 4
+    write_inline(skeleton_model, str(tmp_path / "copy.onnx"), Payloads(str(tmp_path), None))
+    assert read_bytes(tmp_path / "copy.onnx") == read_bytes(path)
+
+
+def test_writer_inlines_arrays_kept_in_memory_also_in_subgraphs(tmp_path):
+    b = GraphBuilder(channels=16)
+    inner_w = np.random.default_rng(1).standard_normal((16, 16, 1, 1)).astype(np.float32)
+    outer_w = np.random.default_rng(2).standard_normal((16, 16, 3, 3)).astype(np.float32)
+    body = helper.make_graph([helper.make_node("Conv", ["x", "inner_w"], ["y_then"], name="inner_conv")], "then",
+                             [], [helper.make_tensor_value_info("y_then", onnx.TensorProto.FLOAT, None)],
+                             initializer=[numpy_helper.from_array(inner_w, "inner_w")])
+    b.initializers.append(numpy_helper.from_array(np.array(True), "flag"))
+    y = b.op("If", ["flag"], then_branch=body, else_branch=body)
+    b.initializers.append(numpy_helper.from_array(outer_w, "outer_w"))
+    z = b.op("Conv", [y, "outer_w"], pads=[1, 1, 1, 1])
+    expected = b.model([z])
+
+    memory = MemorySink()
+    lazy = onnx.ModelProto()
+    lazy.CopyFrom(expected)
+    for tensor in [lazy.graph.initializer[-1], lazy.graph.node[0].attribute[0].g.initializer[0]]:
+        array = numpy_helper.to_array(tensor)
+        location, offset, length = memory.put(array, tensor.name)
+        tensor.ClearField("raw_data")
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+    write_inline(lazy, str(tmp_path / "out.onnx"), Payloads(str(tmp_path), memory))
+    assert read_bytes(tmp_path / "out.onnx") == expected.SerializeToString()
+
+
+# --- through the CLI ---------------------------------------------------------------------------
+
+def test_cli_output_is_the_api_output_byte_for_byte(tmp_path, capsys):
+    path = saved(chain_model(blocks=3), tmp_path / "in.onnx")
+    assert skeleton.read(path)[1] == 3  # the 3x3 kernels stay on disk
+    before = digest(path)
+    assert main([path, str(tmp_path / "out.onnx"), "--json", str(tmp_path / "r.json")]) == 0
+    assert "validation: passed" in capsys.readouterr().out
+    via_api, report = fuse(onnx.load(path))
+    assert len(report.fused) == 3
+    assert read_bytes(tmp_path / "out.onnx") == via_api.SerializeToString()
+    assert digest(path) == before  # the input is read, never written
+    assert sorted(os.listdir(tmp_path)) == ["in.onnx", "out.onnx", "r.json"]
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_fused_weights_are_read_back_in_a_later_round(tmp_path, capsys, external):
+    """BN -> (1x1 + 1x1): round 1 sums the branches, round 2 folds the BN into that new conv,
+    reading the weight fused in round 1 from wherever the sink put it."""
+    b = GraphBuilder(channels=64, spatial=(5, 5))
+    x = b.bn(b.x, 64)
+    y = b.add(b.conv(x, 64, 64, 1, pads=[0, 0, 0, 0]), b.conv(x, 64, 64, 1, pads=[0, 0, 0, 0]))
+    model = b.model([y])
+    path = str(tmp_path / "in.onnx")
+    if external:
+        onnx.save_model(model, path, save_as_external_data=True, location="in.onnx.data", size_threshold=0)
+    else:
+        onnx.save(model, path)
+    assert main([path, str(tmp_path / "out.onnx")]) == 0
+    out = capsys.readouterr().out
+    assert "blocks: 2 fused, 0 skipped" in out and "validation: passed" in out
+    assert op_counts(onnx.load(str(tmp_path / "out.onnx"))) == {"Conv": 1}
+
+
+def test_overwrite_inline_model_in_place(tmp_path, capsys):
+    path = saved(chain_model(), tmp_path / "m.onnx")
+    expected = fuse(onnx.load(path))[0].SerializeToString()
+    assert main([path, path, "--overwrite"]) == 0
+    assert read_bytes(path) == expected
+    assert os.listdir(tmp_path) == ["m.onnx"]
+
+
+def test_model_cut_inside_a_weight_is_refused(tmp_path, capsys):
+    path = saved(chain_model(), tmp_path / "m.onnx")
+    skeleton_model, _ = skeleton.read(path)
+    tensor = next(t for t in skeleton_model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL)
+    info = {e.key: int(e.value) for e in tensor.external_data if e.key != "location"}
+    data = read_bytes(path)
+    (tmp_path / "cut.onnx").write_bytes(data[:info["offset"] + info["length"] // 2])
+    assert main([str(tmp_path / "cut.onnx"), str(tmp_path / "o.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert "not an ONNX model" in err and err.count("\n") == 1
+    assert sorted(os.listdir(tmp_path)) == ["cut.onnx", "m.onnx"]
+
+
+def test_text_format_input_is_parsed_by_onnx(tmp_path, capsys):
+    """A .textproto model is parsed and checked by onnx as its extension says, and written as
+    binary. onnxruntime reads only binary models, so it is fused with --no-check."""
+    model = chain_model(blocks=1)
+    onnx.save(model, str(tmp_path / "m.textproto"), format="textproto")
+    assert main([str(tmp_path / "m.textproto"), str(tmp_path / "out.onnx"), "--no-check"]) == 0
+    fused = onnx.load(str(tmp_path / "out.onnx"))
+    assert op_counts(fused) == {"Conv": 1, "Relu": 1, "Mul": 2, "Add": 1, "Constant": 1}
+    feed = random_feed(model)
+    np.testing.assert_allclose(run(fused, feed)[0], run(model, feed)[0], rtol=1e-4, atol=1e-5)
