@@ -97,14 +97,17 @@ def load(path: str, load_external_data: bool = True) -> LoadedModel:
         raise BadInput(f"{path} is not an ONNX model (no graph, IR version or opset)")
     _check_opset(model, path)
     base_dir = os.path.dirname(os.path.abspath(path))
-    own_name = os.path.basename(path)
+    own_name = os.path.basename(path) if left_in_file else None
     external = _external_tensors(model)
+    in_file = [t for t in external if external_info(t).get("location") == own_name]
+    for tensor in in_file:
+        _check_raw_data_size(tensor, path)
     data_files = {_check_external_location(t, base_dir) for t in external
                   if external_info(t).get("location") != own_name}
-    for tensor in external:
-        if external_info(tensor).get("location") == own_name:
-            _check_raw_data_size(tensor, base_dir, path)
-    _run_checker(model if left_in_file or not binary else None, path, base_dir)
+    if left_in_file:
+        _run_checker(_with_weights_as_inputs(model, own_name), path, base_dir)
+    else:
+        _run_checker(None if binary else model, path, base_dir)
     if external and load_external_data:
         try:
             external_data_helper.load_external_data_for_model(model, base_dir)
@@ -130,16 +133,35 @@ def _parse(path: str, binary: bool, weights_on_disk: bool) -> tuple[onnx.ModelPr
         raise BadInput(f"cannot read {path}: {err.strerror or err}") from None
 
 
-def _check_raw_data_size(tensor: onnx.TensorProto, base_dir: str, path: str) -> None:
+def _check_raw_data_size(tensor: onnx.TensorProto, path: str) -> None:
     """The checker's raw_data test, for initializers left in the model file: at least as many
-    bytes as the shape and type need."""
+    bytes as the shape and type need. (The wire walk found them inside the file.)"""
     length = int(external_info(tensor)["length"])
     needed = _tensor_nbytes(tensor)
     if needed is not None and needed > length:
         raise BadInput(f"{path} fails the ONNX checker: TensorProto (tensor name: {tensor.name}) "
                        f"raw_data size ({length} bytes) is too small for the declared shape and type "
                        f"({needed} bytes required)")
-    _check_external_location(tensor, base_dir)  # in bounds
+
+
+def _with_weights_as_inputs(model: onnx.ModelProto, own_name: str) -> onnx.ModelProto:
+    """What the checker sees of a model whose weights were left in its file: those initializers
+    become graph inputs of their type and shape. The checker's only test of a weight's data
+    is its size, done by _check_raw_data_size; its tests of external files (no symlink, one
+    hard link, ...) are for data files beside a model, not for the model file itself."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    graph = copy.graph
+    del graph.initializer[:]
+    declared = {value.name for value in graph.input}
+    for tensor in model.graph.initializer:  # copied from the original, whose messages stay valid
+        if (tensor.data_location == onnx.TensorProto.EXTERNAL
+                and external_info(tensor).get("location") == own_name):
+            if tensor.name not in declared:
+                graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+        else:
+            graph.initializer.append(tensor)
+    return copy
 
 
 def _run_checker(in_memory: onnx.ModelProto | None, path: str, base_dir: str) -> None:

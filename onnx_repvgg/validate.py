@@ -103,14 +103,20 @@ def compare(name: str, expected: np.ndarray, actual: np.ndarray, rtol: float, at
     same_nan = np.isnan(e) == np.isnan(a)
     finite = np.isfinite(e) & np.isfinite(a)
     same_inf = np.where(np.isinf(e) | np.isinf(a), e == a, True)
-    diff = np.abs(e - a)[finite]
-    ref = np.abs(e)[finite]
+    diff = np.abs(e[finite] - a[finite])
+    magnitude = np.abs(e[finite])
     max_abs = float(diff.max()) if diff.size else 0.0
-    scale = float(ref.max()) if ref.size else 0.0
-    # Normwise: the largest difference relative to the output's largest magnitude, which
-    # does not blow up on elements that happen to sit near zero.
-    max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
-    passed = bool(same_nan.all() and same_inf.all() and np.all(diff <= atol + rtol * ref))
+    # Each element is compared relative to max(|expected|, RMS of the output). Float32 rounding
+    # error follows the size of the sums that made an element, not the element itself, so a
+    # plain elementwise rtol fails elements that happen to sit near zero; the RMS (not the
+    # max) keeps a small-valued part of an output (class scores beside box coordinates in a
+    # detection head) from hiding behind its largest values.
+    rms = float(np.sqrt(np.mean(np.square(magnitude)))) if magnitude.size else 0.0
+    scale = np.maximum(magnitude, rms)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        relative = np.where(scale > 0, diff / scale, np.where(diff > 0, np.inf, 0.0))
+    max_rel = float(relative.max()) if relative.size else 0.0
+    passed = bool(same_nan.all() and same_inf.all() and np.all(diff <= atol + rtol * scale))
     return OutputCheck(name, max_abs, max_rel, rtol, atol, passed)
 
 

@@ -215,3 +215,42 @@ def test_text_format_input_is_parsed_by_onnx(tmp_path, capsys):
     assert op_counts(fused) == {"Conv": 1, "Relu": 1, "Mul": 2, "Add": 1, "Constant": 1}
     feed = random_feed(model)
     np.testing.assert_allclose(run(fused, feed)[0], run(model, feed)[0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("link", ["symlink", "hardlink"])
+def test_linked_input_files(tmp_path, capsys, link):
+    """A model reached through a symlink (as in model caches) or with a second hard link is
+    fused: weights left in the file are not held to the checker's rules for data files."""
+    (tmp_path / "store").mkdir()
+    (tmp_path / "work").mkdir()
+    target = saved(chain_model(), tmp_path / "store" / "blob")
+    path = str(tmp_path / "work" / "model.onnx")
+    (os.symlink if link == "symlink" else os.link)(target, path)
+    expected = fuse(onnx.load(path))[0].SerializeToString()
+    assert main([path, str(tmp_path / "work" / "out.onnx")]) == 0
+    assert "validation: passed" in capsys.readouterr().out
+    assert read_bytes(tmp_path / "work" / "out.onnx") == expected
+
+
+def test_inline_weights_beside_external_data(tmp_path, capsys):
+    """Some weights in a data file, some large ones inline: the output is external data, every
+    byte copied or fused from the right place."""
+    b = GraphBuilder(channels=48, spatial=(5, 5))
+    c3 = b.bn(b.conv(b.x, 48, 48, 3, bias=False), 48)  # 81 KB: inline, left in the file
+    c1 = b.bn(b.conv(b.x, 48, 48, 1, pads=[0, 0, 0, 0], bias=False), 48)
+    y = b.op("Relu", [b.add(c3, c1)])
+    z = b.conv(y, 48, 64, 3)  # 108 KB: to the data file
+    model = b.model([z])
+    path = str(tmp_path / "in.onnx")
+    onnx.save_model(model, path, save_as_external_data=True, location="in.onnx.data", size_threshold=100_000)
+    lazy = onnx.load(path, load_external_data=False)
+    assert sum(t.data_location == onnx.TensorProto.EXTERNAL for t in lazy.graph.initializer) == 1
+    assert skeleton.read(path)[1] == 1
+    assert main([path, str(tmp_path / "out.onnx")]) == 0
+    assert "validation: passed" in capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path)) == ["in.onnx", "in.onnx.data", "out.onnx", "out.onnx.data"]
+    fused = onnx.load(str(tmp_path / "out.onnx"))
+    assert op_counts(fused) == {"Conv": 2, "Relu": 1}
+    original = onnx.load(path)  # save_model turned `model` into external-data references
+    feed = random_feed(original)
+    np.testing.assert_allclose(run(fused, feed)[0], run(original, feed)[0], rtol=1e-4, atol=1e-4)
