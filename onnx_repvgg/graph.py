@@ -43,6 +43,33 @@ def subgraphs_of(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
             yield from attr.graphs
 
 
+def tensors_in_nodes(nodes) -> Iterator[onnx.TensorProto]:
+    """Tensors held by node attributes (Constant values, ...), subgraphs' initializers included."""
+    for node in nodes:
+        for attr in node.attribute:
+            kind = attr.type
+            if kind == onnx.AttributeProto.TENSOR:
+                yield attr.t
+            elif kind == onnx.AttributeProto.TENSORS:
+                yield from attr.tensors
+            elif kind == onnx.AttributeProto.GRAPH:
+                yield from attr.g.initializer
+                yield from tensors_in_nodes(attr.g.node)
+            elif kind == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    yield from sub.initializer
+                    yield from tensors_in_nodes(sub.node)
+
+
+def all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Every TensorProto of the model: initializers first, then tensors in attributes and
+    functions (what onnx.external_data_helper walks, without its per-node overhead)."""
+    yield from model.graph.initializer
+    yield from tensors_in_nodes(model.graph.node)
+    for function in model.functions:
+        yield from tensors_in_nodes(function.node)
+
+
 def names_used_in_subgraph(graph: onnx.GraphProto) -> set[str]:
     """Every value name a subgraph reads, including outer-scope captures."""
     used: set[str] = set()

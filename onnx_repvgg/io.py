@@ -11,7 +11,7 @@ from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
 from . import skeleton
-from .graph import external_info
+from .graph import all_tensors, external_info
 from .wire import WireError
 
 MIN_OPSET = 7  # BatchNormalization lost `is_test`/`consumed_inputs` at opset 7
@@ -32,7 +32,7 @@ class LoadedModel:
 
 
 def _external_tensors(model: onnx.ModelProto):
-    return [t for t in external_data_helper._get_all_tensors(model)
+    return [t for t in all_tensors(model)
             if external_data_helper.uses_external_data(t)]
 
 
@@ -208,4 +208,4 @@ def _one_line(err: Exception) -> str:
 def tensor_bytes(model: onnx.ModelProto) -> int:
     """Bytes of all tensors, in memory or not, from their shapes (reading raw_data would copy
     it, and ByteSize() would encode it)."""
-    return sum(_tensor_nbytes(t) or 0 for t in external_data_helper._get_all_tensors(model))
+    return sum(_tensor_nbytes(t) or 0 for t in all_tensors(model))

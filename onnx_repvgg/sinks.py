@@ -89,7 +89,9 @@ class DataSink:
 class MemorySink:
     """Keeps each fused array (read-only, little-endian) until the output is written."""
 
-    threshold = INLINE_LIMIT
+    # Smaller arrays are parsed into the model as usual: the same cut as skeleton.MIN_BYTES,
+    # below which keeping a tensor out of protobuf costs more than it saves.
+    threshold = 1 << 16
     location = "<onnx_repvgg: in memory>"  # never written out: the writer inlines these tensors
 
     def __init__(self):

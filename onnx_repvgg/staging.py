@@ -20,10 +20,9 @@ import tempfile
 
 import numpy as np
 import onnx
-from onnx import external_data_helper
 
 from . import wire
-from .graph import external_info
+from .graph import all_tensors, external_info, tensors_in_nodes
 from .io import BadInput
 from .sinks import INLINE_LIMIT, DataSink, MemorySink, copy_range, write_all
 
@@ -67,7 +66,7 @@ class Staging:
 
     def _write_external(self, model: onnx.ModelProto, payloads: Payloads) -> None:
         sink = self.sink()
-        for tensor in external_data_helper._get_all_tensors(model):
+        for tensor in all_tensors(model):
             if tensor.data_location == onnx.TensorProto.EXTERNAL:
                 if sink.holds(tensor):
                     continue
@@ -192,23 +191,10 @@ def _payload_length(payload) -> int:
     return payload.nbytes if isinstance(payload, np.ndarray) else payload[2]
 
 
-def _nested_tensors(nodes, with_initializers_of=None):
-    """Tensors held by node attributes (recursively, with subgraphs' initializers)."""
-    if with_initializers_of is not None:
-        yield from with_initializers_of.initializer
-    for node in nodes:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            yield from attr.tensors
-            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                yield from _nested_tensors(sub.node, sub)
-
-
 def _load_nested_external(model: onnx.ModelProto, payloads: Payloads) -> None:
-    nested = list(_nested_tensors(model.graph.node))
+    nested = list(tensors_in_nodes(model.graph.node))
     for function in model.functions:
-        nested.extend(_nested_tensors(function.node))
+        nested.extend(tensors_in_nodes(function.node))
     for tensor in nested:
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue

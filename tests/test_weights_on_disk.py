@@ -168,10 +168,11 @@ def test_cli_output_is_the_api_output_byte_for_byte(tmp_path, capsys):
 @pytest.mark.parametrize("external", [False, True])
 def test_fused_weights_are_read_back_in_a_later_round(tmp_path, capsys, external):
     """BN -> (1x1 + 1x1): round 1 sums the branches, round 2 folds the BN into that new conv,
-    reading the weight fused in round 1 from wherever the sink put it."""
-    b = GraphBuilder(channels=64, spatial=(5, 5))
-    x = b.bn(b.x, 64)
-    y = b.add(b.conv(x, 64, 64, 1, pads=[0, 0, 0, 0]), b.conv(x, 64, 64, 1, pads=[0, 0, 0, 0]))
+    reading the weight fused in round 1 from wherever the sink put it (128x128 float32: 64 KiB,
+    big enough to be kept out of the model, in the data file or in memory)."""
+    b = GraphBuilder(channels=128, spatial=(3, 3))
+    x = b.bn(b.x, 128)
+    y = b.add(b.conv(x, 128, 128, 1, pads=[0, 0, 0, 0]), b.conv(x, 128, 128, 1, pads=[0, 0, 0, 0]))
     model = b.model([y])
     path = str(tmp_path / "in.onnx")
     if external:
@@ -254,3 +255,20 @@ def test_inline_weights_beside_external_data(tmp_path, capsys):
     original = onnx.load(path)  # save_model turned `model` into external-data references
     feed = random_feed(original)
     np.testing.assert_allclose(run(fused, feed)[0], run(original, feed)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_output_grown_past_the_limit_goes_to_external_data(tmp_path, capsys, monkeypatch):
+    """--allow-densify can make a model bigger (depthwise 3x3 + dense 1x1 -> dense 3x3): the
+    fused weights kept in memory go to the data file when the output crosses the limit."""
+    from onnx_repvgg import io as rio
+
+    b = GraphBuilder(channels=48, spatial=(5, 5))
+    out = b.add(b.conv(b.x, 48, 48, 3, group=48), b.conv(b.x, 48, 48, 1, pads=[0] * 4))
+    path = saved(b.model([out]), tmp_path / "in.onnx")
+    monkeypatch.setattr(rio, "EXTERNAL_THRESHOLD", 50_000)  # input ~11 KB of weights, output ~83 KB
+    assert main([path, str(tmp_path / "out.onnx"), "--allow-densify"]) == 0
+    assert "validation: passed" in capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path)) == ["in.onnx", "out.onnx", "out.onnx.data"]
+    fused = onnx.load(str(tmp_path / "out.onnx"), load_external_data=False)
+    (weight,) = [t for t in fused.graph.initializer if len(t.dims) == 4]
+    assert list(weight.dims) == [48, 48, 3, 3] and weight.data_location == onnx.TensorProto.EXTERNAL
