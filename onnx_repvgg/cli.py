@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="turn BatchNormalizations that nothing absorbs into depthwise 1x1 Convs")
     p.add_argument("--allow-densify", action="store_true",
                    help="merge branches whose groups differ (e.g. depthwise beside dense) into one denser conv")
+    p.add_argument("--freeze-initializers", action="store_true",
+                   help="treat initializers that are also graph inputs as constants, and remove them from "
+                        "the inputs (IR 3 / keep_initializers_as_inputs exports)")
     p.add_argument("--list-patterns", action="store_true", help="list the rules and exit")
     p.add_argument("--dry-run", action="store_true", help="find and report blocks; write nothing")
     p.add_argument("--overwrite", action="store_true", help="allow the output to be the input file")
@@ -268,7 +271,7 @@ def _phases(args, shapes, staging, say, timings, progress) -> int:
     t = time.perf_counter()
     try:
         model, report = fuse(loaded.model, inplace=True, rules=args.rules, base_dir=loaded.base_dir, sink=sink,
-                             allow_densify=args.allow_densify)
+                             allow_densify=args.allow_densify, freeze_initializer_inputs=args.freeze_initializers)
     except UnsupportedModel as err:
         raise io.BadInput(str(err)) from None
     timings["fuse"] = time.perf_counter() - t

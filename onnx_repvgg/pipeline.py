@@ -32,7 +32,8 @@ class UnsupportedModel(ValueError):
 
 
 def fuse(model: onnx.ModelProto, *, rules: Iterable[str] | None = None, inplace: bool = False,
-         base_dir: str | None = None, sink=None, allow_densify: bool = False) -> tuple[onnx.ModelProto, Report]:
+         base_dir: str | None = None, sink=None, allow_densify: bool = False,
+         freeze_initializer_inputs: bool = False) -> tuple[onnx.ModelProto, Report]:
     """Fuse every re-parameterizable block of `model`.
 
     Returns the fused model (the same object when inplace=True, else a copy) and a
@@ -44,6 +45,10 @@ def fuse(model: onnx.ModelProto, *, rules: Iterable[str] | None = None, inplace:
     model, as soon as each block is fused.
     `allow_densify` lets branches with different groups (depthwise beside dense) merge into
     one conv with their common divisor of groups, which can cost more than it saves.
+    Initializers that are also graph inputs (IR 3 exports, keep_initializers_as_inputs=True)
+    may be overridden at run time, so they are not constants; `freeze_initializer_inputs`
+    removes them from the graph inputs first (the model then has fewer inputs), as
+    onnxruntime's remove_initializer_from_input tool does.
     """
     if not inplace:
         copy = onnx.ModelProto()
@@ -62,6 +67,15 @@ def fuse(model: onnx.ModelProto, *, rules: Iterable[str] | None = None, inplace:
         raise ValueError(f"unknown rule(s) {unknown}; known: {sorted(RULES)}")
 
     report = Report(before=ModelStats.of(model))
+    overridable = _initializer_inputs(model.graph)
+    if overridable and freeze_initializer_inputs:
+        _remove_inputs(model, overridable)
+        report.frozen_initializer_inputs = len(overridable)
+    elif overridable:
+        report.notes.append(
+            f"{len(overridable)} initializers are also graph inputs: they may be overridden at run time, so "
+            "blocks that use them are not fused; --freeze-initializers (API: freeze_initializer_inputs=True) "
+            "makes them constants and removes them from the inputs")
     names = rewrite.NameRegistry(all_names(model.graph))
     reader = TensorReader(base_dir, sink)
     for graph in _graphs(model.graph):
@@ -69,6 +83,20 @@ def fuse(model: onnx.ModelProto, *, rules: Iterable[str] | None = None, inplace:
                     {"allow_densify": allow_densify}, model if graph is model.graph else None)
     report.after = ModelStats.of(model)
     return model, report
+
+
+def _initializer_inputs(graph: onnx.GraphProto) -> set[str]:
+    initializers = {t.name for t in graph.initializer}
+    return {value.name for value in graph.input if value.name in initializers}
+
+
+def _remove_inputs(model: onnx.ModelProto, names: set[str]) -> None:
+    inputs = model.graph.input
+    for index in range(len(inputs) - 1, -1, -1):
+        if inputs[index].name in names:
+            del inputs[index]
+    if model.ir_version < 4:  # IR 3 requires every initializer to be a graph input
+        model.ir_version = 4
 
 
 def _view_with_shapes(graph: onnx.GraphProto, opset: int, reader: TensorReader,

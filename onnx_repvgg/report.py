@@ -85,6 +85,8 @@ class Report:
     size_before: int | None = None
     size_after: int | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    frozen_initializer_inputs: int = 0  # initializers removed from the graph inputs
+    notes: list[str] = field(default_factory=list)
 
     @property
     def fused(self) -> list[BlockRecord]:
@@ -120,6 +122,10 @@ class Report:
             patterns = Counter(b.pattern for b in self.fused)
             summary = ", ".join(f"{n}x {p}" for p, n in patterns.most_common())
             lines.append(f"  fused: {summary} (-v lists every block)")
+        if self.frozen_initializer_inputs:
+            lines.append(f"  {self.frozen_initializer_inputs} initializers removed from the graph inputs "
+                         "(--freeze-initializers)")
+        lines.extend(f"note: {note}" for note in self.notes)
         if self.before and self.after:
             lines.append("")
             lines.extend(_side_by_side(self))

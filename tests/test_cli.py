@@ -453,7 +453,9 @@ def test_json_schema(tmp_path, capsys):
     assert main([str(tmp_path / "in.onnx"), str(tmp_path / "out.onnx"), "--json", str(tmp_path / "r.json")]) == 0
     data = json.loads((tmp_path / "r.json").read_text())
     assert set(data) >= {"schema_version", "tool_version", "input_path", "output_path", "size_before", "size_after",
-                         "rounds", "summary", "timings", "before", "after", "blocks", "validation"}
+                         "rounds", "summary", "timings", "before", "after", "blocks", "validation",
+                         "frozen_initializer_inputs", "notes"}
+    assert data["frozen_initializer_inputs"] == 0 and data["notes"] == []
     assert data["output_path"] == str(tmp_path / "out.onnx") and data["size_after"] > 0
     assert set(data["timings"]) == {"load", "fuse", "save", "validate"}
     for side in ("before", "after"):

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from onnx_repvgg import fuse, validate
+from onnx_repvgg.cli import main
 from onnx_repvgg.io import load
 from tests.graphs import op_counts, run
 from tests.reference.export import export
@@ -72,6 +73,32 @@ def test_dynamic_batch_export(tmp_path, dynamo):
     dim = fused.graph.input[0].type.tensor_type.shape.dim[0]
     assert dim.dim_param  # still dynamic
     assert validate(train, fused, input_shapes={fused.graph.input[0].name: [3, 3, 32, 32]}).passed
+
+
+def test_initializers_kept_as_inputs(tmp_path, capfd):
+    """keep_initializers_as_inputs=True (the TorchScript exporter's option, and every IR 3
+    export): weights are overridable inputs, so nothing is fused unless the user freezes them;
+    then the result is the deploy export's graph, validated."""
+    net = randomize_bn(small_repvgg(), seed=5)
+    x = torch.randn(1, 3, 32, 32)
+    path = str(tmp_path / "train.onnx")
+    torch.onnx.export(net.eval(), (x,), path, dynamo=False, keep_initializers_as_inputs=True, input_names=["x"])
+    deploy = load(export(deploy_copy(net), x, str(tmp_path / "deploy.onnx"), False)).model
+    model = onnx.load(path)
+    assert len(model.graph.input) > 1
+    assert main([path, str(tmp_path / "same.onnx")]) == 0
+    out = capfd.readouterr()
+    assert "blocks: 0 fused" in out.out and "--freeze-initializers" in out.out
+    assert out.err == ""  # onnxruntime's warnings about overridable initializers are not printed
+    assert main([path, str(tmp_path / "fused.onnx"), "--freeze-initializers"]) == 0
+    out = capfd.readouterr().out
+    assert "validation: passed" in out and "removed from the graph inputs" in out
+    fused = onnx.load(str(tmp_path / "fused.onnx"))
+    assert [i.name for i in fused.graph.input] == ["x"]
+    assert op_counts(fused) == op_counts(deploy)
+    feed = {"x": x.numpy()}
+    with torch.no_grad():
+        np.testing.assert_allclose(run(fused, feed)[0], net(x).numpy(), rtol=1e-4, atol=1e-4)
 
 
 def test_unfolded_torchscript_export(tmp_path):
