@@ -36,10 +36,11 @@ _BYTE_ALIGNED = {
 }
 
 
-def read(path: str, min_bytes: int = MIN_BYTES) -> tuple[onnx.ModelProto, int]:
+def read(path: str, min_bytes: int | None = None) -> tuple[onnx.ModelProto, int]:
     """The model at `path` with its inline initializers of `min_bytes` or more left in the
-    file; and how many initializers were left there. Raises WireError (or OSError) when the
-    file is not a protobuf this walk understands."""
+    file (default MIN_BYTES); and how many initializers were left there. Raises WireError
+    (or OSError) when the file is not a protobuf this walk understands."""
+    min_bytes = MIN_BYTES if min_bytes is None else min_bytes
     location = os.path.basename(path).encode("utf-8")  # UnicodeEncodeError is a ValueError
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
         size = len(buf)
