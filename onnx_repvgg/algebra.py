@@ -55,6 +55,20 @@ def embed_kernel(kernel, spatial_shape: Sequence[int], offsets: Sequence[int]) -
     return out
 
 
+def dilate_kernel(kernel, rates: Sequence[int]) -> np.ndarray:
+    """A kernel of dilation d*r written as one of dilation d: r-1 zeros between taps, so a
+    k-tap axis becomes (k-1)*r + 1 taps (UniRepLKNet's dilated branches). Conv with the
+    result and the same pads is the same map. Keeps the kernel's dtype (it only moves values)."""
+    kernel = np.asarray(kernel)
+    rates = tuple(int(r) for r in rates)
+    if len(rates) != kernel.ndim - 2 or any(r < 1 for r in rates):
+        raise ValueError("one rate >= 1 per spatial axis")
+    shape = tuple((k - 1) * r + 1 for k, r in zip(kernel.shape[2:], rates))
+    out = np.zeros(kernel.shape[:2] + shape, dtype=kernel.dtype)
+    out[(slice(None), slice(None)) + tuple(slice(None, None, r) for r in rates)] = kernel
+    return out
+
+
 def identity_kernel(channels: int, groups: int, spatial_shape: Sequence[int],
                     position: Sequence[int]) -> np.ndarray:
     """The kernel of a grouped conv with Cin == Cout == channels that copies its input.

@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bn-to-conv", action="store_true",
                    help="turn BatchNormalizations that nothing absorbs into depthwise 1x1 Convs")
     p.add_argument("--allow-densify", action="store_true",
-                   help="merge branches whose groups differ (e.g. depthwise beside dense) into one denser conv")
+                   help="merge branches whose groups differ (e.g. depthwise beside dense), or whose dilations "
+                        "need a kernel with more taps than the branches, into one denser conv")
     p.add_argument("--freeze-initializers", action="store_true",
                    help="treat initializers that are also graph inputs as constants, and remove them from "
                         "the inputs (IR 3 / keep_initializers_as_inputs exports)")

@@ -44,7 +44,8 @@ def fuse(model: onnx.ModelProto, *, rules: Iterable[str] | None = None, inplace:
     (sinks.DataSink or sinks.MemorySink) takes the new initializers' bytes instead of the
     model, as soon as each block is fused.
     `allow_densify` lets branches with different groups (depthwise beside dense) merge into
-    one conv with their common divisor of groups, which can cost more than it saves.
+    one conv with their common divisor of groups, and dilated branches merge into a kernel
+    with more taps than they have together; either can cost more than it saves.
     Initializers that are also graph inputs (IR 3 exports, keep_initializers_as_inputs=True)
     may be overridden at run time, so they are not constants; `freeze_initializer_inputs`
     removes them from the graph inputs first (the model then has fewer inputs), as

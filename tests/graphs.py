@@ -132,9 +132,9 @@ def op_counts(model: onnx.ModelProto) -> dict[str, int]:
     return counts
 
 
-def fuse_and_compare(model: onnx.ModelProto, rtol=1e-4, atol=1e-5, seeds=(0, 1)):
+def fuse_and_compare(model: onnx.ModelProto, rtol=1e-4, atol=1e-5, seeds=(0, 1), **options):
     """Fuse, check the result with the full checker, and compare outputs under onnxruntime."""
-    fused, report = fuse(model)
+    fused, report = fuse(model, **options)
     onnx.checker.check_model(fused, full_check=True)
     for seed in seeds:
         feeds = random_feed(model, seed)

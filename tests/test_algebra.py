@@ -133,3 +133,16 @@ def test_regroup_kernel_is_the_same_conv(g_from, g_to):
     assert regrouped.shape == (cin, cin // g_to, 3, 3)
     np.testing.assert_allclose(conv(x, regrouped, pads=[1] * 4, group=g_to), conv(x, k, pads=[1] * 4, group=g_from),
                                atol=1e-10)
+
+
+@pytest.mark.parametrize("rates", [(2, 2), (3, 1), (1, 4)])
+def test_dilated_kernel_written_without_dilation(rates):
+    """conv(x, w, dilation=d*r) == conv(x, dilate_kernel(w, r), dilation=d) with the same pads."""
+    x = rng.standard_normal((2, 3, 17, 17))
+    w = rng.standard_normal((5, 3, 3, 3))
+    pads = [r * 2 // 2 for r in rates] * 2
+    expected = conv(x, w, pads=pads, dilations=list(rates))
+    dense = algebra.dilate_kernel(w, rates)
+    assert dense.shape[2:] == tuple(2 * r + 1 for r in rates)
+    np.testing.assert_allclose(conv(x, dense, pads=pads), expected, rtol=1e-12, atol=1e-12)
+    assert np.count_nonzero(dense) == np.count_nonzero(w)

@@ -341,11 +341,49 @@ def test_skip_group_mismatch():
     _skip(b.model([out]), "group_mismatch")
 
 
-def test_skip_dilation_mismatch():
+def test_skip_dilation_mismatch_that_would_grow_the_kernel():
+    """3x3 + 3x3 dilated 2 would need one 5x5 kernel: 25 taps against 18. Opt-in only."""
     b = GraphBuilder(spatial=(9, 9))
     x = b.x
     out = b.add(b.conv(x, 4, 4, 3, dilation=2), b.conv(x, 4, 4, 3, dilation=1))
-    _skip(b.model([out]), "dilation_mismatch")
+    reason = _skip(b.model([out]), "dilation_mismatch")
+    assert "5x5" in reason and "25 taps against 18" in reason and "--allow-densify" in reason
+    fused, report = fuse_and_compare(b.model([out]), allow_densify=True)
+    (conv,) = fused.graph.node
+    assert [a.ints for a in conv.attribute if a.name == "kernel_shape"] == [[5, 5]]
+    assert [a.ints for a in conv.attribute if a.name == "dilations"] == [[1, 1]]
+
+
+@pytest.mark.parametrize("kernel,branches", [
+    (7, [(5, 1), (3, 2), (3, 3)]),            # UniRepLKNet's DilatedReparamBlock, kernel 7
+    (13, [(5, 1), (7, 2), (3, 3), (3, 4), (3, 5)]),
+])
+def test_dilated_branches_merge_into_the_large_kernel(kernel, branches):
+    """Depthwise large kernel + BN beside smaller dilated depthwise kernels + BN (UniRepLKNet):
+    each dilated kernel, with zeros between its taps, fits the large one; one conv remains."""
+    c = 6
+    b = GraphBuilder(channels=c, spatial=(15, 15))
+    x = b.x
+    out = b.bn(b.conv(x, c, c, kernel, group=c, bias=False), c)
+    for k, r in branches:
+        out = b.add(out, b.bn(b.conv(x, c, c, k, group=c, dilation=r, bias=False, pads=[r * (k - 1) // 2] * 4), c))
+    fused, report = fuse_and_compare(b.model([out]))
+    assert_single_conv(fused, report)
+    conv = fused.graph.node[0]
+    assert [a.ints for a in conv.attribute if a.name == "kernel_shape"] == [[kernel, kernel]]
+    assert [a.ints for a in conv.attribute if a.name == "dilations"] == [[1, 1]]
+
+
+def test_dilations_with_a_common_divisor_keep_it():
+    """Dilations 2 and 4: the fused conv keeps dilation 2, the dilation-4 kernel gets one zero
+    between its taps."""
+    b = GraphBuilder(spatial=(13, 13))
+    x = b.x
+    out = b.add(b.conv(x, 4, 4, 5, dilation=2), b.conv(x, 4, 4, 3, dilation=4))
+    fused, report = fuse_and_compare(b.model([out]))
+    conv = fused.graph.node[0]
+    assert [a.ints for a in conv.attribute if a.name == "kernel_shape"] == [[5, 5]]
+    assert [a.ints for a in conv.attribute if a.name == "dilations"] == [[2, 2]]
 
 
 def test_skip_pads_that_do_not_align():

@@ -29,6 +29,7 @@ CASES = {
     "fastvit-repmixer": lambda: [fam.RepMixer(C), fam.RepCPE(C)],
     "yolov10-repvggdw": lambda: [fam.LargeSmallDw(C, 7, 3, act=True)],
     "replknet": lambda: [fam.LargeSmallDw(C, 13, 5)],
+    "unireplknet-dilated": lambda: [fam.DilatedReparam(C, 7), fam.DilatedReparam(C, 9)],
     "acnet": lambda: [fam.ACBlock(C, C)],
     "pplcnetv2": lambda: [fam.RepDepthwise(C)],
     "ultralytics-repconv": lambda: [fam.UltralyticsRepConv(C)],

@@ -23,6 +23,7 @@ PATTERNS = [
     ("FastViT RepMixer", "x + g * (mixer(x) - BN(x))  -> dwKxK(x)", "branch_sum"),
     ("FastViT RepCPE / CPE", "x + dwKxK(x)  -> dwKxK(x)", "branch_sum"),
     ("RepLKNet, YOLOv10 RepVGGDW, FastViT", "BN(dwLxL(x)) + BN(dwSxS(x))  -> dwLxL(x)", "branch_sum"),
+    ("UniRepLKNet dilated reparam", "BN(dwLxL(x)) + sum_i BN(dwKxK_dilated_r(x))  -> dwLxL(x)", "branch_sum"),
     ("ACNet", "BN(conv3x3(x)) + BN(conv1x3(x)) + BN(conv3x1(x))  -> conv3x3(x)", "branch_sum"),
     ("PP-LCNetV2", "BN(dw5x5(x)) + BN(dw3x3(x)) + BN(dw1x1(x)) + BN(x)  -> dw5x5(x)", "branch_sum"),
     ("RepGhost", "BN(dw3x3(x)) + BN(x)  -> dw3x3(x)", "branch_sum"),

@@ -13,8 +13,10 @@ constant addends such as `+ 0`, and a lone Conv -> BN / Conv -> Mul / Conv -> Ad
 Preconditions, each checked below and reported as a Reason when it fails:
   * weights, biases, BN parameters and scales are constants; scales are per-channel;
   * BN in inference mode (training_mode 0, spatial 1);
-  * all Convs share groups, Cout, Cin/groups, strides, and dilation on every axis
-    where a kernel is wider than 1;
+  * all Convs share groups, Cout, Cin/groups and strides; on each axis where a kernel is
+    wider than 1, a branch whose dilation is a multiple r of the others' is written with
+    r-1 zeros between its taps (UniRepLKNet's dilated branches), when the fused kernel has
+    no more taps than the branches together (else only with --allow-densify);
   * every branch kernel lands at a whole-number offset in one covering kernel, and
     every branch gives the same output size for any input size
     (pad_begin + pad_end - dilation*(k-1) is equal for all branches);
@@ -198,14 +200,19 @@ def build_block(view: GraphView, index: LinearIndex, tree: LinearTree, x: str,
         if cin != cout:
             raise Skip("identity_channels", f"AveragePool branch '{name}' needs Cin == Cout, the convs map {cin} -> {cout}")
 
-    # Dilation matters only on axes where a kernel is wider than 1.
+    # Dilation matters only on axes where a kernel is wider than 1. Each axis takes the gcd of
+    # the branches' dilations; a branch dilated more is written with zeros between its taps
+    # (UniRepLKNet's dilated branches beside a large kernel).
     dilations = []
     for axis in range(n):
         wide = {p.dilations[axis] for _, p in convs if p.kernel[axis] > 1}
         wide |= {1 for _, pp in pools if pp.kernel[axis] > 1}
-        if len(wide) > 1:
-            raise Skip("dilation_mismatch", f"branches have dilations {sorted(wide)} on spatial axis {axis}")
-        dilations.append(wide.pop() if wide else 1)
+        dilations.append(math.gcd(*wide) if wide else 1)
+    branch_taps = sum(int(np.prod(p.kernel)) for _, p in convs)
+    dilated = sorted({p.dilations for _, p in convs
+                      if any(k > 1 and d != dilations[a] for a, (k, d) in enumerate(zip(p.kernel, p.dilations)))})
+    if dilated:
+        convs = [(b, _on_dilation_grid(p, dilations)) for b, p in convs]
 
     identities = [b for b in branches if b.kind == "identity"]
     if identities:
@@ -242,6 +249,10 @@ def build_block(view: GraphView, index: LinearIndex, tree: LinearTree, x: str,
         pad_end.append(end)
         offsets_by_axis.append(offsets)
     branch_offsets = [tuple(offsets_by_axis[a][i] for a in range(n)) for i in range(len(extents))]
+    if dilated and int(np.prod(kernel_shape)) > branch_taps and not allow_densify:
+        raise Skip("dilation_mismatch", f"merging dilations {sorted({tuple(dilations)}.union(dilated))} needs one "
+                   f"{_label(kernel_shape)} kernel of dilation {tuple(dilations)}: {int(np.prod(kernel_shape))} taps "
+                   f"against {branch_taps} in the branches (--allow-densify merges them)")
 
     terms: list[Term] = []
     for b, offsets in zip(identities, branch_offsets):
@@ -276,6 +287,14 @@ def build_block(view: GraphView, index: LinearIndex, tree: LinearTree, x: str,
                  geometry=geometry, dtype=first.weight.dtype, removed_nodes=removed,
                  other_leaves=other_names, other_scales=other_scales, name_hint=main.node_name,
                  constant_bias=bias_from_constants)
+
+
+def _on_dilation_grid(p: ConvParams, dilations: list[int]) -> ConvParams:
+    """The conv written with `dilations` (each dividing its own on axes where its kernel is
+    wider than 1): zeros between taps; pads, and so the map, unchanged."""
+    rates = tuple(d // g if k > 1 else 1 for k, d, g in zip(p.kernel, p.dilations, dilations))
+    weight = p.weight if all(r == 1 for r in rates) else algebra.dilate_kernel(p.weight, rates)
+    return dataclasses.replace(p, weight=weight, dilations=tuple(dilations))
 
 
 def _regroup(convs: list[tuple[Branch, ConvParams]], group: int) -> list[tuple[Branch, ConvParams]]:

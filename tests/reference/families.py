@@ -271,6 +271,42 @@ class LargeSmallDw(nn.Module):
                                   groups=self.c), self.act)
 
 
+class DilatedReparam(nn.Module):
+    """UniRepLKNet's Dilated Reparam Block: a large depthwise conv-BN beside smaller depthwise
+    conv-BNs of growing dilation, each padded to keep the size ((k-1)*r + 1 <= large)."""
+
+    BRANCHES = {7: ((5, 1), (3, 2), (3, 3)), 9: ((5, 1), (5, 2), (3, 3), (3, 4))}
+
+    def __init__(self, c, large=7):
+        super().__init__()
+        self.c = c
+        self.large = ConvBN(c, c, large, groups=c)
+        self.dilated = nn.ModuleList()
+        self.rates = []
+        for k, r in self.BRANCHES[large]:
+            branch = ConvBN(c, c, k, groups=c, padding=r * (k - 1) // 2)
+            branch.conv.dilation = (r, r)
+            self.dilated.append(branch)
+            self.rates.append(r)
+
+    def forward(self, x):
+        out = self.large(x)
+        for branch in self.dilated:
+            out = out + branch(x)
+        return out
+
+    def deploy(self):
+        """merge_dilated_into_large_kernel: each dilated kernel with r-1 zeros between taps."""
+        parts = [self.large.kernel_bias()]
+        for branch, r in zip(self.dilated, self.rates):
+            w, b = branch.kernel_bias()
+            k = w.shape[2]
+            dense = torch.zeros(w.shape[0], w.shape[1], (k - 1) * r + 1, (k - 1) * r + 1)
+            dense[:, :, ::r, ::r] = w
+            parts.append((dense, b))
+        return Deployed(conv_from(parts, self.c, self.c, groups=self.c))
+
+
 class ACBlock(nn.Module):
     """ACNet: 3x3-BN + 1x3-BN + 3x1-BN."""
 
