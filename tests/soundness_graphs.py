@@ -33,7 +33,7 @@ def graph_spec(draw):
     for _ in range(n_branches):
         kind = draw(st.sampled_from(["conv", "conv", "conv_bn", "bn", "identity", "scaled_conv", "pool", "padded_conv"]))
         k = tuple(draw(st.sampled_from([1, 2, 3])) for _ in range(ndim))
-        dil = tuple(draw(st.sampled_from([1, 1, 2])) for _ in range(ndim))
+        dil = tuple(draw(st.sampled_from([1, 1, 2, 4])) for _ in range(ndim))
         centred = draw(st.booleans())
         pads_b = tuple((d * (kk - 1)) // 2 if centred else draw(st.integers(0, 2)) for kk, d in zip(k, dil))
         pads_e = tuple((d * (kk - 1)) - pb if centred and d * (kk - 1) >= pb else draw(st.integers(0, 2))
