@@ -44,7 +44,7 @@ class Validation:
     outputs: list[OutputCheck] = field(default_factory=list)
     input_shapes: dict[str, list[int]] = field(default_factory=dict)
     error: str | None = None
-    defaulted_dims: list[str] = field(default_factory=list)  # "input[axis]" resolved to 1
+    defaulted_dims: list[str] = field(default_factory=list)  # "input[axis]" chosen by validation (see input_shapes)
 
     @property
     def max_abs_diff(self) -> float:
@@ -174,6 +174,16 @@ def _painter(enabled: bool):
 _PLAIN = _painter(False)
 
 
+def _dim_value(v: Validation, dim: str) -> str:
+    """The value validation gave a dynamic dim 'input[axis]' (from its input shapes)."""
+    name, _, axis = dim.rpartition("[")
+    shape = v.input_shapes.get(name)
+    try:
+        return str(shape[int(axis.rstrip("]"))])
+    except (TypeError, ValueError, IndexError):
+        return "?"
+
+
 def _validation_text(v: Validation, paint=_PLAIN) -> str:
     if v.error:
         return f"validation: {paint('could not run', 'red')}: {v.error}"
@@ -182,7 +192,8 @@ def _validation_text(v: Validation, paint=_PLAIN) -> str:
              f"onnxruntime, optimizations disabled): max abs diff {v.max_abs_diff:.3g}, "
              f"max rel diff {v.max_rel_diff:.3g}"]
     if v.defaulted_dims:
-        lines.append(f"  note: dynamic dims set to 1: {', '.join(v.defaulted_dims)}; "
+        chosen = ", ".join(f"{d}={_dim_value(v, d)}" for d in v.defaulted_dims)
+        lines.append(f"  note: dynamic dims chosen for validation: {chosen}; "
                      "--input-shape NAME:D0,D1,... checks more of each kernel")
     for o in v.outputs:
         if not o.passed:

@@ -120,6 +120,34 @@ def compare(name: str, expected: np.ndarray, actual: np.ndarray, rtol: float, at
     return OutputCheck(name, max_abs, max_rel, rtol, atol, passed)
 
 
+# Dynamic spatial dims are first set to 1 (cheap, and the centre tap of every kernel); a model
+# that cannot run that small (pooling windows, upsample-and-concat necks) is tried at these.
+FALLBACK_SIZES = (32, 64, 128, 224, 256, 320, 512, 640)
+
+
+def _run_at_larger_sizes(reference, overrides: dict, run_original) -> tuple[list | None, dict]:
+    """Retry the original with the dynamic dims on axes >= 2 (spatial) set to each of
+    FALLBACK_SIZES; the runs and the shapes of the first size that works, or (None, overrides)."""
+    spatial = {}
+    for arg in reference.get_inputs():
+        if arg.name in overrides:
+            continue
+        axes = [axis for axis, d in enumerate(arg.shape) if axis >= 2 and not (isinstance(d, int) and d >= 0)]
+        if axes:
+            spatial[arg.name] = (resolve_shape(arg.name, arg.shape, overrides), axes)
+    for size in FALLBACK_SIZES if spatial else ():
+        trial = dict(overrides)
+        for name, (shape, axes) in spatial.items():
+            trial[name] = [size if axis in axes else d for axis, d in enumerate(shape)]
+        try:
+            return run_original(trial), trial
+        except ValidationError:
+            raise
+        except Exception:
+            continue
+    return None, overrides
+
+
 def validate(original, fused, *, input_sets: int = 1, rtol: float | None = None, atol: float | None = None,
              input_shapes: Mapping[str, Sequence[int]] | None = None, seed: int = 0,
              input_data: Mapping[str, np.ndarray] | None = None) -> Validation:
@@ -127,6 +155,8 @@ def validate(original, fused, *, input_sets: int = 1, rtol: float | None = None,
 
     rtol/atol default to 1e-4/1e-5, and to 1e-2/1e-3 for float16 outputs. `input_data`
     gives real arrays for some inputs (used in every input set); the rest are random.
+    Dynamic dims not given by `input_shapes` are set to 1; if the original cannot run so
+    small, its dynamic spatial dims (axes >= 2) are tried at FALLBACK_SIZES.
     Raises ValidationError if onnxruntime cannot run a model.
     """
     overrides = dict(input_shapes or {})
@@ -140,19 +170,29 @@ def validate(original, fused, *, input_sets: int = 1, rtol: float | None = None,
     if unknown:
         raise ValidationError(f"--input-data names {unknown}, which are not model inputs", "original")
     output_names = [o.name for o in reference.get_outputs()]
-    shapes = {a.name: resolve_shape(a.name, a.shape, overrides) for a in reference.get_inputs()}
-    defaulted = [f"{a.name}[{axis}]" for a in reference.get_inputs() if a.name not in overrides
-                 for axis, d in enumerate(a.shape) if not (isinstance(d, int) and d >= 0)]
-    runs = []
-    for k in range(max(1, input_sets)):
-        feeds = random_inputs(reference, overrides, seed + k)
-        for name, array in data.items():
-            feeds[name] = np.asarray(array, dtype=feeds[name].dtype)
-        try:
+
+    def run_original(chosen: Mapping[str, Sequence[int]]) -> list:
+        runs = []
+        for k in range(max(1, input_sets)):
+            feeds = random_inputs(reference, chosen, seed + k)
+            for name, array in data.items():
+                feeds[name] = np.asarray(array, dtype=feeds[name].dtype)
             runs.append((feeds, reference.run(None, feeds)))
-        except Exception as err:
+        return runs
+
+    try:
+        runs = run_original(overrides)
+    except ValidationError:
+        raise
+    except Exception as err:
+        runs, overrides = _run_at_larger_sizes(reference, overrides, run_original)
+        if runs is None:
             raise ValidationError(f"onnxruntime cannot run the original model: {_first_line(err)}",
                                   "original") from None
+    shapes = {a.name: resolve_shape(a.name, a.shape, overrides) for a in reference.get_inputs()}
+    given = set(input_shapes or {}) | set(data)
+    defaulted = [f"{a.name}[{axis}]" for a in reference.get_inputs() if a.name not in given
+                 for axis, d in enumerate(a.shape) if not (isinstance(d, int) and d >= 0)]
     del reference
     candidate = _session(fused, "fused")
     if ref_inputs != [(a.name, a.type) for a in candidate.get_inputs()]:

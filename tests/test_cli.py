@@ -379,7 +379,22 @@ def test_dynamic_dims_note(tmp_path, capsys):
     model = b.model([repvgg_block(b, identity="bn")], input_shape=["N", 4, "H", "W"])
     onnx.save(model, str(tmp_path / "in.onnx"))
     assert main([str(tmp_path / "in.onnx"), str(tmp_path / "out.onnx")]) == 0
-    assert "dynamic dims set to 1: x[0], x[2], x[3]" in capsys.readouterr().out
+    assert "dynamic dims chosen for validation: x[0]=1, x[2]=1, x[3]=1" in capsys.readouterr().out
+
+
+def test_dynamic_spatial_dims_too_small_to_run_are_retried_larger(tmp_path, capsys):
+    """A model that cannot run at 1x1 (here a 3x3 pooling window without padding) is
+    validated at the first of 32, 64, ... that works, and the note says so."""
+    b = GraphBuilder()
+    pooled = b.op("MaxPool", [repvgg_block(b, identity="bn")], kernel_shape=[3, 3])
+    model = b.model([pooled], input_shape=["N", 4, "H", "W"])
+    onnx.save(model, str(tmp_path / "in.onnx"))
+    assert main([str(tmp_path / "in.onnx"), str(tmp_path / "out.onnx"), "--json", str(tmp_path / "r.json")]) == 0
+    out = capsys.readouterr().out
+    assert "validation: passed" in out
+    assert "dynamic dims chosen for validation: x[0]=1, x[2]=32, x[3]=32" in out
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["validation"]["input_shapes"] == {"x": [1, 4, 32, 32]}
 
 
 def test_progress_only_on_a_terminal(tmp_path, capsys, monkeypatch):
