@@ -5,6 +5,8 @@ authors'-style deploy conversion (tests/reference/repvgg.py): the same op counts
 and the same outputs (1e-4 relative), against PyTorch and onnxruntime both.
 """
 
+import warnings
+
 import numpy as np
 import onnx
 import pytest
@@ -82,7 +84,9 @@ def test_initializers_kept_as_inputs(tmp_path, capfd):
     net = randomize_bn(small_repvgg(), seed=5)
     x = torch.randn(1, 3, 32, 32)
     path = str(tmp_path / "train.onnx")
-    torch.onnx.export(net.eval(), (x,), path, dynamo=False, keep_initializers_as_inputs=True, input_names=["x"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
+        torch.onnx.export(net.eval(), (x,), path, dynamo=False, keep_initializers_as_inputs=True, input_names=["x"])
     deploy = load(export(deploy_copy(net), x, str(tmp_path / "deploy.onnx"), False)).model
     model = onnx.load(path)
     assert len(model.graph.input) > 1
