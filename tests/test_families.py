@@ -5,12 +5,16 @@ statistics. The fused train-time export must have the op counts of the deploy ex
 agree with PyTorch to 1e-4 relative.
 """
 
+import os
+
 import numpy as np
 import onnx
 import pytest
 import torch
 
-from onnx_repvgg import fuse, validate
+from onnx_repvgg import fuse, skeleton, validate
+from onnx_repvgg.cli import main
+from onnx_repvgg.sinks import MemorySink
 from onnx_repvgg.io import load
 from tests.graphs import op_counts, run
 from tests.reference import families as fam
@@ -67,7 +71,29 @@ def fuse_against_deploy(tmp_path, net, dynamo):
     got = run(fused, {fused.graph.input[0].name: x.numpy()})[0]
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
     assert validate(train, fused, input_sets=2).passed
+    assert_cli_writes(fused, str(tmp_path / f"train_{tag}.onnx"), str(tmp_path / f"cli_{tag}.onnx"))
     return report
+
+
+def assert_cli_writes(fused: onnx.ModelProto, train_path: str, out_path: str) -> None:
+    """The CLI, with every weight of 256 bytes or more left on disk (wire-format reader, kept
+    arrays, splicing writer), writes exactly the model fuse() made: the same bytes for a
+    one-file model; the same nodes and initializer values with external data."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(skeleton, "MIN_BYTES", 256)
+        patch.setattr(MemorySink, "threshold", 256)
+        assert main([train_path, out_path, "--no-check", "-q"]) == 0
+    if not os.path.exists(out_path + ".data"):
+        with open(out_path, "rb") as f:
+            assert f.read() == fused.SerializeToString()
+        return
+    written = onnx.load(out_path)
+    assert list(written.graph.node) == list(fused.graph.node)
+    expected = {t.name: onnx.numpy_helper.to_array(t) for t in fused.graph.initializer}
+    got = {t.name: onnx.numpy_helper.to_array(t) for t in written.graph.initializer}
+    assert expected.keys() == got.keys()
+    for name, value in expected.items():
+        np.testing.assert_array_equal(got[name], value, err_msg=name)
 
 
 @pytest.mark.parametrize("dynamo", EXPORTERS)
