@@ -140,7 +140,7 @@ def _run_at_larger_sizes(reference, overrides: dict, run_original) -> tuple[list
         for name, (shape, axes) in spatial.items():
             trial[name] = [size if axis in axes else d for axis, d in enumerate(shape)]
         try:
-            return run_original(trial), trial
+            return run_original(reference, trial), trial
         except ValidationError:
             raise
         except Exception:
@@ -171,17 +171,17 @@ def validate(original, fused, *, input_sets: int = 1, rtol: float | None = None,
         raise ValidationError(f"--input-data names {unknown}, which are not model inputs", "original")
     output_names = [o.name for o in reference.get_outputs()]
 
-    def run_original(chosen: Mapping[str, Sequence[int]]) -> list:
+    def run_original(session, chosen: Mapping[str, Sequence[int]]) -> list:
         runs = []
         for k in range(max(1, input_sets)):
-            feeds = random_inputs(reference, chosen, seed + k)
+            feeds = random_inputs(session, chosen, seed + k)
             for name, array in data.items():
                 feeds[name] = np.asarray(array, dtype=feeds[name].dtype)
-            runs.append((feeds, reference.run(None, feeds)))
+            runs.append((feeds, session.run(None, feeds)))
         return runs
 
     try:
-        runs = run_original(overrides)
+        runs = run_original(reference, overrides)
     except ValidationError:
         raise
     except Exception as err:
