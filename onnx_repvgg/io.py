@@ -104,10 +104,11 @@ def load(path: str, load_external_data: bool = True) -> LoadedModel:
         _check_raw_data_size(tensor, path)
     data_files = {_check_external_location(t, base_dir) for t in external
                   if external_info(t).get("location") != own_name}
+    external_dir = base_dir if data_files else None  # where the checker must find data files
     if left_in_file:
-        _run_checker(_with_weights_as_inputs(model, own_name), path, base_dir)
+        _run_checker(_with_weights_as_inputs(model, own_name), path, external_dir)
     else:
-        _run_checker(None if binary else model, path, base_dir)
+        _run_checker(None if binary else model, path, external_dir)
     if external and load_external_data:
         try:
             external_data_helper.load_external_data_for_model(model, base_dir)
@@ -164,15 +165,17 @@ def _with_weights_as_inputs(model: onnx.ModelProto, own_name: str) -> onnx.Model
     return copy
 
 
-def _run_checker(in_memory: onnx.ModelProto | None, path: str, base_dir: str) -> None:
+def _run_checker(in_memory: onnx.ModelProto | None, path: str, external_dir: str | None) -> None:
     """onnx.checker on the model: on the binary file, or on the parsed model (a text-format
-    file, or weights left in the file; external locations then resolve from the model's
-    folder, since the checker resolves them from the working directory)."""
+    file, or weights left in the file). A parsed model with external data files is checked
+    from their folder, as the checker resolves their locations from the working directory."""
     try:
         if in_memory is None:
             onnx.checker.check_model(path)
+        elif external_dir is None:
+            onnx.checker.check_model(in_memory)
         else:
-            with _working_directory(base_dir):
+            with _working_directory(external_dir):
                 onnx.checker.check_model(in_memory)
     except onnx.checker.ValidationError as err:
         raise BadInput(f"{path} fails the ONNX checker: {_one_line(err)}") from None
