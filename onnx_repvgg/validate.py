@@ -1,7 +1,9 @@
 """Prove a fused model equal to its original: onnxruntime, optimizations off, seeded inputs.
 
 Graph optimizations are disabled so that onnxruntime's own Conv/BN/Add fusions cannot
-hide a difference. Dynamic dimensions are resolved to 1 unless a shape is given.
+hide a difference. Dynamic dimensions are resolved to 1 unless a shape is given (dynamic
+spatial dims larger when the original model cannot run that small). Each output is compared
+element by element, relative to max(|original|, RMS of the output).
 """
 
 from __future__ import annotations
