@@ -318,3 +318,28 @@ def test_damaged_files_never_crash(tmp_path, capsys):
         if code == 0:
             os.remove(tmp_path / "o.onnx")
     assert codes >= {0, 2}
+
+
+def test_byte_ranges_are_copied_by_hand_where_the_kernel_cannot(tmp_path, capsys, monkeypatch):
+    """copy_file_range failing (EXDEV across file systems, or unsupported) falls back to reads
+    and writes, byte for byte the same."""
+    path = saved(chain_model(), tmp_path / "in.onnx")
+    assert main([path, str(tmp_path / "fast.onnx"), "--no-check"]) == 0
+
+    def refuse(*args, **kwargs):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "copy_file_range", refuse, raising=False)
+    assert main([path, str(tmp_path / "slow.onnx"), "--no-check"]) == 0
+    assert read_bytes(tmp_path / "slow.onnx") == read_bytes(tmp_path / "fast.onnx")
+
+
+def test_weight_left_in_the_file_with_too_few_bytes_is_refused(tmp_path, capsys):
+    model = chain_model()
+    big = next(t for t in model.graph.initializer if len(t.raw_data) >= skeleton.MIN_BYTES)
+    big.dims[0] *= 4  # the shape now needs four times the bytes the tensor holds
+    path = saved(model, tmp_path / "m.onnx")
+    assert main([path, str(tmp_path / "o.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert "is too small for the declared shape" in err and big.name in err and err.count("\n") == 1
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx"]
