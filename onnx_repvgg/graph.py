@@ -209,9 +209,6 @@ class GraphView:
         return name not in self.graph_outputs and len(self.consumers.get(name, ())) == 1
 
     # -- constants -------------------------------------------------------------
-    def is_constant(self, name: str) -> bool:
-        return self.constant(name) is not None
-
     def constant(self, name: str) -> np.ndarray | None:
         """The value of `name` if it is a constant, else None.
 
@@ -264,6 +261,13 @@ class GraphView:
             return tuple(self.initializers[name].dims)
         value = self.constant(name)
         return None if value is None else value.shape
+
+    def constant_dtype(self, name: str) -> np.dtype | None:
+        """The dtype of a constant, without reading an initializer's data."""
+        if name in self.initializers and name in self.constant_names:
+            return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(self.initializers[name].data_type))
+        value = self.constant(name)
+        return None if value is None else value.dtype
 
     def _compute_constant(self, name: str) -> np.ndarray | None:
         if not name or name not in self.constant_names:
@@ -382,18 +386,26 @@ def external_info(tensor: onnx.TensorProto) -> dict[str, str]:
     return {e.key: e.value for e in tensor.external_data}
 
 
+def external_range(tensor: onnx.TensorProto, base_dir: str) -> tuple[str, int, int]:
+    """Where an external tensor's bytes are: (file, offset, length), the length running to the
+    file's end when unset. Raises ValueError for a malformed offset or length."""
+    info = external_info(tensor)
+    path = os.path.join(base_dir, info["location"])
+    offset = int(info.get("offset", 0) or 0)
+    length = int(info["length"]) if info.get("length") else os.path.getsize(path) - offset
+    return path, offset, length
+
+
 def read_external(tensor: onnx.TensorProto, base_dir: str) -> np.ndarray:
     """Read one tensor's external data from disk, leaving the TensorProto untouched.
 
     The location was checked (relative, inside the model's folder, long enough) at load.
     """
-    info = external_info(tensor)
     dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).newbyteorder("<")
     count = 1
     for d in tensor.dims:
         count *= d
-    offset = int(info.get("offset", 0) or 0)
-    path = os.path.join(base_dir, info["location"])
+    path, offset, _ = external_range(tensor, base_dir)
     if count * dtype.itemsize > os.path.getsize(path) - offset:
         raise ValueError(f"external data of '{tensor.name}' is shorter than its {count} elements")
     values = np.fromfile(path, dtype=dtype, count=count, offset=offset)

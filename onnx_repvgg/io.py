@@ -11,7 +11,7 @@ from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
 from . import skeleton
-from .graph import all_tensors, external_info
+from .graph import all_tensors, external_info, external_range
 from .wire import WireError
 
 MIN_OPSET = 7  # BatchNormalization lost `is_test`/`consumed_inputs` at opset 7
@@ -50,8 +50,7 @@ def _check_external_location(tensor: onnx.TensorProto, base_dir: str) -> str:
     if not os.path.isfile(full):
         raise BadInput(f"external data file '{location}' of tensor '{tensor.name}' is missing")
     try:
-        offset = int(info.get("offset", 0) or 0)
-        length = int(info["length"]) if info.get("length") else os.path.getsize(full) - offset
+        _, offset, length = external_range(tensor, base)
     except ValueError:
         raise BadInput(f"tensor '{tensor.name}' has a malformed external data offset or length") from None
     if offset < 0 or length < 0 or offset + length > os.path.getsize(full):
@@ -99,11 +98,12 @@ def load(path: str, load_external_data: bool = True) -> LoadedModel:
     base_dir = os.path.dirname(os.path.abspath(path))
     own_name = os.path.basename(path) if left_in_file else None
     external = _external_tensors(model)
-    in_file = [t for t in external if external_info(t).get("location") == own_name]
-    for tensor in in_file:
-        _check_raw_data_size(tensor, path)
-    data_files = {_check_external_location(t, base_dir) for t in external
-                  if external_info(t).get("location") != own_name}
+    data_files = set()
+    for tensor in external:
+        if external_info(tensor).get("location") == own_name:
+            _check_raw_data_size(tensor, path)
+        else:
+            data_files.add(_check_external_location(tensor, base_dir))
     external_dir = base_dir if data_files else None  # where the checker must find data files
     if left_in_file:
         _run_checker(_with_weights_as_inputs(model, own_name), path, external_dir)

@@ -18,6 +18,7 @@ import os
 import numpy as np
 import onnx
 
+from . import skeleton
 from .graph import external_info, read_external
 
 INLINE_LIMIT = 1024  # tensors below this many bytes stay inside the .onnx file (onnx's default)
@@ -25,7 +26,17 @@ ALIGN = 4096  # page-aligned offsets let runtimes mmap external tensors
 SMALL_ALIGN = 64
 
 
-class DataSink:
+class _Sink:
+    """A sink's tensors are the ones it named, pointing at its location."""
+
+    location: str
+    names: set[str]
+
+    def holds(self, tensor: onnx.TensorProto) -> bool:
+        return tensor.name in self.names and external_info(tensor).get("location") == self.location
+
+
+class DataSink(_Sink):
     """Appends tensor bytes to one external data file; hands back (location, offset, length)."""
 
     threshold = INLINE_LIMIT
@@ -49,9 +60,6 @@ class DataSink:
             f.write(b"\0" * pad)
             self._size += pad
         return self._size
-
-    def holds(self, tensor: onnx.TensorProto) -> bool:
-        return tensor.name in self.names and external_info(tensor).get("location") == self.location
 
     def put(self, array: np.ndarray, name: str) -> tuple[str, int, int]:
         self.names.add(name)
@@ -86,20 +94,17 @@ class DataSink:
             self._file = None
 
 
-class MemorySink:
+class MemorySink(_Sink):
     """Keeps each fused array (read-only, little-endian) until the output is written."""
 
-    # Smaller arrays are parsed into the model as usual: the same cut as skeleton.MIN_BYTES,
-    # below which keeping a tensor out of protobuf costs more than it saves.
-    threshold = 1 << 16
+    # Smaller arrays are parsed into the model as usual: the skeleton's cut, below which
+    # keeping a tensor out of protobuf costs more than it saves.
+    threshold = skeleton.MIN_BYTES
     location = "<onnx_repvgg: in memory>"  # never written out: the writer inlines these tensors
 
     def __init__(self):
         self.arrays: list[np.ndarray] = []
         self.names: set[str] = set()
-
-    def holds(self, tensor: onnx.TensorProto) -> bool:
-        return tensor.name in self.names and external_info(tensor).get("location") == self.location
 
     def put(self, array: np.ndarray, name: str) -> tuple[str, int, int]:
         array = np.ascontiguousarray(array)

@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 
 from . import wire
-from .graph import all_tensors, external_info, tensors_in_nodes
+from .graph import all_tensors, external_range, tensors_in_nodes
 from .io import BadInput
 from .sinks import INLINE_LIMIT, DataSink, MemorySink, copy_range, write_all
 
@@ -126,11 +126,7 @@ class Payloads:
         return None
 
     def file_range(self, tensor: onnx.TensorProto) -> tuple[str, int, int]:
-        info = external_info(tensor)
-        source = os.path.join(self.source_dir, info["location"])
-        offset = int(info.get("offset", 0) or 0)
-        length = int(info["length"]) if info.get("length") else os.path.getsize(source) - offset
-        return source, offset, length
+        return external_range(tensor, self.source_dir)
 
 
 def write_inline(model: onnx.ModelProto, path: str, payloads: Payloads) -> None:
@@ -142,10 +138,13 @@ def write_inline(model: onnx.ModelProto, path: str, payloads: Payloads) -> None:
     _load_nested_external(model, payloads)
     graph = model.graph
     entries = []  # per initializer: (bytes before the payload, payload or None, bytes after)
+    initializer_bytes = 0  # all of them, as serialized fields of the graph
     for tensor in graph.initializer:
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             serialized = tensor.SerializeToString()
-            entries.append((wire.length_delimited(wire.GRAPH_INITIALIZER, len(serialized)) + serialized, None, b""))
+            field = wire.length_delimited(wire.GRAPH_INITIALIZER, len(serialized)) + serialized
+            entries.append((field, None, b""))
+            initializer_bytes += len(field)
             continue
         payload = payloads.array(tensor)
         if payload is None:
@@ -160,11 +159,13 @@ def write_inline(model: onnx.ModelProto, path: str, payloads: Payloads) -> None:
         before = serialized[:cut] + wire.length_delimited(wire.TENSOR_RAW_DATA, length)
         after = serialized[cut:]
         size = len(before) + length + len(after)
-        entries.append((wire.length_delimited(wire.GRAPH_INITIALIZER, size) + before, payload, after))
+        before = wire.length_delimited(wire.GRAPH_INITIALIZER, size) + before
+        entries.append((before, payload, after))
+        initializer_bytes += len(before) + length + len(after)
     graph.ClearField("initializer")
     graph_bytes = graph.SerializeToString()
     graph_cut = wire.split_before(graph_bytes, wire.GRAPH_INITIALIZER)
-    graph_size = len(graph_bytes) + sum(len(b) + _payload_length(p) + len(a) for b, p, a in entries)
+    graph_size = len(graph_bytes) + initializer_bytes
     model.ClearField("graph")
     model_bytes = model.SerializeToString()
     model_cut = wire.split_before(model_bytes, wire.MODEL_GRAPH)
@@ -183,12 +184,6 @@ def write_inline(model: onnx.ModelProto, path: str, payloads: Payloads) -> None:
         out.write(graph_bytes[graph_cut:])
         out.write(model_bytes[model_cut:])
         out.flush()
-
-
-def _payload_length(payload) -> int:
-    if payload is None:
-        return 0
-    return payload.nbytes if isinstance(payload, np.ndarray) else payload[2]
 
 
 def _load_nested_external(model: onnx.ModelProto, payloads: Payloads) -> None:

@@ -43,7 +43,7 @@ class ConsumerFold:
         insertions, tensors = [], []
         for index, weight, bias in self.consumers:
             node = view.nodes[index]
-            dtype = view.constant(node.input[1]).dtype
+            dtype = view.constant_dtype(node.input[1])
             w_name = names.fresh(f"{node.name or node.output[0]}.bn_folded_weight")
             b_name = names.fresh(f"{node.name or node.output[0]}.bn_folded_bias")
             if node.op_type == "MatMul":  # with a bias now, it is a Gemm

@@ -90,7 +90,7 @@ def build_dense_block(view: GraphView, tree: LinearTree, x: str, branches, other
         if b.kind == "conv":
             w, bias = gemm_weight_bias(view, b.conv)
             weights.append((b, w, bias))
-            dt = view.constant(view.nodes[b.conv].input[1]).dtype
+            dt = view.constant_dtype(view.nodes[b.conv].input[1])
             if dtype is not None and dt != dtype:
                 raise Skip("dtype", f"Gemm branches mix {dtype} and {dt}")
             dtype = dt
