@@ -10,7 +10,7 @@ on a common kernel grid, so a block of parallel branches is their sum.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

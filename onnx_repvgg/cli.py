@@ -8,12 +8,13 @@ import os
 import sys
 import time
 
-from . import __version__, io
+from . import __version__
 from .pipeline import UnsupportedModel, fuse
 from .report import Validation
 from .rules import DEFAULT_RULES, PATTERNS, RULES, describe
-from .sinks import MemorySink
-from .staging import Staging
+from .storage import io
+from .storage.sinks import MemorySink
+from .storage.staging import Staging
 from .validate import DEFAULT_ATOL, DEFAULT_RTOL, ValidationError, validate
 
 EXIT_OK = 0

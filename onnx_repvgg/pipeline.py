@@ -14,7 +14,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import onnx
 
@@ -22,7 +22,7 @@ from . import rewrite
 from .graph import GraphView, all_names, infer_static_shapes, opset_version, subgraphs_of
 from .report import BlockRecord, ModelStats, Report
 from .rules import DEFAULT_RULES, RULES
-from .sinks import TensorReader
+from .storage.sinks import TensorReader
 
 MAX_ROUNDS = 32
 

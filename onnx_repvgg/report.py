@@ -62,7 +62,7 @@ class ModelStats:
     params: int
 
     @classmethod
-    def of(cls, model: onnx.ModelProto) -> "ModelStats":
+    def of(cls, model: onnx.ModelProto) -> ModelStats:
         counts = Counter(node.op_type for node in model.graph.node)
         params = 0
         for tensor in model.graph.initializer:

@@ -15,9 +15,9 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from . import wire
 from .block import Block, Rewrite
 from .graph import GraphView
+from .storage import wire
 
 
 class NameRegistry:

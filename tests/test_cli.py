@@ -325,8 +325,8 @@ def test_hostile_external_dims_fail_cleanly(tmp_path, capsys):
 def test_failed_write_keeps_previous_output(tmp_path, capsys, monkeypatch, failure, code):
     block_model(tmp_path / "in.onnx")
     (tmp_path / "out.onnx").write_bytes(b"previous")
-    from onnx_repvgg import io as rio
-    from onnx_repvgg import staging
+    from onnx_repvgg.storage import io as rio
+    from onnx_repvgg.storage import staging
 
     def failing_write(self, model, external, source_dir=None, memory=None):
         with open(self.model_path, "wb") as f:
@@ -491,7 +491,7 @@ def test_json_schema(tmp_path, capsys):
 
 def test_large_models_are_written_with_external_data(tmp_path, capsys, monkeypatch):
     """Over the 2 GB protobuf limit (lowered here) the output goes to OUT.onnx.data."""
-    from onnx_repvgg import io as rio
+    from onnx_repvgg.storage import io as rio
 
     monkeypatch.setattr(rio, "EXTERNAL_THRESHOLD", 100)
     b = GraphBuilder(channels=16)

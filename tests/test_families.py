@@ -12,10 +12,11 @@ import onnx
 import pytest
 import torch
 
-from onnx_repvgg import fuse, skeleton, validate
+from onnx_repvgg import fuse, validate
 from onnx_repvgg.cli import main
-from onnx_repvgg.sinks import MemorySink
-from onnx_repvgg.io import load
+from onnx_repvgg.storage import skeleton
+from onnx_repvgg.storage.io import load
+from onnx_repvgg.storage.sinks import MemorySink
 from tests.graphs import op_counts, run
 from tests.reference import families as fam
 from tests.reference.export import export

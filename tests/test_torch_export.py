@@ -14,7 +14,7 @@ import torch
 
 from onnx_repvgg import fuse, validate
 from onnx_repvgg.cli import main
-from onnx_repvgg.io import load
+from onnx_repvgg.storage.io import load
 from tests.graphs import op_counts, run
 from tests.reference.export import export
 from tests.reference.repvgg import RepVGG, RepVGGBlock, deploy_copy, randomize_bn

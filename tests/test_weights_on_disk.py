@@ -15,10 +15,11 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from onnx_repvgg import fuse, skeleton, wire
+from onnx_repvgg import fuse
 from onnx_repvgg.cli import main
-from onnx_repvgg.sinks import MemorySink
-from onnx_repvgg.staging import Payloads, write_inline
+from onnx_repvgg.storage import skeleton, wire
+from onnx_repvgg.storage.sinks import MemorySink
+from onnx_repvgg.storage.staging import Payloads, write_inline
 from tests.graphs import GraphBuilder, op_counts, random_feed, run
 
 MODELS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models")
@@ -262,7 +263,7 @@ def test_inline_weights_beside_external_data(tmp_path, capsys):
 def test_output_grown_past_the_limit_goes_to_external_data(tmp_path, capsys, monkeypatch):
     """--allow-densify can make a model bigger (depthwise 3x3 + dense 1x1 -> dense 3x3): the
     fused weights kept in memory go to the data file when the output crosses the limit."""
-    from onnx_repvgg import io as rio
+    from onnx_repvgg.storage import io as rio
 
     b = GraphBuilder(channels=48, spatial=(5, 5))
     out = b.add(b.conv(b.x, 48, 48, 3, group=48), b.conv(b.x, 48, 48, 1, pads=[0] * 4))

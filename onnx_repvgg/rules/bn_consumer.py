@@ -26,7 +26,7 @@ from onnx import helper
 from .. import algebra
 from ..block import Candidate, Rewrite
 from ..graph import GraphView, attribute
-from .common import Skip, bn_affine, conv_params, const, data_consumers, is_op, tensor_rank
+from .common import Skip, bn_affine, const, conv_params, data_consumers, is_op, tensor_rank
 
 NAME = "bn_into_consumer"
 

@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 
 from . import wire
-from .graph import all_tensors, external_range, tensors_in_nodes
+from .external import all_tensors, external_range, tensors_in_nodes
 from .io import BadInput
 from .sinks import INLINE_LIMIT, DataSink, MemorySink, copy_range, write_all
 

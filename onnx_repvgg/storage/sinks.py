@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 
 from . import skeleton
-from .graph import external_info, read_external
+from .external import external_info, read_external
 
 INLINE_LIMIT = 1024  # tensors below this many bytes stay inside the .onnx file (onnx's default)
 ALIGN = 4096  # page-aligned offsets let runtimes mmap external tensors

@@ -11,7 +11,7 @@ from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
 from . import skeleton
-from .graph import all_tensors, external_info, external_range
+from .external import all_tensors, external_info, external_range
 from .wire import WireError
 
 MIN_OPSET = 7  # BatchNormalization lost `is_test`/`consumed_inputs` at opset 7
