@@ -167,6 +167,7 @@ def sum_branches(branches: Sequence[tuple], spatial_shape: Sequence[int], out_dt
     extra = (1,) * (len(spatial_shape) + 1)
     # One accumulator for all blocks of rows: fresh large arrays would each be page-faulted in.
     buffer = np.empty((min(step, cout), cin) + spatial_shape, dtype=np.float64)
+    largest = flushed = 0.0  # over all blocks: the underflow test is relative to the whole kernel
     for start in range(0, cout, step):
         rows = slice(start, min(cout, start + step))
         acc = buffer[: rows.stop - rows.start]
@@ -185,25 +186,64 @@ def sum_branches(branches: Sequence[tuple], spatial_shape: Sequence[int], out_dt
                 acc[(slice(None), slice(None)) + window] += part
             else:
                 acc[(slice(None), slice(None)) + window] += part * scale[rows].reshape((-1,) + extra)
-        _cast_into(kernel_out[rows], acc)
+        block_largest, block_flushed = _cast_into(kernel_out[rows], acc)
+        largest, flushed = max(largest, block_largest), max(flushed, block_flushed)
+    _refuse_underflow(largest, flushed, out_dtype)
     return kernel_out, cast_like(bias_sum, out_dtype)
 
 
-def _cast_into(out: np.ndarray, values: np.ndarray) -> None:
-    """out[...] = values cast to out's dtype, refusing overflow to inf (as cast_like)."""
-    with np.errstate(over="ignore"):
+class CastError(ArithmeticError):
+    """A float64 result that the model's dtype cannot hold; `code` is the skip reason's code."""
+
+    code = "overflow"
+
+
+class FusedOverflow(CastError, OverflowError):
+    code = "overflow"
+
+
+class FusedUnderflow(CastError):
+    code = "underflow"
+
+
+def _cast_into(out: np.ndarray, values: np.ndarray) -> tuple[float, float]:
+    """out[...] = values cast to out's dtype. Refuses inf or nan that was not in `values`
+    (FusedOverflow); returns the largest finite magnitude and the largest magnitude flushed
+    to 0, for the underflow test."""
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
         np.copyto(out, values, casting="unsafe")
-    if (np.issubdtype(out.dtype, np.floating) and not np.isfinite(out).all()
-            and not np.all(np.isfinite(out)[np.isfinite(values)])):
-        raise OverflowError(f"fused values overflow {out.dtype.name}")
+    if not np.issubdtype(out.dtype, np.floating) or out.dtype == values.dtype:
+        return 0.0, 0.0
+    finite_in = np.isfinite(values)
+    if not np.all(np.isfinite(out)[finite_in]):
+        raise FusedOverflow(f"fused values overflow {out.dtype.name} (largest magnitude "
+                            f"{float(np.abs(values[finite_in]).max(initial=0)):.3g})")
+    if not finite_in.all():
+        raise FusedOverflow(f"fused values are not finite (inf or nan) before the cast to {out.dtype.name}")
+    magnitude = np.abs(values)
+    lost = (out == 0) & (values != 0)
+    return float(magnitude.max(initial=0.0)), float(magnitude[lost].max(initial=0.0))
+
+
+def _refuse_underflow(largest: float, flushed: float, dtype: np.dtype) -> None:
+    """A non-zero value flushed to 0 is refused when it is not negligible next to the largest
+    value of the same tensor: bigger than that value's rounding step in `dtype` (eps * max)."""
+    if flushed and flushed > float(np.finfo(dtype).eps) * largest:
+        raise FusedUnderflow(f"fused value {flushed:.3g} underflows {np.dtype(dtype).name} to 0 "
+                             f"(largest magnitude {largest:.3g})")
 
 
 def cast_like(values: np.ndarray, dtype) -> np.ndarray:
-    """Cast float64 results back to the model's dtype, refusing overflow to inf."""
+    """Cast float64 results back to the model's dtype: the one checked cast of the pass.
+
+    Raises FusedOverflow for inf or nan (not representable, or not finite to begin with) and
+    FusedUnderflow for a non-zero value flushed to 0 that is not negligible next to the
+    tensor's largest value; the pipeline turns either into a skip with its code."""
     values = np.asarray(values)
-    with np.errstate(over="ignore"):
-        out = values.astype(dtype)
-    if np.issubdtype(np.dtype(dtype), np.floating) and not np.isfinite(out).all():
-        if not np.all(np.isfinite(out)[np.isfinite(values)]):
-            raise OverflowError(f"fused values overflow {np.dtype(dtype).name}")
+    dtype = np.dtype(dtype)
+    if not np.issubdtype(dtype, np.floating):
+        return values.astype(dtype)
+    out = np.empty(values.shape, dtype=dtype)
+    largest, flushed = _cast_into(out, values)
+    _refuse_underflow(largest, flushed, dtype)
     return out

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 
 from . import __version__
@@ -126,12 +127,6 @@ def load_input_data(specs: list[str]) -> dict:
     return feeds
 
 
-def _same_file(a: str, b: str) -> bool:
-    if os.path.exists(b):
-        return os.path.samefile(a, b)
-    return os.path.abspath(a) == os.path.abspath(b)
-
-
 def _keep_freed_memory() -> None:
     """Ask glibc not to hand freed heap back to the OS between phases (M_TRIM_THRESHOLD).
 
@@ -199,27 +194,60 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _check_output_path(args) -> None:
-    if args.output is None or args.dry_run:
-        return
-    if os.path.exists(args.input) and _same_file(args.input, args.output) and not args.overwrite:
-        raise UsageError("output is the input file; pass --overwrite to replace it")
-    if os.path.isdir(args.output):
-        raise io.BadInput(f"output {args.output} is a directory")
-    out_dir = os.path.dirname(os.path.abspath(args.output))
-    if not os.path.isdir(out_dir):
-        raise io.BadInput(f"output folder {out_dir} does not exist")
-    if not os.access(out_dir, os.W_OK | os.X_OK):
-        raise io.BadInput(f"output folder {out_dir} is not writable")
+    """What can be known of the output paths before the input is read."""
+    if args.output is not None and not args.dry_run:
+        if os.path.exists(args.input) and _same_file(args.input, args.output) and not args.overwrite:
+            raise UsageError("output is the input file; pass --overwrite to replace it")
+        _check_writable(args.output, "output")
+    if args.json:
+        _check_writable(args.json, "JSON report")
+
+
+def _check_writable(path: str, what: str) -> None:
+    if os.path.isdir(path):
+        raise io.BadInput(f"{what} {path} is a directory")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise io.BadInput(f"cannot write the {what} {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise io.BadInput(f"cannot write the {what} {path}: folder {folder} is not writable")
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise io.BadInput(f"{what} {path} is not writable")
+
+
+def _check_outputs_spare_inputs(args, loaded) -> None:
+    """No file written (the model, its data file, the JSON report) may be a file the input
+    reads (the model or any of its external data files), by real path and by samefile. Only
+    --overwrite of the input itself is allowed: then the input is replaced as a whole."""
+    reads = [os.path.abspath(args.input)] + sorted(loaded.data_files)
+    writes = []
+    if args.output is not None and not args.dry_run:
+        overwriting = _same_file(args.input, args.output)
+        if not overwriting:
+            writes.append((args.output, "output"))
+        if not overwriting or not loaded.data_files:
+            writes.append((args.output + ".data", "output's data file"))
+    if args.json:
+        writes.append((args.json, "JSON report"))
+        if args.output is not None and not args.dry_run:
+            for target in (args.output, args.output + ".data"):
+                if _same_file(args.json, target):
+                    raise UsageError(f"the JSON report {args.json} would overwrite the output {target}")
+    for path, what in writes:
+        for read in reads:
+            if _same_file(read, path):
+                raise UsageError(f"the {what} {path} would overwrite {read}, which the input reads")
+
+
+def _same_file(a: str, b: str) -> bool:
+    if os.path.exists(a) and os.path.exists(b):
+        return os.path.samefile(a, b)
+    return os.path.realpath(a) == os.path.realpath(b)
 
 
 def _run(args, shapes) -> int:
     _check_output_path(args)
-    staging = None if args.dry_run else Staging(args.output)
-    try:
-        return _run_staged(args, shapes, staging)
-    finally:
-        if staging is not None:
-            staging.discard()  # a no-op after commit; removes everything on any failure
+    return _run_staged(args, shapes)
 
 
 class Progress:
@@ -247,25 +275,29 @@ def _use_color() -> bool:
     return sys.stdout.isatty() and not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb"
 
 
-def _run_staged(args, shapes, staging) -> int:
+def _run_staged(args, shapes) -> int:
     say = (lambda *a: None) if args.quiet else print
     args.color = _use_color()
     timings: dict[str, float] = {}
     progress = Progress(not args.quiet and sys.stderr.isatty())
+    staging = None
     try:
-        return _phases(args, shapes, staging, say, timings, progress)
+        progress.phase("loading")
+        t = time.perf_counter()
+        # Weights stay on disk (external data, and large inline initializers too): they are read
+        # per block, and untouched ones are copied to the output by byte range.
+        loaded = io.load(args.input, load_external_data=False)
+        timings["load"] = time.perf_counter() - t
+        _check_outputs_spare_inputs(args, loaded)
+        staging = None if args.dry_run else Staging(args.output)
+        return _phases(args, shapes, loaded, staging, say, timings, progress)
     finally:
         progress.done()
+        if staging is not None:
+            staging.discard()  # a no-op after commit; removes everything on any failure
 
 
-def _phases(args, shapes, staging, say, timings, progress) -> int:
-    progress.phase("loading")
-    t = time.perf_counter()
-    # Weights stay on disk (external data, and large inline initializers too): they are read
-    # per block, and untouched ones are copied to the output by byte range.
-    loaded = io.load(args.input, load_external_data=False)
-    timings["load"] = time.perf_counter() - t
-
+def _phases(args, shapes, loaded, staging, say, timings, progress) -> int:
     external = loaded.used_external_data or io.tensor_bytes(loaded.model) > io.EXTERNAL_THRESHOLD
     # Fused weights go to the output's data file at once, or are kept as arrays for the writer.
     sink = staging.sink() if staging is not None and external else MemorySink()
@@ -307,7 +339,7 @@ def _phases(args, shapes, staging, say, timings, progress) -> int:
             report.validation = Validation(passed=False, input_sets=args.check, error=str(err))
             print(f"onnx-repvgg: error: validation could not run: {err}. "
                   "Use --no-check to write the model unvalidated.", file=sys.stderr)
-            _write_json(args, report)
+            _write_json_after_failure(args, report)
             return EXIT_BAD_INPUT if err.side == "original" else EXIT_VALIDATION_FAILED
         timings["validate"] = time.perf_counter() - t
     progress.done()
@@ -316,25 +348,57 @@ def _phases(args, shapes, staging, say, timings, progress) -> int:
         say(report.to_text(verbose=args.verbose, color=args.color))
         print("onnx-repvgg: error: the fused model differs from the original; nothing written",
               file=sys.stderr)
-        _write_json(args, report)
+        _write_json_after_failure(args, report)
         return EXIT_VALIDATION_FAILED
-    report.size_after = staging.commit()
+    report.size_after = staging.size()
     report.output_path = args.output
+    # The JSON report is staged before the model is moved into place: a report that cannot be
+    # written fails the run (exit 2) with nothing written, never after the model was.
+    pending = _stage_json(args, report)
+    try:
+        staging.commit()
+    except BaseException:
+        if pending is not None:
+            os.unlink(pending)
+        raise
+    if pending is not None:
+        os.replace(pending, args.json)
 
     say(f"onnx-repvgg {__version__}: {args.input} -> {args.output}")
     say(report.to_text(verbose=args.verbose, color=args.color))
     if args.no_check:
         say("validation: skipped (--no-check)")
-    _write_json(args, report)
     return EXIT_OK
 
 
-def _write_json(args, report) -> None:
+def _stage_json(args, report) -> str | None:
+    """Write the JSON report to a hidden file beside its target; return that file's path."""
     if not args.json:
-        return
+        return None
+    folder = os.path.dirname(os.path.abspath(args.json))
+    path = None
     try:
-        with open(args.json, "w") as f:
+        handle, path = tempfile.mkstemp(prefix=f".{os.path.basename(args.json)}.", suffix=".tmp", dir=folder)
+        with os.fdopen(handle, "w") as f:
             json.dump(report.to_dict(), f, indent=2)
             f.write("\n")
     except OSError as err:
+        if path is not None:
+            os.unlink(path)
         raise io.BadInput(f"cannot write the JSON report {args.json}: {err.strerror or err}") from None
+    return path
+
+
+def _write_json(args, report) -> None:
+    pending = _stage_json(args, report)
+    if pending is not None:
+        os.replace(pending, args.json)
+
+
+def _write_json_after_failure(args, report) -> None:
+    """The report of a failed run: a report that cannot be written is said, but the exit code
+    stays the failure's own."""
+    try:
+        _write_json(args, report)
+    except io.BadInput as err:
+        print(f"onnx-repvgg: error: {err}", file=sys.stderr)

@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .evaluate import fold, output_shape
 from .storage.external import read_external
 
 # Ops never folded even when every input is constant: random, control flow, or stateful.
@@ -56,9 +57,12 @@ def names_used_in_subgraph(graph: onnx.GraphProto) -> set[str]:
 
 
 def all_names(graph: onnx.GraphProto) -> set[str]:
-    """Every value, initializer and node name in a graph and its subgraphs."""
-    names: set[str] = set()
+    """Every name in a graph and its subgraphs: values, initializers (sparse ones too), nodes,
+    and the graphs' own names."""
+    names: set[str] = {graph.name}
     names.update(t.name for t in graph.initializer)
+    for sparse in graph.sparse_initializer:
+        names.update((sparse.values.name, sparse.indices.name))
     names.update(v.name for v in graph.input)
     names.update(v.name for v in graph.output)
     names.update(v.name for v in graph.value_info)
@@ -68,6 +72,24 @@ def all_names(graph: onnx.GraphProto) -> set[str]:
         names.update(node.output)
         for sub in subgraphs_of(node):
             names |= all_names(sub)
+    names.discard("")
+    return names
+
+
+def model_names(model: onnx.ModelProto) -> set[str]:
+    """Every name in a model: its graphs' (all_names) and its functions' (name, inputs,
+    outputs, attributes, value_info and nodes)."""
+    names = all_names(model.graph)
+    for function in model.functions:
+        names.add(function.name)
+        names.update(function.input)
+        names.update(function.output)
+        names.update(function.attribute)
+        names.update(v.name for v in function.value_info)
+        for node in function.node:
+            names.add(node.name)
+            names.update(node.input)
+            names.update(node.output)
     names.discard("")
     return names
 
@@ -145,30 +167,20 @@ class GraphView:
         if shape is None:
             return
         op, out = node.op_type, node.output[0]
-        if op in ("Identity", "ScatterND", "Relu", "Neg", "Cast"):
+        if op in ("Identity", "ScatterND", "Relu", "Neg", "Cast"):  # the output has the data's shape
             self.static_shapes[out] = shape
-        elif op == "Transpose":
-            perm = attribute(node, "perm", list(reversed(range(len(shape)))))
-            self.static_shapes[out] = tuple(shape[p] for p in perm)
-        elif op == "Slice" and len(node.input) >= 3 and all(i in known for i in node.input[1:] if i):
-            params = [self.constant(i) if i else None for i in list(node.input[1:]) + [""] * (5 - len(node.input))]
-            starts, ends, axes, steps = params[:4]
-            if starts is None or ends is None:
-                return
-            axes = list(range(len(starts))) if axes is None else [int(a) % len(shape) for a in axes.reshape(-1)]
-            steps = [1] * len(axes) if steps is None else [int(t) for t in steps.reshape(-1)]
-            dims = list(shape)
-            for axis, start, end, step in zip(axes, starts.reshape(-1), ends.reshape(-1), steps):
-                if step == 0:
-                    return
-                dims[axis] = len(range(*slice(int(start), int(end), step).indices(shape[axis]))) if shape[axis] >= 0 else -1
-            self.static_shapes[out] = tuple(dims)
-        elif op == "Pad" and len(node.input) > 1 and node.input[1] in known and not (len(node.input) > 3 and node.input[3]):
-            pads = self.constant(node.input[1])
-            if pads is not None and pads.size == 2 * len(shape):
-                pads = [int(v) for v in pads.reshape(-1)]
-                self.static_shapes[out] = tuple(d + pads[i] + pads[i + len(shape)] if d >= 0 else -1
-                                                for i, d in enumerate(shape))
+            return
+        if op not in ("Transpose", "Slice", "Pad"):
+            return
+        params = [name for name in node.input[1:] if name]
+        if not all(name in known for name in params):
+            return
+        constants = {name: self.constant(name) for name in params}
+        if any(value is None for value in constants.values()):
+            return
+        inferred = output_shape(node, self.opset or 17, shape, self.elem_type(node.input[0]), constants)
+        if inferred is not None:
+            self.static_shapes[out] = inferred
 
     # -- structure -------------------------------------------------------------
     def producer_of(self, name: str) -> onnx.NodeProto | None:
@@ -254,7 +266,7 @@ class GraphView:
         index = self.producer[name]
         node = self.nodes[index]
         if node.op_type == "Constant":
-            return _constant_node_value(node)
+            return self._constant_node_value(node)
         if node.op_type == "Identity":
             return self.constant(node.input[0])
         if node.op_type == "Shape" and self._is_static(node.input[0]):
@@ -263,15 +275,34 @@ class GraphView:
             return np.array(dims[slice(start, end)], dtype=np.int64)
         return self._fold(index, name)
 
+    def _constant_node_value(self, node: onnx.NodeProto) -> np.ndarray | None:
+        for attr in node.attribute:
+            if attr.name == "value":
+                if attr.t.data_location == onnx.TensorProto.EXTERNAL:  # beside the model, as initializers
+                    return self.read_external(attr.t)
+                return numpy_helper.to_array(attr.t)
+            if attr.name == "value_float":
+                return np.array(attr.f, dtype=np.float32)
+            if attr.name == "value_floats":
+                return np.array(list(attr.floats), dtype=np.float32)
+            if attr.name == "value_int":
+                return np.array(attr.i, dtype=np.int64)
+            if attr.name == "value_ints":
+                return np.array(list(attr.ints), dtype=np.int64)
+        return None  # sparse_value and string constants are not weights
+
     def _fold(self, index: int, name: str) -> np.ndarray | None:
-        """Evaluate a node of constant inputs with onnx's reference evaluator (e.g. W + I, einsum)."""
+        """Evaluate a node of constant inputs (evaluate.fold: onnx's reference evaluator)."""
         node = self.nodes[index]
         inputs = {}
         for slot, inp in enumerate(node.input):
             if node.op_type == "CastLike" and slot == 1:
                 like = self.constant(inp)
                 if like is None:
-                    like = np.zeros((0,), onnx.helper.tensor_dtype_to_np_dtype(self.elem_type(inp)))
+                    elem = self.elem_type(inp)
+                    if elem is None:
+                        return None
+                    like = np.zeros((0,), onnx.helper.tensor_dtype_to_np_dtype(elem))
                 inputs[inp] = like
                 continue
             if inp:
@@ -279,26 +310,16 @@ class GraphView:
                 if value is None or value.size > _FOLD_LIMIT:
                     return None
                 inputs[inp] = value
-        try:
-            from onnx.reference import ReferenceEvaluator
-
-            graph = onnx.helper.make_graph(
-                [node], "fold",
-                [onnx.helper.make_tensor_value_info(k, onnx.helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
-                 for k, v in inputs.items()],
-                [onnx.helper.make_tensor_value_info(out, onnx.TensorProto.UNDEFINED, None)
-                 for out in node.output if out])
-            model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", self.opset or 17)])
-            results = ReferenceEvaluator(model).run(None, inputs)
-        except Exception:  # an op the reference evaluator does not cover: not a usable constant
+        results = fold(node, self.opset or 17, inputs)
+        if results is None:
+            for out in node.output:
+                if out:
+                    self._constant_cache[out] = None
             return None
-        value = None
-        for out, result in zip([o for o in node.output if o], results):
-            array = np.asarray(result)
-            self._constant_cache[out] = array
-            if out == name:
-                value = array
-        return value
+        for out, array in results.items():
+            if array.nbytes <= _CACHE_LIMIT:
+                self._constant_cache[out] = array
+        return results.get(name)
 
 
 def infer_static_shapes(model: onnx.ModelProto, hints: dict[str, tuple[int, ...]] | None = None,
@@ -339,21 +360,6 @@ def infer_static_shapes(model: onnx.ModelProto, hints: dict[str, tuple[int, ...]
         if v.type.HasField("tensor_type") and t.HasField("shape"):
             shapes[v.name] = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim)
     return shapes
-
-
-def _constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
-    for attr in node.attribute:
-        if attr.name == "value":
-            return numpy_helper.to_array(attr.t)
-        if attr.name == "value_float":
-            return np.array(attr.f, dtype=np.float32)
-        if attr.name == "value_floats":
-            return np.array(list(attr.floats), dtype=np.float32)
-        if attr.name == "value_int":
-            return np.array(attr.i, dtype=np.int64)
-        if attr.name == "value_ints":
-            return np.array(list(attr.ints), dtype=np.int64)
-    return None  # sparse_value and string constants are not weights
 
 
 def attribute(node: onnx.NodeProto, name: str, default=None):

@@ -19,9 +19,11 @@ from collections.abc import Iterable
 import onnx
 
 from . import rewrite
-from .graph import GraphView, all_names, infer_static_shapes, opset_version, subgraphs_of
+from .algebra import CastError
+from .graph import GraphView, infer_static_shapes, model_names, opset_version, subgraphs_of
 from .report import BlockRecord, ModelStats, Report
 from .rules import DEFAULT_RULES, RULES
+from .storage.external import all_tensors
 from .storage.sinks import TensorReader
 
 MAX_ROUNDS = 32
@@ -58,8 +60,7 @@ def fuse(model: onnx.ModelProto, *, rules: Iterable[str] | None = None, inplace:
     opset = opset_version(model, "")
     if opset is None:
         raise UnsupportedModel("the model imports no default-domain (ai.onnx) opset")
-    if base_dir is None and any(t.data_location == onnx.TensorProto.EXTERNAL for g in _graphs(model.graph)
-                                for t in g.initializer):
+    if base_dir is None and any(t.data_location == onnx.TensorProto.EXTERNAL for t in all_tensors(model)):
         raise UnsupportedModel("the model's external data is not loaded: pass base_dir= (its folder), "
                                "or load it with onnx.load(path)")
     chosen = list(DEFAULT_RULES) if rules is None else list(rules)
@@ -77,7 +78,7 @@ def fuse(model: onnx.ModelProto, *, rules: Iterable[str] | None = None, inplace:
             f"{len(overridable)} initializers are also graph inputs: they may be overridden at run time, so "
             "blocks that use them are not fused; --freeze-initializers (API: freeze_initializer_inputs=True) "
             "makes them constants and removes them from the inputs")
-    names = rewrite.NameRegistry(all_names(model.graph))
+    names = rewrite.NameRegistry(model_names(model))
     reader = TensorReader(base_dir, sink)
     for graph in _graphs(model.graph):
         _fuse_graph(graph, opset, [RULES[r] for r in chosen], names, report, reader, sink,
@@ -152,8 +153,8 @@ def _fuse_graph(graph: onnx.GraphProto, opset: int, rules, names: rewrite.NameRe
                     continue  # overlaps a block fused this round; it is matched again next round
                 try:
                     change = rule.materialize(block, view, names)
-                except OverflowError as err:
-                    record.reason_code, record.reason = "overflow", str(err)
+                except CastError as err:  # a value the model's dtype cannot hold
+                    record.reason_code, record.reason = err.code, str(err)
                     skips.append(record)
                     continue
                 claimed.update(block.removed_nodes)

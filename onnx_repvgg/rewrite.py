@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from . import algebra
 from .block import Block, Rewrite
 from .graph import GraphView
 from .storage import wire
@@ -109,7 +110,7 @@ def rest_of_sum(block, fused: str, names: NameRegistry
         if scale is not None:  # the addend was scaled inside the sum: keep that as one Mul
             scale_name = names.fresh(f"{block.anchor}.addend_scale")
             scaled = names.fresh(f"{block.anchor}.scaled_addend")
-            tensors.append((scale_name, np.asarray(scale).astype(block.dtype)))
+            tensors.append((scale_name, algebra.cast_like(scale, block.dtype)))
             nodes.append(helper.make_node("Mul", [leaf, scale_name], [scaled], name=names.fresh(f"{block.anchor}.scale")))
             leaf = scaled
         last = i == len(block.other_leaves) - 1
@@ -141,6 +142,12 @@ def branch_sum_rewrite(block: Block, weight: np.ndarray, bias: np.ndarray, view:
     return Rewrite(block.removed_nodes, [(view.producer[block.root_output], nodes)], tensors, nodes[0].name)
 
 
+def _removable(node: onnx.NodeProto) -> bool:
+    """A node with no effect but its outputs: removable once nothing reads them."""
+    return node.domain in ("", "ai.onnx") and not any(
+        a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
+
+
 def apply(graph: onnx.GraphProto, view: GraphView, rewrites: list[Rewrite], sink=None) -> int:
     """Rewrite `graph` (indexed by `view`) in place; return how many nodes were removed.
 
@@ -167,7 +174,8 @@ def apply(graph: onnx.GraphProto, view: GraphView, rewrites: list[Rewrite], sink
                     drop_use(name)
         pending.extend(rw.initializers)
 
-    # Constants that lost their last use: the nodes that computed them, then initializers.
+    # Values that lost their last use: the nodes that computed them (constants, and default-domain
+    # nodes without subgraphs, e.g. a Slice read only for its shape), then initializers.
     dead_initializers: set[str] = set()
     frontier = [name for name, count in uses.items() if count <= 0]
     while frontier:
@@ -177,7 +185,7 @@ def apply(graph: onnx.GraphProto, view: GraphView, rewrites: list[Rewrite], sink
         index = view.producer.get(name)
         if index is not None:
             node = view.nodes[index]
-            if index in removed or index not in view.constant_nodes:
+            if index in removed or not _removable(node):
                 continue
             if any(uses.get(out, 0) > 0 or out in view.graph_outputs for out in node.output if out):
                 continue

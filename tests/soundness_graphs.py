@@ -59,6 +59,12 @@ def graph_spec(draw):
         ndim=ndim, channels=channels, spatial=spatial, branches=branches,
         dtype=draw(st.sampled_from(["float32", "float32", "float32", "float16"])),
         constant_addend=draw(st.sampled_from([None, "scalar", "channel"])),
+        # issue 15's kinds: BN training mode by each opset's rule, a factor kept on another
+        # addend (large ones overflow float16), a scale computed from a Slice's shape
+        opset=draw(st.sampled_from([9, 13, 17, 17, 17])),
+        kept_addend=draw(st.sampled_from([None, None, None, "small", "large"])),
+        shape_scale=draw(st.sampled_from([None, None, None, None, (-100, -200, -1), (100, -200, -1), (-1, -100, -2),
+                                          (-100, 100, 1), (1, 1, 1), (0, 2**62, 3)])),
         trailing_bn=draw(st.integers(0, 4)) == 0,
         tree_seed=draw(st.integers(0, 2**16)),
         subtract=draw(st.integers(0, 3)) == 0,
@@ -71,10 +77,12 @@ def build(spec) -> onnx.ModelProto | None:
     """The model of a spec, or None if no two branches agree on an output shape."""
     c = spec["channels"]
     dtype = np.float16 if spec["dtype"] == "float16" else np.float32
-    b = GraphBuilder(channels=c, spatial=spec["spatial"], dtype=dtype, seed=spec["seed"], batch=1)
+    b = GraphBuilder(channels=c, spatial=spec["spatial"], dtype=dtype, seed=spec["seed"], batch=1,
+                     opset=spec.get("opset", 17))
     x = b.x
     n = spec["ndim"]
     terms, extra_outputs = [], []
+    shape_scaled = False
     target = None
     shared = None
     for br in spec["branches"]:
@@ -105,7 +113,7 @@ def build(spec) -> onnx.ModelProto | None:
             t = b.op("AveragePool", [x], kernel_shape=list(br["k"]), strides=[br["stride"]] * n,
                      pads=list(br["pads"]), count_include_pad=int(br["include_pad"]))
         elif kind == "bn":
-            t = b.bn(x, c, training_mode=1 if br["training"] else None, params=_bn_params(b, c, br, dtype))
+            t = _bn(b, x, c, br["training"], _bn_params(b, c, br, dtype))
         else:
             weight_name = None
             if br["weight_as_input"]:
@@ -122,19 +130,27 @@ def build(spec) -> onnx.ModelProto | None:
             if kind == "padded_conv":  # the same geometry, with the padding done by a Pad node
                 if br["pad_mode"] == "reflect" and any(p >= s for p, s in zip(br["pads"], spec["spatial"] * 2)):
                     continue  # reflect needs pads smaller than the axis
-                inputs = [x, b.constant(np.array([0, 0, *br["pads"][:n], 0, 0, *br["pads"][n:]], np.int64), "pads")]
-                if br["pad_value"] is not None:
-                    inputs.append(b.constant(np.array(br["pad_value"], dtype), "pad_value"))
-                source, conv_pads = b.op("Pad", inputs, mode=br["pad_mode"]), [0] * (2 * n)
+                all_pads = [0, 0, *br["pads"][:n], 0, 0, *br["pads"][n:]]
+                if b.opset < 11:  # Pad-2: pads and value are attributes
+                    value = 0.0 if br["pad_value"] is None else float(br["pad_value"])
+                    source = b.op("Pad", [x], mode=br["pad_mode"], pads=all_pads, value=value)
+                else:
+                    inputs = [x, b.constant(np.array(all_pads, np.int64), "pads")]
+                    if br["pad_value"] is not None:
+                        inputs.append(b.constant(np.array(br["pad_value"], dtype), "pad_value"))
+                    source = b.op("Pad", inputs, mode=br["pad_mode"])
+                conv_pads = [0] * (2 * n)
             t = b.conv(source, c, br["cout"], br["k"], stride=br["stride"], pads=conv_pads, group=br["group"],
                        dilation=list(br["dil"]), bias=br["bias"], weight_name=weight_name)
             if kind == "conv_bn":
-                t = b.bn(t, br["cout"], training_mode=1 if br["training"] else None,
-                         params=_bn_params(b, br["cout"], br, dtype))
+                t = _bn(b, t, br["cout"], br["training"], _bn_params(b, br["cout"], br, dtype))
             elif kind == "scaled_conv":
                 shape_of = {"scalar": (), "channel": (br["cout"], *(1,) * n), "spatial": (1, *target[1:])}
                 s = b.constant(b.rng.uniform(0.5, 1.5, shape_of[br["scale"]]).astype(dtype), "scale")
                 t = b.op("Mul", [t, s])
+            if spec.get("shape_scale") and b.opset >= 10 and not shape_scaled:
+                t = b.op("Mul", [t, _shape_scale(b, x, spec["shape_scale"], n + 1, dtype)])
+                shape_scaled = True
         if br["extra_consumer"] and t != x:
             extra_outputs.append(b.op("Relu", [t]))
         if br["output_too"] and t != x:
@@ -144,6 +160,12 @@ def build(spec) -> onnx.ModelProto | None:
         terms.append(t)
     if not terms:
         return None
+    if spec.get("kept_addend"):  # another tensor, scaled inside the sum: its factor is kept
+        y = f"y_{len(b.extra_inputs)}"
+        b.extra_inputs.append(helper.make_tensor_value_info(y, helper.np_dtype_to_tensor_dtype(np.dtype(dtype)),
+                                                            [1, *target]))
+        f = b.constant(np.array(300.0 if spec["kept_addend"] == "large" else 1.5, dtype), "f")
+        terms.append(b.op("Mul", [b.op("Mul", [y, f]), f]))
     if spec["constant_addend"] == "scalar":
         terms.append(b.constant(np.array(0.5, dtype), "addend"))
     elif spec["constant_addend"] == "channel":
@@ -166,6 +188,30 @@ def build(spec) -> onnx.ModelProto | None:
         return b.model(outputs, input_shape=[1, c, *spec["spatial"]])
     except Exception:
         return None  # e.g. a broadcast shape inference rejects; not a model to test
+
+
+def _bn(b: GraphBuilder, x: str, c: int, training: bool, params: list[str]) -> str:
+    """A BN; in training mode the way its opset spells it: declared statistics outputs up to
+    opset 13 (read or not), training_mode=1 from 14 on."""
+    if not training or b.opset >= 14:
+        return b.bn(x, c, training_mode=1 if training else None, params=params)
+    out = b.fresh("bn")
+    extra = [b.fresh(s) for s in ("mean", "var", "saved_mean", "saved_var")]
+    b.nodes.append(helper.make_node("BatchNormalization", [x, *params], [out, *extra], name=b.fresh("BN")))
+    return out
+
+
+def _shape_scale(b: GraphBuilder, x: str, bounds: tuple[int, int, int], axis: int, dtype) -> str:
+    """float(the length of x sliced along `axis` by (start, end, step)), bounds hidden from shape
+    inference (Neg of Neg), so the pass must get ONNX's clamping right itself."""
+    start, end, step = bounds
+
+    def hidden(v):
+        return b.op("Neg", [b.constant(np.array([-v], np.int64), "p")])
+
+    sliced = b.op("Slice", [x, hidden(start), hidden(end), hidden(axis), hidden(step)])
+    dim = b.op("Gather", [b.op("Shape", [sliced]), b.constant(np.array(axis, np.int64), "i")], axis=0)
+    return b.op("Cast", [dim], to=helper.np_dtype_to_tensor_dtype(np.dtype(dtype)))
 
 
 def _bn_params(b: GraphBuilder, c: int, br: dict, dtype):

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from onnx import helper
 
+from .. import algebra
 from ..block import Candidate, Rewrite
 from ..graph import GraphView
 from .common import Skip, bn_affine, is_op, tensor_rank
@@ -50,6 +51,35 @@ def inferred_rank(view: GraphView, name: str, depth: int = 0) -> int | None:
     return None
 
 
+def inferred_elem_type(view: GraphView, name: str, depth: int = 0) -> int | None:
+    """The element type of a tensor: declared, else that of the data input of the ops that
+    keep it (the same walk as inferred_rank), else a Cast's target."""
+    declared = view.elem_type(name)
+    if declared or depth > 64:
+        return declared
+    node = view.producer_of(name)
+    if node is None:
+        return None
+    if node.op_type == "Cast":
+        to = next((a.i for a in node.attribute if a.name == "to"), None)
+        return int(to) if to else None
+    if (node.op_type in _SAME_RANK_OPS or node.op_type in _BROADCAST_OPS - {"Where"}) and node.input:
+        return inferred_elem_type(view, node.input[0], depth + 1)
+    return None
+
+
+def _data_dtype(view: GraphView, node, opset: int) -> np.dtype:
+    """The dtype of the BN's data input X, which the Conv's weights must have. From opset 15
+    on, the BN's scale and bias may have another type than X (e.g. float32 for float16 data)."""
+    declared = inferred_elem_type(view, node.input[0])
+    if declared:
+        return np.dtype(helper.tensor_dtype_to_np_dtype(declared))
+    if opset < 15:
+        return view.constant(node.input[1]).dtype
+    raise Skip("dtype", f"BatchNormalization '{node.name}': the type of its input is not known, and from opset 15 "
+               "it may differ from the parameters'")
+
+
 @dataclass
 class BnAsConv:
     anchor: str
@@ -69,9 +99,9 @@ class BnAsConv:
         conv = helper.make_node("Conv", [node.input[0], w_name, b_name], [node.output[0]],
                                 name=names.fresh(f"{self.anchor}.as_conv"), group=c,
                                 kernel_shape=[1] * spatial, pads=[0] * (2 * spatial))
-        weight = self.scale.reshape((c, 1) + (1,) * spatial).astype(self.dtype)
-        return Rewrite(self.removed_nodes, [(self.bn, [conv])], [(w_name, weight), (b_name, self.shift.astype(self.dtype))],
-                       conv.name)
+        weight = algebra.cast_like(self.scale.reshape((c, 1) + (1,) * spatial), self.dtype)
+        bias = algebra.cast_like(self.shift, self.dtype)
+        return Rewrite(self.removed_nodes, [(self.bn, [conv])], [(w_name, weight), (b_name, bias)], conv.name)
 
 
 def find(view: GraphView, opset: int, options: dict | None = None):
@@ -85,7 +115,7 @@ def find(view: GraphView, opset: int, options: dict | None = None):
             if rank is None or not 3 <= rank <= 5:
                 raise Skip("rank_unknown", f"BatchNormalization '{node.name}': input rank "
                            f"{'unknown' if rank is None else rank}; a 1x1 conv needs rank 3 to 5")
-            dtype = view.constant(node.input[1]).dtype
+            dtype = _data_dtype(view, node, opset)
         except Skip as skip:
             candidate.reason = skip.reason
         else:

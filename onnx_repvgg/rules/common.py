@@ -126,19 +126,42 @@ def conv_params(view: GraphView, node: onnx.NodeProto) -> ConvParams:
     return ConvParams(node.name, weight, bias, strides, dilations, tuple(begin), tuple(end), group)
 
 
+def bn_training_reason(view: GraphView, node: onnx.NodeProto, opset: int) -> str | None:
+    """Why a BatchNormalization runs in training mode (batch statistics), by its opset's own
+    definition, or None when it normalizes with its running statistics:
+
+        opset < 7     the is_test attribute (0, the default, is training);
+        opsets 7-13   the outputs: declaring any output beyond Y selects training mode, even
+                      when nothing reads it (onnxruntime then uses batch statistics);
+        opset >= 14   the training_mode attribute (0 by default); its extra outputs exist
+                      only in training mode.
+    """
+    extras = [name for name in node.output[1:] if name]
+    if opset < 7:
+        if int(attribute(node, "is_test", 0)) == 0:
+            return "has is_test=0 (training)"
+    elif opset < 14:
+        if extras:
+            return (f"declares {len(extras)} training output(s) ({', '.join(extras)}): from opset 7 to 13 "
+                    "that selects training mode (batch statistics), used or not")
+        return None
+    elif int(attribute(node, "training_mode", 0)) != 0:
+        return "has training_mode=1"
+    used = [name for name in extras if view.use_count(name)]
+    if used:
+        return f"output '{used[0]}' (a training statistic) is used"
+    return None
+
+
 def bn_affine(view: GraphView, node: onnx.NodeProto, opset: int) -> tuple[np.ndarray, np.ndarray]:
     """An inference-mode BN as per-channel (scale, shift) in float64, or Skip."""
-    if int(attribute(node, "training_mode", 0)) != 0:
-        raise Skip("bn_training", f"BatchNormalization '{node.name}' has training_mode=1")
-    if opset < 7 and int(attribute(node, "is_test", 0)) == 0:
-        raise Skip("bn_training", f"BatchNormalization '{node.name}' has is_test=0 (training)")
-    if int(attribute(node, "spatial", 1)) != 1:
+    reason = bn_training_reason(view, node, opset)
+    if reason:
+        raise Skip("bn_training", f"BatchNormalization '{node.name}' {reason}")
+    if opset < 9 and int(attribute(node, "spatial", 1)) != 1:
         raise Skip("bn_spatial", f"BatchNormalization '{node.name}' has spatial=0 (per-element statistics)")
     if len(node.input) != 5:
         raise Skip("malformed", f"BatchNormalization '{node.name}' has {len(node.input)} inputs")
-    for extra in node.output[1:]:
-        if extra and view.use_count(extra):
-            raise Skip("bn_training", f"BatchNormalization '{node.name}' output '{extra}' (a training statistic) is used")
     gamma, beta, mean, var = (const(view, name, what, node) for name, what in
                               zip(node.input[1:], ("scale", "bias", "mean", "var")))
     channels = gamma.shape

@@ -13,13 +13,37 @@ def external_info(tensor: onnx.TensorProto) -> dict[str, str]:
     return {e.key: e.value for e in tensor.external_data}
 
 
+def tensor_nbytes(tensor: onnx.TensorProto) -> int | None:
+    """The bytes a tensor's data takes from its shape and type (None for strings and
+    unknown types, or a negative dim)."""
+    if tensor.data_type == onnx.TensorProto.STRING:
+        return None
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except (KeyError, ValueError, TypeError):
+        return None
+    count = 1
+    for d in tensor.dims:
+        if d < 0:
+            return None
+        count *= d
+    if tensor.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):  # two per byte
+        return (count + 1) // 2
+    return count * itemsize
+
+
 def external_range(tensor: onnx.TensorProto, base_dir: str) -> tuple[str, int, int]:
-    """Where an external tensor's bytes are: (file, offset, length), the length running to the
-    file's end when unset. Raises ValueError for a malformed offset or length."""
+    """Where an external tensor's bytes are: (file, offset, length). An unset length is the
+    tensor's size from its shape and type (the spec makes `length` optional), else the rest
+    of the file. Raises ValueError for a malformed offset or length."""
     info = external_info(tensor)
     path = os.path.join(base_dir, info["location"])
     offset = int(info.get("offset", 0) or 0)
-    length = int(info["length"]) if info.get("length") else os.path.getsize(path) - offset
+    if info.get("length"):
+        length = int(info["length"])
+    else:
+        nbytes = tensor_nbytes(tensor)
+        length = nbytes if nbytes is not None else os.path.getsize(path) - offset
     return path, offset, length
 
 

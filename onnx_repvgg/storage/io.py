@@ -11,7 +11,7 @@ from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
 from . import skeleton
-from .external import all_tensors, external_info, external_range
+from .external import all_tensors, external_info, external_range, tensor_nbytes
 from .wire import WireError
 
 MIN_OPSET = 7  # BatchNormalization lost `is_test`/`consumed_inputs` at opset 7
@@ -29,6 +29,7 @@ class LoadedModel:
     size: int               # bytes on disk: the model file plus its external data
     used_external_data: bool
     base_dir: str = ""      # the model's folder, where its external data lives
+    data_files: frozenset[str] = frozenset()  # the external data files it reads (real paths)
 
 
 def _external_tensors(model: onnx.ModelProto):
@@ -53,26 +54,13 @@ def _check_external_location(tensor: onnx.TensorProto, base_dir: str) -> str:
         _, offset, length = external_range(tensor, base)
     except ValueError:
         raise BadInput(f"tensor '{tensor.name}' has a malformed external data offset or length") from None
+    needed = tensor_nbytes(tensor)
+    if needed is not None and needed != length:
+        raise BadInput(f"tensor '{tensor.name}' declares shape {list(tensor.dims)} ({needed:,} bytes) "
+                       f"but its external data length is {length:,} bytes")
     if offset < 0 or length < 0 or offset + length > os.path.getsize(full):
         raise BadInput(f"external data file '{location}' is shorter than tensor '{tensor.name}' needs")
-    needed = _tensor_nbytes(tensor)
-    if needed is not None and needed > length:
-        raise BadInput(f"tensor '{tensor.name}' declares shape {list(tensor.dims)} ({needed:,} bytes) "
-                       f"but its external data holds {length:,} bytes")
     return full
-
-
-def _tensor_nbytes(tensor: onnx.TensorProto) -> int | None:
-    try:
-        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-    except (KeyError, ValueError, TypeError):
-        return None
-    count = 1
-    for d in tensor.dims:
-        if d < 0:
-            return None
-        count *= d
-    return count * itemsize
 
 
 def load(path: str, load_external_data: bool = True) -> LoadedModel:
@@ -115,7 +103,7 @@ def load(path: str, load_external_data: bool = True) -> LoadedModel:
         except (OSError, ValueError) as err:
             raise BadInput(f"cannot read external data of {path}: {_one_line(err)}") from None
     size += sum(os.path.getsize(f) for f in data_files)
-    return LoadedModel(model, path, size, bool(data_files), base_dir)
+    return LoadedModel(model, path, size, bool(data_files), base_dir, frozenset(data_files))
 
 
 def _parse(path: str, binary: bool, weights_on_disk: bool) -> tuple[onnx.ModelProto, int]:
@@ -138,7 +126,7 @@ def _check_raw_data_size(tensor: onnx.TensorProto, path: str) -> None:
     """The checker's raw_data test, for initializers left in the model file: at least as many
     bytes as the shape and type need. (The wire walk found them inside the file.)"""
     length = int(external_info(tensor)["length"])
-    needed = _tensor_nbytes(tensor)
+    needed = tensor_nbytes(tensor)
     if needed is not None and needed > length:
         raise BadInput(f"{path} fails the ONNX checker: TensorProto (tensor name: {tensor.name}) "
                        f"raw_data size ({length} bytes) is too small for the declared shape and type "
@@ -211,4 +199,4 @@ def _one_line(err: Exception) -> str:
 def tensor_bytes(model: onnx.ModelProto) -> int:
     """Bytes of all tensors, in memory or not, from their shapes (reading raw_data would copy
     it, and ByteSize() would encode it)."""
-    return sum(_tensor_nbytes(t) or 0 for t in all_tensors(model))
+    return sum(tensor_nbytes(t) or 0 for t in all_tensors(model))

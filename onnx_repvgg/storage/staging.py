@@ -92,16 +92,18 @@ class Staging:
         with open(self.model_path, "wb") as f:
             f.write(model.SerializeToString())
 
+    def size(self) -> int:
+        """Bytes staged: the model file and its data file."""
+        if self._sink is not None:
+            self._sink.close()
+        return sum(os.path.getsize(p) for p in (self.model_path, self.data_path) if os.path.exists(p))
+
     def commit(self) -> int:
         """Move the staged files into place (data file first); return the bytes written."""
-        total = 0
+        total = self.size()
         try:
-            if self._sink is not None:
-                self._sink.close()
             if os.path.exists(self.data_path):
-                total += os.path.getsize(self.data_path)
                 os.replace(self.data_path, os.path.join(self.out_dir, self.name + ".data"))
-            total += os.path.getsize(self.model_path)
             os.replace(self.model_path, os.path.join(self.out_dir, self.name))
         finally:
             self.discard()

@@ -1,0 +1,148 @@
+"""Static values the pass derives from a graph: constants folded, shapes carried through ops.
+
+Every value comes from onnx itself (its C++ shape inference, its reference evaluator) or is
+checked against it, so the pass never relies on its own reading of an operator:
+
+- fold(node, ...) evaluates one node of constant inputs with onnx's reference evaluator. The
+  one place it departs from the ONNX spec, Slice (numpy slicing does not clamp starts and
+  ends the way ONNX does), is evaluated here by the spec instead. An output that is not a
+  tensor (a sequence, an optional) or any evaluation error gives None: not a constant.
+- output_shape(node, ...) asks onnx's shape inference for one node whose parameters are given
+  as constants, where inference over the whole graph could not see that they were constant
+  (TorchScript computes slice bounds and pads). For Slice the spec's own arithmetic must
+  agree with it, or the shape stays unknown.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+INT64_MAX = np.iinfo(np.int64).max
+
+
+def slice_bounds(dim: int, start: int, end: int, step: int) -> tuple[int, int | None]:
+    """Start and end of one axis of an ONNX Slice, clamped as the spec says, as Python slice
+    bounds (None for an end before index 0). Raises ValueError for step 0.
+
+    Negative start/end count from the end; then, for step > 0, both are clamped to [0, dim];
+    for step < 0, start to [0, dim-1] and end to [-1, dim-1]."""
+    if step == 0:
+        raise ValueError("Slice step 0")
+    if start < 0:
+        start += dim
+    if end < 0:
+        end += dim
+    if step > 0:
+        return min(max(start, 0), dim), min(max(end, 0), dim)
+    start = min(max(start, 0), dim - 1)
+    end = min(max(end, -1), dim - 1)
+    return start, (end if end >= 0 else None)
+
+
+def slice_length(dim: int, start: int, end: int, step: int) -> int:
+    begin, stop = slice_bounds(dim, start, end, step)
+    if dim <= 0:
+        return 0
+    return len(range(dim)[slice(begin, stop, step)])
+
+
+def onnx_slice(data: np.ndarray, starts, ends, axes=None, steps=None) -> np.ndarray:
+    """ONNX Slice on a numpy array, by the spec (see slice_bounds)."""
+    starts = [int(v) for v in np.asarray(starts).reshape(-1)]
+    ends = [int(v) for v in np.asarray(ends).reshape(-1)]
+    rank = data.ndim
+    axes = list(range(len(starts))) if axes is None else [int(a) for a in np.asarray(axes).reshape(-1)]
+    steps = [1] * len(starts) if steps is None else [int(v) for v in np.asarray(steps).reshape(-1)]
+    if not len(starts) == len(ends) == len(axes) == len(steps):
+        raise ValueError("Slice parameters of different lengths")
+    index = [slice(None)] * rank
+    seen = set()
+    for axis, start, end, step in zip(axes, starts, ends, steps):
+        if not -rank <= axis < rank:
+            raise ValueError(f"Slice axis {axis} out of range for rank {rank}")
+        axis %= rank
+        if axis in seen:
+            raise ValueError("Slice repeats an axis")
+        seen.add(axis)
+        begin, stop = slice_bounds(data.shape[axis], start, end, step)
+        index[axis] = slice(begin, stop, step)
+    return data[tuple(index)]
+
+
+def _slice_inputs(node: onnx.NodeProto, opset: int, values: Mapping[str, np.ndarray]):
+    """(starts, ends, axes, steps) of a Slice node, from its inputs (opset >= 10) or attributes."""
+    if opset < 10:
+        attrs = {a.name: list(a.ints) for a in node.attribute}
+        return attrs.get("starts"), attrs.get("ends"), attrs.get("axes"), None
+    params = [values.get(name) if name else None for name in list(node.input[1:5]) + [""] * (5 - len(node.input))]
+    return tuple(params[:4])
+
+
+def fold(node: onnx.NodeProto, opset: int, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+    """Evaluate one node whose inputs are all given; {output name: array}, or None when onnx
+    cannot evaluate it or an output is not a tensor."""
+    try:
+        if node.op_type == "Slice" and node.domain in ("", "ai.onnx"):
+            starts, ends, axes, steps = _slice_inputs(node, opset, inputs)
+            if starts is None or ends is None:
+                return None
+            return {node.output[0]: np.asarray(onnx_slice(inputs[node.input[0]], starts, ends, axes, steps))}
+        from onnx.reference import ReferenceEvaluator
+
+        graph = helper.make_graph(
+            [node], "fold",
+            [helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
+             for k, v in inputs.items()],
+            [helper.make_tensor_value_info(out, onnx.TensorProto.UNDEFINED, None) for out in node.output if out])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+        results = ReferenceEvaluator(model).run(None, dict(inputs))
+    except Exception:  # an op or a case the reference evaluator does not cover: not a usable constant
+        return None
+    values = {}
+    for out, result in zip([o for o in node.output if o], results):
+        if not isinstance(result, (np.ndarray, np.generic)):
+            return None  # a sequence or an optional: not a tensor constant
+        values[out] = np.asarray(result)
+    return values
+
+
+def output_shape(node: onnx.NodeProto, opset: int, shape: Sequence[int], elem_type: int | None,
+                 constants: Mapping[str, np.ndarray]) -> tuple[int, ...] | None:
+    """The shape of a node's first output (-1 for an unknown dim) by onnx's shape inference, given
+    its data input's shape and its other inputs as constants; None when inference cannot say."""
+    data = node.input[0]
+    if elem_type is None:  # a type the inference accepts with the other inputs
+        typed = [v for k, v in constants.items() if k != data and np.issubdtype(v.dtype, np.floating)]
+        elem_type = helper.np_dtype_to_tensor_dtype(typed[0].dtype) if typed else onnx.TensorProto.FLOAT
+    dims = [d if d >= 0 else None for d in shape]
+    try:
+        graph = helper.make_graph(
+            [node], "shape", [helper.make_tensor_value_info(data, elem_type, dims)],
+            [helper.make_tensor_value_info(node.output[0], onnx.TensorProto.UNDEFINED, None)],
+            initializer=[numpy_helper.from_array(v, k) for k, v in constants.items() if k != data])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
+    except Exception:
+        return None
+    out = inferred.graph.output[0].type
+    if not out.HasField("tensor_type") or not out.tensor_type.HasField("shape"):
+        return None
+    result = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in out.tensor_type.shape.dim)
+    if node.op_type == "Slice" and node.domain in ("", "ai.onnx"):
+        try:
+            starts, ends, axes, steps = _slice_inputs(node, opset, constants)
+            if starts is None or ends is None:
+                return None
+            # the spec's arithmetic on an array of that shape that holds no data
+            spec = onnx_slice(np.lib.stride_tricks.as_strided(np.zeros(1), [max(d, 0) for d in shape],
+                                                              [0] * len(shape)), starts, ends, axes, steps).shape
+        except ValueError:
+            return None
+        expected = tuple(s if d >= 0 else -1 for s, d in zip(spec, result))
+        if any(r >= 0 and r != e for r, e in zip(result, expected)) or len(result) != len(shape):
+            return None  # onnx and the spec disagree: the shape is not known
+    return result
