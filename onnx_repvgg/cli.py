@@ -239,6 +239,26 @@ def _check_outputs_spare_inputs(args, loaded) -> None:
                 raise UsageError(f"the {what} {path} would overwrite {read}, which the input reads")
 
 
+def _check_input_names(args, shapes, model) -> None:
+    """--input-shape and --input-data must name inputs the model has."""
+    initializers = {t.name for t in model.graph.initializer}
+    real = [v.name for v in model.graph.input if v.name not in initializers]
+    for flag, names in (("--input-shape", shapes), ("--input-data", args.feeds)):
+        unknown = [name for name in names if name not in real]
+        if unknown:
+            raise UsageError(f"{flag} names {', '.join(repr(n) for n in unknown)}, which the model does not have; "
+                             f"its inputs: {', '.join(real) or '(none)'}")
+
+
+def _attach_block_checks(report) -> None:
+    """Each fused block's record gets the max relative difference of its check alone."""
+    by_node = {name: check for check in report.validation.blocks for name in check.nodes}
+    for record in report.fused:
+        check = by_node.get(record.fused_node or "")
+        if check is not None and check.checked:
+            record.check_max_rel_diff = check.max_rel_diff
+
+
 def _same_file(a: str, b: str) -> bool:
     if os.path.exists(a) and os.path.exists(b):
         return os.path.samefile(a, b)
@@ -289,6 +309,7 @@ def _run_staged(args, shapes) -> int:
         loaded = io.load(args.input, load_external_data=False)
         timings["load"] = time.perf_counter() - t
         _check_outputs_spare_inputs(args, loaded)
+        _check_input_names(args, shapes, loaded.model)
         staging = None if args.dry_run else Staging(args.output)
         return _phases(args, shapes, loaded, staging, say, timings, progress)
     finally:
@@ -337,11 +358,15 @@ def _phases(args, shapes, loaded, staging, say, timings, progress) -> int:
             progress.done()
             timings["validate"] = time.perf_counter() - t
             report.validation = Validation(passed=False, input_sets=args.check, error=str(err))
-            print(f"onnx-repvgg: error: validation could not run: {err}. "
-                  "Use --no-check to write the model unvalidated.", file=sys.stderr)
+            advice = {"input": "Give the model's input shapes with --input-shape NAME:D0,D1,...",
+                      "original": "The original model does not run in onnxruntime; --no-check writes the "
+                                  "fused model unvalidated",
+                      "fused": "Nothing written"}[err.side]
+            print(f"onnx-repvgg: error: validation could not run: {err}. {advice}.", file=sys.stderr)
             _write_json_after_failure(args, report)
-            return EXIT_BAD_INPUT if err.side == "original" else EXIT_VALIDATION_FAILED
+            return EXIT_VALIDATION_FAILED if err.side == "fused" else EXIT_BAD_INPUT
         timings["validate"] = time.perf_counter() - t
+        _attach_block_checks(report)
     progress.done()
     if report.validation is not None and not report.validation.passed:
         say(f"onnx-repvgg {__version__}: {args.input} -> (not written)")

@@ -1,224 +1,247 @@
-"""Prove a fused model equal to its original: onnxruntime, optimizations off, seeded inputs.
+"""Prove a fused model equal to its original, with onnxruntime (graph optimizations disabled,
+so its own fusions cannot hide a difference) on seeded random inputs.
 
-Graph optimizations are disabled so that onnxruntime's own Conv/BN/Add fusions cannot
-hide a difference. Dynamic dimensions are resolved to 1 unless a shape is given (dynamic
-spatial dims larger when the original model cannot run that small). Each output is compared
-element by element, relative to max(|original|, RMS of the output).
+The proof has two parts (onnx_repvgg.proof):
+
+1. Block by block. Every region the fusion changed (proof.changes: the new nodes, and the
+   original nodes that computed the same tensors from the same inputs) is run alone, original
+   against fused, on random inputs at least as large as each fused kernel's extent, so that a
+   wrong tap, bias or channel shows whatever follows the block (top-k, NMS, argmax).
+2. End to end. Both models run on the same inputs; their graph outputs and every tensor they
+   share at the blocks' edges are compared, so a wiring error shows where it happens. A tensor
+   past a discontinuous op that a changed value reaches (proof.continuity) is measured but not
+   held to the tolerance: near-tied scores may swap rows there by rounding alone.
+
+Dynamic dims are chosen so that every convolution window meets data (the batch is 1); the
+report says which. --input-shape / --input-data override.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
+import time
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx
 
+from .proof.blocks import check_regions
+from .proof.changes import find_regions
+from .proof.compare import DEFAULT_ATOL, DEFAULT_RTOL, HALF_ATOL, HALF_RTOL, compare, tolerances
+from .proof.continuity import not_comparable
+from .proof.runtime import ModelSource, ValidationError, extra_outputs, feeds_for, one_line, open_model, session
 from .report import OutputCheck, Validation
 
-DEFAULT_RTOL = 1e-4
-DEFAULT_ATOL = 1e-5
-# float16 keeps 11 significant bits: a sum re-associated by fusion moves by ~1e-3.
-HALF_RTOL = 1e-2
-HALF_ATOL = 1e-3
-_PROTO_LIMIT = 2**31 - 2**25  # serialize in memory below ~1.97 GB, else go through a file
+__all__ = ["validate", "compare", "ValidationError", "DEFAULT_RTOL", "DEFAULT_ATOL", "HALF_RTOL", "HALF_ATOL"]
 
-_ORT_DTYPES = {
-    "tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
-    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int16)": np.int16,
-    "tensor(int8)": np.int8, "tensor(uint8)": np.uint8, "tensor(uint16)": np.uint16,
-    "tensor(uint32)": np.uint32, "tensor(uint64)": np.uint64, "tensor(bool)": np.bool_,
-}
-
-
-class ValidationError(RuntimeError):
-    """onnxruntime could not run a model, so nothing could be proven.
-
-    `side` is "original" when the input model itself cannot run (the user may choose
-    --no-check), "fused" when only the fused model fails (a failed proof).
-    """
-
-    def __init__(self, message: str, side: str = "fused"):
-        super().__init__(message)
-        self.side = side
-
-
-def _session(model, label: str):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
-    try:
-        if isinstance(model, (str, os.PathLike)):
-            return ort.InferenceSession(os.fspath(model), options, providers=["CPUExecutionProvider"])
-        if model.ByteSize() < _PROTO_LIMIT:
-            return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "model.onnx")
-            onnx.save_model(model, path, save_as_external_data=True, location="model.onnx.data")
-            return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-    except Exception as err:  # onnxruntime raises its own exception types
-        raise ValidationError(f"onnxruntime cannot load the {label} model: {_first_line(err)}", label) from None
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
-
-
-def resolve_shape(name: str, shape: Sequence, overrides: Mapping[str, Sequence[int]]) -> list[int]:
-    if name in overrides:
-        return [int(d) for d in overrides[name]]
-    return [d if isinstance(d, int) and d >= 0 else 1 for d in shape]
-
-
-def random_inputs(session, overrides: Mapping[str, Sequence[int]], seed: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    feeds = {}
-    for arg in session.get_inputs():
-        shape = resolve_shape(arg.name, arg.shape, overrides)
-        dtype = _ORT_DTYPES.get(arg.type)
-        if dtype is None:
-            raise ValidationError(f"input '{arg.name}' has type {arg.type}, which random inputs do not cover",
-                                  "original")
-        if np.issubdtype(dtype, np.floating):
-            feeds[arg.name] = rng.standard_normal(shape).astype(dtype)
-        elif dtype is np.bool_:
-            feeds[arg.name] = rng.integers(0, 2, shape).astype(np.bool_)
-        else:
-            feeds[arg.name] = rng.integers(0, 4, shape).astype(dtype)
-    return feeds
-
-
-def compare(name: str, expected: np.ndarray, actual: np.ndarray, rtol: float, atol: float) -> OutputCheck:
-    expected = np.asarray(expected)
-    actual = np.asarray(actual)
-    if expected.shape != actual.shape or expected.dtype != actual.dtype:
-        return OutputCheck(name, float("inf"), float("inf"), rtol, atol, False)
-    if not np.issubdtype(expected.dtype, np.floating):
-        equal = bool(np.array_equal(expected, actual))
-        return OutputCheck(name, 0.0 if equal else float("inf"), 0.0 if equal else float("inf"), rtol, atol, equal)
-    e = expected.astype(np.float64)
-    a = actual.astype(np.float64)
-    same_nan = np.isnan(e) == np.isnan(a)
-    finite = np.isfinite(e) & np.isfinite(a)
-    same_inf = np.where(np.isinf(e) | np.isinf(a), e == a, True)
-    diff = np.abs(e[finite] - a[finite])
-    magnitude = np.abs(e[finite])
-    max_abs = float(diff.max()) if diff.size else 0.0
-    # Each element is compared relative to max(|expected|, RMS of the output). Float32 rounding
-    # error follows the size of the sums that made an element, not the element itself, so a
-    # plain elementwise rtol fails elements that happen to sit near zero; the RMS (not the
-    # max) keeps a small-valued part of an output (class scores beside box coordinates in a
-    # detection head) from hiding behind its largest values.
-    rms = float(np.sqrt(np.mean(np.square(magnitude)))) if magnitude.size else 0.0
-    scale = np.maximum(magnitude, rms)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        relative = np.where(scale > 0, diff / scale, np.where(diff > 0, np.inf, 0.0))
-    max_rel = float(relative.max()) if relative.size else 0.0
-    passed = bool(same_nan.all() and same_inf.all() and np.all(diff <= atol + rtol * scale))
-    return OutputCheck(name, max_abs, max_rel, rtol, atol, passed)
-
-
-# Dynamic spatial dims are first set to 1 (cheap, and the centre tap of every kernel); a model
-# that cannot run that small (pooling windows, upsample-and-concat necks) is tried at these.
-FALLBACK_SIZES = (32, 64, 128, 224, 256, 320, 512, 640)
-
-
-def _run_at_larger_sizes(reference, overrides: dict, run_original) -> tuple[list | None, dict]:
-    """Retry the original with the dynamic dims on axes >= 2 (spatial) set to each of
-    FALLBACK_SIZES; the runs and the shapes of the first size that works, or (None, overrides)."""
-    spatial = {}
-    for arg in reference.get_inputs():
-        if arg.name in overrides:
-            continue
-        axes = [axis for axis, d in enumerate(arg.shape) if axis >= 2 and not (isinstance(d, int) and d >= 0)]
-        if axes:
-            spatial[arg.name] = (resolve_shape(arg.name, arg.shape, overrides), axes)
-    for size in FALLBACK_SIZES if spatial else ():
-        trial = dict(overrides)
-        for name, (shape, axes) in spatial.items():
-            trial[name] = [size if axis in axes else d for axis, d in enumerate(shape)]
-        try:
-            return run_original(reference, trial), trial
-        except ValidationError:
-            raise
-        except Exception:
-            continue
-    return None, overrides
+# Sizes tried for dynamic non-batch dims: the first at which shape inference shows every
+# window meeting data, then the rest, then smaller ones for models that need them.
+SIZES = (32, 64, 128, 224, 256, 320, 512, 640)
+SMALL_SIZES = (16, 8, 4, 2, 1)
+_WINDOW_OPS = ("Conv", "ConvTranspose", "AveragePool", "MaxPool", "LpPool")
 
 
 def validate(original, fused, *, input_sets: int = 1, rtol: float | None = None, atol: float | None = None,
              input_shapes: Mapping[str, Sequence[int]] | None = None, seed: int = 0,
              input_data: Mapping[str, np.ndarray] | None = None) -> Validation:
-    """Run both models (ModelProto or path) on seeded random inputs and compare every output.
+    """Prove `fused` equal to `original` (ModelProtos or paths): each changed block alone, then
+    both models end to end.
 
-    rtol/atol default to 1e-4/1e-5, and to 1e-2/1e-3 for float16 outputs. `input_data`
-    gives real arrays for some inputs (used in every input set); the rest are random.
-    Dynamic dims not given by `input_shapes` are set to 1; if the original cannot run so
-    small, its dynamic spatial dims (axes >= 2) are tried at FALLBACK_SIZES.
-    Raises ValidationError if onnxruntime cannot run a model.
+    rtol/atol default to 1e-4/1e-5, and to 1e-2/1e-3 for float16 tensors. `input_data` gives
+    real arrays for some inputs (used in every input set); the rest are random. Dynamic dims
+    not given by `input_shapes` are chosen (see SIZES). Raises ValidationError if onnxruntime
+    cannot run a model, or if `input_shapes`/`input_data` name an input the model lacks.
     """
-    overrides = dict(input_shapes or {})
+    start = time.perf_counter()
+    a, b = open_model(original, "original"), open_model(fused, "fused")
+    real_inputs = _inputs(a.model.graph)
     data = dict(input_data or {})
+    overrides = {name: [int(d) for d in dims] for name, dims in (input_shapes or {}).items()}
+    for flag, names in (("--input-shape", overrides), ("--input-data", data)):
+        unknown = [name for name in names if name not in real_inputs]
+        if unknown:
+            raise ValidationError(f"{flag} names {', '.join(repr(n) for n in unknown)}, which is not an input of "
+                                  f"the model (its inputs: {', '.join(real_inputs)})", "input")
     for name, array in data.items():
         overrides.setdefault(name, list(np.shape(array)))
-    # One model in memory at a time: the original runs every input set, then is released.
-    reference = _session(original, "original")
-    ref_inputs = [(a.name, a.type) for a in reference.get_inputs()]
-    unknown = sorted(set(data) - {name for name, _ in ref_inputs})
-    if unknown:
-        raise ValidationError(f"--input-data names {unknown}, which are not model inputs", "original")
-    output_names = [o.name for o in reference.get_outputs()]
 
-    def run_original(session, chosen: Mapping[str, Sequence[int]]) -> list:
-        runs = []
-        for k in range(max(1, input_sets)):
-            feeds = random_inputs(session, chosen, seed + k)
-            for name, array in data.items():
-                feeds[name] = np.asarray(array, dtype=feeds[name].dtype)
-            runs.append((feeds, session.run(None, feeds)))
-        return runs
+    regions = find_regions(a.model.graph, b.model.graph)
+    block_outputs = list(dict.fromkeys(o for r in regions for o in r.outputs))
+    block_inputs = list(dict.fromkeys(i for r in regions for i in r.inputs if i not in block_outputs))
+    jumped = not_comparable(b.model.graph, set(block_outputs))
+    graph_outputs = [v.name for v in a.model.graph.output]
+    in_original = _tensor_names(a.model.graph)
+    fetch = [n for n in dict.fromkeys(graph_outputs + block_outputs + block_inputs) if n in in_original]
 
-    try:
-        runs = run_original(reference, overrides)
-    except ValidationError:
-        raise
-    except Exception as err:
-        runs, overrides = _run_at_larger_sizes(reference, overrides, run_original)
-        if runs is None:
-            raise ValidationError(f"onnxruntime cannot run the original model: {_first_line(err)}",
-                                  "original") from None
-    shapes = {a.name: resolve_shape(a.name, a.shape, overrides) for a in reference.get_inputs()}
-    given = set(input_shapes or {}) | set(data)
-    defaulted = [f"{a.name}[{axis}]" for a in reference.get_inputs() if a.name not in given
-                 for axis, d in enumerate(a.shape) if not (isinstance(d, int) and d >= 0)]
-    del reference
-    candidate = _session(fused, "fused")
-    if ref_inputs != [(a.name, a.type) for a in candidate.get_inputs()]:
-        raise ValidationError("the fused model's inputs differ from the original's")
-    if output_names != [o.name for o in candidate.get_outputs()]:
+    shapes, defaulted, covered = _choose_shapes(a, b, real_inputs, overrides)
+    runs, shapes = _run_original(a, fetch, shapes, data, input_sets, seed, defaulted)
+    expected_inputs = {name: runs[0][0][name] for name in real_inputs}
+    captured = {**expected_inputs, **runs[0][1]}
+
+    fused_fetch = [name for name in fetch if name in _tensor_names(b.model.graph)]
+    missing = [name for name in graph_outputs if name not in fused_fetch]
+    if missing or [v.name for v in b.model.graph.output] != graph_outputs:
         raise ValidationError("the fused model's outputs differ from the original's")
+    if _inputs(b.model.graph) != real_inputs:
+        raise ValidationError("the fused model's inputs differ from the original's")
+    with extra_outputs(b.model, fused_fetch):
+        candidate = session(b.model, b.base_dir, "fused")
+    roles = {**{n: "block input" for n in block_inputs}, **{n: "block output" for n in block_outputs},
+             **{n: "output" for n in graph_outputs}}
     worst: dict[str, OutputCheck] = {}
     for feeds, expected in runs:
         try:
-            actual = candidate.run(None, feeds)
+            actual = dict(zip(fused_fetch, candidate.run(fused_fetch, feeds)))
         except Exception as err:
-            raise ValidationError(f"onnxruntime cannot run the fused model: {_first_line(err)}") from None
-        for name, e, a in zip(output_names, expected, actual):
-            half = np.asarray(e).dtype == np.float16
-            r = rtol if rtol is not None else (HALF_RTOL if half else DEFAULT_RTOL)
-            t = atol if atol is not None else (HALF_ATOL if half else DEFAULT_ATOL)
-            check = compare(name, e, a, r, t)
-            prev = worst.get(name)
-            if prev is None:
-                worst[name] = check
-            else:
-                worst[name] = OutputCheck(name, max(prev.max_abs_diff, check.max_abs_diff),
-                                          max(prev.max_rel_diff, check.max_rel_diff), r, t,
-                                          prev.passed and check.passed)
-    outputs = [worst[n] for n in output_names]
-    return Validation(passed=all(o.passed for o in outputs), input_sets=max(1, input_sets),
-                      outputs=outputs, input_shapes=shapes, defaulted_dims=defaulted)
+            raise ValidationError(f"onnxruntime cannot run the fused model: {one_line(err)}") from None
+        for name in fused_fetch:
+            worst[name] = _worse(worst.get(name), _check(name, roles[name], expected[name], actual[name],
+                                                         jumped.get(name), rtol, atol))
+    del candidate, runs
+    end_to_end = time.perf_counter() - start
+
+    blocks = check_regions(regions, a, b, captured, rtol, atol, seed)
+    result = Validation(passed=True, input_sets=max(1, input_sets),
+                        outputs=[worst[n] for n in graph_outputs],
+                        tensors=[worst[n] for n in fused_fetch if n not in graph_outputs],
+                        blocks=blocks, input_shapes=shapes, defaulted_dims=defaulted,
+                        kernels_covered=covered if defaulted else None,
+                        timings={"end_to_end": end_to_end, "blocks": time.perf_counter() - start - end_to_end})
+    unproven = [blk for blk in blocks if not blk.checked]
+    result.passed = all(o.passed for o in result.compared) and all(blk.passed for blk in blocks if blk.checked)
+    if unproven and not any(o.comparable for o in result.outputs):
+        result.passed = False
+        result.notes.append(f"{len(unproven)} changed block(s) could not be checked alone and no output after "
+                            "them is comparable: nothing proves them")
+    return result
+
+
+def _inputs(graph: onnx.GraphProto) -> list[str]:
+    initializers = {t.name for t in graph.initializer}
+    return [v.name for v in graph.input if v.name not in initializers]
+
+
+def _tensor_names(graph: onnx.GraphProto) -> set[str]:
+    names = {v.name for v in graph.input}
+    for node in graph.node:
+        names.update(out for out in node.output if out)
+    return names
+
+
+def _check(name: str, role: str, expected, actual, jumped: str | None, rtol, atol) -> OutputCheck:
+    r, t = tolerances(expected, rtol, atol)
+    check = compare(name, expected, actual, r, t)
+    check.role = role
+    if jumped is not None:
+        check.comparable, check.reason, check.passed = False, jumped, True
+    return check
+
+
+def _worse(previous: OutputCheck | None, check: OutputCheck) -> OutputCheck:
+    if previous is None:
+        return check
+    previous.max_abs_diff = max(previous.max_abs_diff, check.max_abs_diff)
+    previous.max_rel_diff = max(previous.max_rel_diff, check.max_rel_diff)
+    previous.passed = previous.passed and check.passed
+    return previous
+
+
+# -- input sizes ------------------------------------------------------------------------------
+
+def _declared_dims(graph: onnx.GraphProto, names: list[str]) -> dict[str, list[int | None]]:
+    dims: dict[str, list[int | None]] = {}
+    for value in graph.input:
+        if value.name in names:
+            shape = value.type.tensor_type.shape
+            dims[value.name] = [d.dim_value if d.HasField("dim_value") else None for d in shape.dim]
+    return dims
+
+
+def _shapes_at(declared, overrides, size: int) -> dict[str, list[int]]:
+    return {name: list(overrides[name]) if name in overrides else
+            [d if d is not None else (1 if axis == 0 else size) for axis, d in enumerate(dims)]
+            for name, dims in declared.items()}
+
+
+def _choose_shapes(a: ModelSource, b: ModelSource, inputs: list[str], overrides):
+    """Input shapes, the dims chosen ("x[2]"), and whether every window then meets data."""
+    declared = _declared_dims(a.model.graph, inputs)
+    defaulted = [f"{name}[{axis}]" for name, dims in declared.items() if name not in overrides
+                 for axis, d in enumerate(dims) if d is None]
+    if not defaulted:
+        return _shapes_at(declared, overrides, 1), [], None
+    for size in SIZES:
+        covered = _windows_covered(b.model, _shapes_at(declared, overrides, size))
+        if covered is not False:
+            return _shapes_at(declared, overrides, size), defaulted, covered
+    return _shapes_at(declared, overrides, SIZES[-1]), defaulted, False
+
+
+def _windows_covered(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> bool | None:
+    """Whether, at these input shapes, every window op's input is at least as large as its
+    window on each spatial axis (by onnx shape inference); None when inference cannot tell."""
+    light = onnx.ModelProto()
+    light.CopyFrom(model)
+    for value in light.graph.input:
+        if value.name in shapes:
+            dims = value.type.tensor_type.shape.dim
+            for d, size in zip(dims, shapes[value.name]):
+                d.ClearField("dim_param")
+                d.dim_value = size
+    try:
+        inferred = onnx.shape_inference.infer_shapes(light)
+    except Exception:
+        return None
+    known = {}
+    for value in list(inferred.graph.input) + list(inferred.graph.value_info):
+        t = value.type.tensor_type
+        if t.HasField("shape"):
+            known[value.name] = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+    weights = {t.name: list(t.dims) for t in model.graph.initializer}
+    seen = False
+    for node in model.graph.node:
+        if node.op_type not in _WINDOW_OPS or not node.input or node.input[0] not in known:
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        kernel = attrs.get("kernel_shape") or (weights.get(node.input[1], [])[2:] if len(node.input) > 1 else [])
+        if not kernel:
+            continue
+        dilations = attrs.get("dilations") or [1] * len(kernel)
+        spatial = known[node.input[0]][2:]
+        for size, k, d in zip(spatial, kernel, dilations):
+            if size is None:
+                continue
+            seen = True
+            if size < d * (k - 1) + 1:
+                return False
+    return True if seen else None
+
+
+def _run_original(a: ModelSource, fetch: list[str], shapes, data, input_sets: int, seed: int, defaulted):
+    """Run the original on every input set: [(feeds, {name: value})], and the shapes used.
+    A model that cannot run at the chosen sizes is tried at the others."""
+    with extra_outputs(a.model, fetch):
+        reference = session(a.model, a.base_dir, "original")
+    tried = [shapes]
+    if defaulted:
+        declared = _declared_dims(a.model.graph, list(shapes))
+        fixed = {name: shape for name, shape in shapes.items() if not any(d.startswith(name + "[") for d in defaulted)}
+        tried += [_shapes_at(declared, fixed, size) for size in SIZES + SMALL_SIZES]
+    first_error = None
+    for candidate in tried:
+        try:
+            runs = []
+            for k in range(max(1, input_sets)):
+                feeds = feeds_for(reference.get_inputs(), candidate, data, seed + k)
+                runs.append((feeds, dict(zip(fetch, reference.run(fetch, feeds)))))
+            return runs, candidate
+        except ValidationError:
+            raise
+        except Exception as err:
+            first_error = first_error or err
+            if not defaulted:
+                break
+    text = one_line(first_error) if first_error else "no input shape worked"
+    shape_error = any(key in text for key in ("dimension", "Invalid rank", "shape", "Got:", "Expected:"))
+    raise ValidationError(f"onnxruntime cannot run the original model at input shapes "
+                          f"{ {k: list(v) for k, v in shapes.items()} }: {text}",
+                          "input" if shape_error else "original")

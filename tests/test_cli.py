@@ -63,7 +63,7 @@ def test_json_report_and_dry_run(tmp_path, capsys):
     assert "dry run" in capsys.readouterr().out
     assert listing(tmp_path) == ["in.onnx", "r.json"]
     data = json.loads(report_path.read_text())
-    assert data["schema_version"] == 1
+    assert data["schema_version"] == 2
     assert data["summary"] == {"fused": 1, "skipped": 0}
     assert data["blocks"][0]["branches"] == ["3x3", "1x1", "bn"]
     assert data["before"]["op_counts"]["BatchNormalization"] == 1
@@ -379,12 +379,14 @@ def test_dynamic_dims_note(tmp_path, capsys):
     model = b.model([repvgg_block(b, identity="bn")], input_shape=["N", 4, "H", "W"])
     onnx.save(model, str(tmp_path / "in.onnx"))
     assert main([str(tmp_path / "in.onnx"), str(tmp_path / "out.onnx")]) == 0
-    assert "dynamic dims chosen for validation: x[0]=1, x[2]=1, x[3]=1" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    # spatial dims large enough that every 3x3 window meets data, not 1
+    assert "dynamic dims chosen: x[0]=1, x[2]=32, x[3]=32 (every kernel meets data)" in out
 
 
 def test_dynamic_spatial_dims_too_small_to_run_are_retried_larger(tmp_path, capsys):
-    """A model that cannot run at 1x1 (here a 3x3 pooling window without padding) is
-    validated at the first of 32, 64, ... that works, and the note says so."""
+    """A model whose windows need more than 1x1 (here a 3x3 pooling window without padding)
+    is validated at the first of 32, 64, ... where every window meets data, and says so."""
     b = GraphBuilder()
     pooled = b.op("MaxPool", [repvgg_block(b, identity="bn")], kernel_shape=[3, 3])
     model = b.model([pooled], input_shape=["N", 4, "H", "W"])
@@ -392,7 +394,7 @@ def test_dynamic_spatial_dims_too_small_to_run_are_retried_larger(tmp_path, caps
     assert main([str(tmp_path / "in.onnx"), str(tmp_path / "out.onnx"), "--json", str(tmp_path / "r.json")]) == 0
     out = capsys.readouterr().out
     assert "validation: passed" in out
-    assert "dynamic dims chosen for validation: x[0]=1, x[2]=32, x[3]=32" in out
+    assert "dynamic dims chosen: x[0]=1, x[2]=32, x[3]=32" in out
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["validation"]["input_shapes"] == {"x": [1, 4, 32, 32]}
 
@@ -479,14 +481,22 @@ def test_json_schema(tmp_path, capsys):
     assert set(by_status) == {"fused", "skipped"}
     for record in data["blocks"]:
         assert set(record) == {"anchor", "branches", "status", "reason_code", "reason", "group", "strides",
-                               "fused_node"}
+                               "fused_node", "check_max_rel_diff"}
     assert by_status["skipped"]["reason_code"] == "bn_training" and "training_mode=1" in by_status["skipped"]["reason"]
     assert by_status["fused"]["fused_node"] and by_status["fused"]["reason"] is None
+    assert 0 <= by_status["fused"]["check_max_rel_diff"] < 1e-5
     v = data["validation"]
-    assert set(v) >= {"passed", "input_sets", "outputs", "input_shapes", "error", "defaulted_dims"}
+    assert set(v) >= {"passed", "input_sets", "outputs", "input_shapes", "error", "defaulted_dims", "tensors",
+                      "blocks", "kernels_covered", "notes", "timings"}
     assert {o["name"] for o in v["outputs"]} == {skipped, fused}
-    for o in v["outputs"]:
-        assert set(o) == {"name", "max_abs_diff", "max_rel_diff", "rtol", "atol", "passed"}
+    for o in v["outputs"] + v["tensors"]:
+        assert set(o) == {"name", "max_abs_diff", "max_rel_diff", "rtol", "atol", "passed", "role", "comparable",
+                          "reason"}
+    assert {o["role"] for o in v["tensors"]} == {"block input"}  # the block's output is a graph output
+    [block] = v["blocks"]
+    assert set(block) == {"nodes", "outputs", "checked", "passed", "max_abs_diff", "max_rel_diff", "input_shapes",
+                          "note"}
+    assert block["checked"] and block["passed"] and block["nodes"][0] == by_status["fused"]["fused_node"]
 
 
 def test_large_models_are_written_with_external_data(tmp_path, capsys, monkeypatch):
