@@ -77,43 +77,53 @@ def _deep_source(view: GraphView, index: LinearIndex, leaf: str) -> Branch | Non
     return None
 
 
-def _source_of(view: GraphView, branch: Branch) -> str:
+def _source_of(view: GraphView, branch: Branch, index: LinearIndex) -> str:
     if branch.kind in ("conv", "pool"):
         return view.nodes[branch.conv].input[0]
     node = view.nodes[branch.problem]
-    inner = view.producer.get(node.input[0])
+    inner = view.producer.get(index.origin(node.input[0]))  # a BN over Conv(X), maybe through an Identity
     if inner is not None and is_op(view.nodes[inner], *LEAF_OPS) and view.nodes[inner].input:
         return view.nodes[inner].input[0]
     return node.input[0]
 
 
 def choose_input(view: GraphView, index: LinearIndex, tree: LinearTree):
-    """Pick the X with the most branches; return X, its branches and the other leaves."""
+    """Pick the X with the most branches; return X, its branches and the other leaves.
+
+    Branches read X or a value-preserving copy of it (Identity(X), ...): they are grouped by
+    the value they copy (index.origin). The fused node reads a name some branch reads (it is
+    computed before the block and outlives this round): X itself if one does, else the copy
+    most of them read."""
     deep = []
     for leaf in tree.leaves:
         b = _deep_source(view, index, leaf.name)
         if b is not None:
             b.addend = leaf
         deep.append(b)
-    sources = [(_source_of(view, b) if b is not None else None) for b in deep]
+    raw = [(_source_of(view, b, index) if b is not None else None) for b in deep]
+    sources = [(index.origin(s) if s is not None else None) for s in raw]
+    leaf_sources = [index.origin(leaf.name) for leaf in tree.leaves]
     best, best_count = None, 0
     for source in dict.fromkeys(s for s in sources if s is not None):
         if not any(s == source and b.kind in ("conv", "problem") for s, b in zip(sources, deep) if b):
             continue  # AveragePool and identity branches alone are not worth a conv
-        count = sum(1 for s in sources if s == source) + sum(1 for leaf in tree.leaves if leaf.name == source)
+        count = sum(1 for s in sources if s == source) + sum(1 for s in leaf_sources if s == source)
         if count > best_count:
             best, best_count = source, count
     if best is None:
         return None, [], list(tree.leaves)
-    branches, others = [], []
-    for leaf, b, s in zip(tree.leaves, deep, sources):
-        if leaf.name == best:
+    branches, others, names = [], [], []
+    for leaf, b, s, r, origin in zip(tree.leaves, deep, sources, raw, leaf_sources):
+        if origin == best:
             branches.append(Branch(leaf, "identity"))
+            names.append(leaf.name)
         elif b is not None and s == best:
             branches.append(b)
+            names.append(r)
         else:
             others.append(leaf)
-    return best, branches, others
+    # X itself where a branch reads it (the copies between then go with the block), else the most read copy
+    return (best if best in names else Counter(names).most_common(1)[0][0]), branches, others
 
 
 def _label(kernel) -> str:
@@ -156,7 +166,9 @@ def build_block(view: GraphView, index: LinearIndex, tree: LinearTree, x: str,
         for b in branches:
             if b.kind == "conv":
                 _check_private(view, b.addend.name, "branch output")
-        return build_dense_block(view, tree, x, branches, others)
+        dense = build_dense_block(view, tree, x, branches, others)
+        dense.removed_nodes += _dead_copies(view, index, x, dense.removed_nodes, branches)
+        return dense
 
     convs: list[tuple[Branch, ConvParams]] = []
     for b in branches:
@@ -279,6 +291,7 @@ def build_block(view: GraphView, index: LinearIndex, tree: LinearTree, x: str,
         raise NotWorthIt()
 
     removed = list(tree.nodes) + [b.conv for b, _ in convs] + [b.conv for b, _ in pools]
+    removed += _dead_copies(view, index, x, removed, branches)
     main = max(convs, key=lambda c: int(np.prod(c[1].kernel)))[1]
     geometry = ConvGeometry(tuple(kernel_shape), tuple(strides), tuple(dilations),
                             tuple(pad_begin) + tuple(pad_end), group)
@@ -287,6 +300,16 @@ def build_block(view: GraphView, index: LinearIndex, tree: LinearTree, x: str,
                  geometry=geometry, dtype=first.weight.dtype, removed_nodes=removed,
                  other_leaves=other_names, other_scales=other_scales, name_hint=main.node_name,
                  constant_bias=bias_from_constants)
+
+
+def _dead_copies(view: GraphView, index: LinearIndex, x: str, removed: list[int], branches: list[Branch]) -> list[int]:
+    """Value-preserving nodes between X and a branch that read a copy of X (Conv(Identity(X)))
+    which only the block's removed nodes use: once the fused node reads X, they are dead."""
+    gone = set(removed)
+    for b in branches:
+        if b.kind in ("conv", "pool"):
+            gone.update(index.dead_chain(view.nodes[b.conv].input[0], x, gone))
+    return sorted(gone - set(removed))
 
 
 def _on_dilation_grid(p: ConvParams, dilations: list[int]) -> ConvParams:
@@ -338,12 +361,15 @@ def find(view: GraphView, opset: int, options: dict | None = None):
     index = LinearIndex(view, opset)
     for root in index.roots():
         tree = index.tree(root)
+        if tree.passthrough_only:
+            continue
         x, branches, others = choose_input(view, index, tree)
         if x is None:
             continue
-        removed = len(tree.nodes) + sum(1 for b in branches if b.kind in ("conv", "pool", "problem"))
+        removed = sum(1 for n in tree.nodes if not index.is_passthrough(n)) + \
+            sum(1 for b in branches if b.kind in ("conv", "pool", "problem"))
         if removed <= 1 + len(others):
-            continue  # nothing to gain: e.g. a plain residual Add(conv(y), x)
+            continue  # nothing to gain: e.g. a plain residual Add(conv(y), x) (an Identity after it or not)
         node = view.nodes[root]
         candidate = Candidate(anchor=node.name or node.output[0], branch_labels=_describe(view, branches))
         try:

@@ -10,6 +10,14 @@ spatial position, given by constants:
     Div(a, c)                a / c         (c constant, no zero)
     BatchNormalization(a)    a * s + h     (inference mode: s = g/sqrt(v+eps), h = beta - m*s)
 
+and the *value-preserving* nodes, a with factor 1 (rules/passthrough.py proves each one from
+constants, element types and static shapes): Identity, inference Dropout, Cast to the same
+type, Reshape/Flatten/Squeeze/Expand that keep the shape, Pad of zeros, one-input Concat/Sum,
+and a * 1, a / 1, a + 0, a - 0 that keep a's shape. Exporters put them between the nodes of a
+block (paddle2onnx writes an Identity after every elementwise op), so a tree absorbs them and
+the block removes them with it. A tree of value-preserving nodes only is no block (removing a
+lone Identity is a simplifier's job).
+
 A *linear tree* is a root linear node and, recursively, every linear node whose only
 use is as a tensor input of a node in the tree. It computes
 
@@ -29,6 +37,7 @@ import onnx
 from ..block import Reason
 from ..graph import GraphView
 from .common import Skip, bn_affine, is_op
+from .passthrough import passthrough_input
 
 LINEAR_OPS = ("Add", "Sum", "Sub", "Neg", "Mul", "Div", "BatchNormalization")
 NEG_ONE = np.array(-1.0)
@@ -47,6 +56,7 @@ class Expansion:
     children: list[tuple[str, tuple[Factor, ...]]] = field(default_factory=list)
     offsets: list[Factor] = field(default_factory=list)
     problem: Reason | None = None  # looks linear (a BN) but is not usable: why
+    passthrough: bool = False      # a value-preserving node: its one child, factor 1
 
     @property
     def usable(self) -> bool:
@@ -57,7 +67,7 @@ class Expansion:
 class Addend:
     name: str | None                 # tensor name; None for a constant produced by a node (BN shift)
     factors: tuple[Factor, ...]
-    parent: int                      # index of the tree node that uses it
+    parent: int                      # index of the tree node that uses it (past value-preserving ones)
     constant: bool = False
 
 
@@ -67,10 +77,14 @@ class LinearTree:
     nodes: list[int]
     leaves: list[Addend]             # tensor addends
     constants: list[Addend]          # constant addends (their value is the first factor)
+    passthrough_only: bool = False   # every node is value-preserving: nothing to fuse
 
 
 def expand(view: GraphView, node: onnx.NodeProto, opset: int) -> Expansion | None:
     """The node as a linear combination, or None if it is not a linear node."""
+    source = passthrough_input(view, node, opset)
+    if source is not None:
+        return Expansion([(source, ())], passthrough=True)
     if not is_op(node, *LINEAR_OPS) or len(node.output) < 1:
         return None
     op = node.op_type
@@ -113,8 +127,39 @@ class LinearIndex:
         self.expansions: dict[int, Expansion] = {}
         for index, node in enumerate(view.nodes):
             exp = expand(view, node, opset)
-            if exp is not None:
+            if exp is not None and not (exp.passthrough and index in view.constant_nodes):
                 self.expansions[index] = exp
+
+    def is_passthrough(self, index: int | None) -> bool:
+        exp = self.expansions.get(index) if index is not None else None
+        return exp is not None and exp.passthrough
+
+    def origin(self, name: str) -> str:
+        """The value `name` copies through value-preserving nodes (itself if none)."""
+        seen = set()
+        while name not in seen:
+            seen.add(name)
+            producer = self.view.producer.get(name)
+            if producer is None or not self.is_passthrough(producer):
+                break
+            name = self.expansions[producer].children[0][0]
+        return name
+
+    def dead_chain(self, name: str, stop: str, removed: set[int]) -> list[int]:
+        """The value-preserving nodes from `stop` to `name` that only `removed` nodes read
+        (through `name`): once those go, these compute nothing used. Stops at a graph output."""
+        chain: list[int] = []
+        while name != stop:
+            producer = self.view.producer.get(name)
+            if producer is None or not self.is_passthrough(producer) or producer in removed \
+                    or name in self.view.graph_outputs:
+                break
+            uses = self.view.consumers.get(name, ())
+            if not uses or any(i not in removed and i not in chain for i, _ in uses):
+                break
+            chain.append(producer)
+            name = self.expansions[producer].children[0][0]
+        return chain
 
     def usable(self, index: int | None) -> bool:
         exp = self.expansions.get(index) if index is not None else None
@@ -138,16 +183,19 @@ class LinearIndex:
     def tree(self, root: int) -> LinearTree:
         view = self.view
         nodes, leaves, constants = [root], [], []
-        stack: list[tuple] = [("node", root, ())]
+        # (kind, node or name, factors, parent): a leaf's parent is the nearest node above it
+        # that is not value-preserving (the root if all are), so BN(Identity(x)) is a BN branch.
+        stack: list[tuple] = [("node", root, (), root)]
         while stack:
             item = stack.pop()
             if item[0] == "node":
-                _, index, outer = item
+                _, index, outer, above = item
                 exp = self.expansions[index]
+                parent = above if exp.passthrough else index
                 for offset in exp.offsets:
                     constants.append(Addend(None, (offset,) + outer, index, constant=True))
                 for name, local in reversed(exp.children):
-                    stack.append(("name", name, local + outer, index))
+                    stack.append(("name", name, local + outer, parent))
                 continue
             _, name, factors, parent = item
             value = view.constant(name)
@@ -161,10 +209,10 @@ class LinearIndex:
             child = view.producer.get(name)
             if self.usable(child) and self._absorbed(name):
                 nodes.append(child)
-                stack.append(("node", child, factors))
+                stack.append(("node", child, factors, parent))
             else:
                 leaves.append(Addend(name, factors, parent))
-        return LinearTree(root, nodes, leaves, constants)
+        return LinearTree(root, nodes, leaves, constants, all(self.is_passthrough(n) for n in nodes))
 
 
 def channel_vector(factors: tuple[Factor, ...], rank: int, channels: int, what: str) -> np.ndarray:

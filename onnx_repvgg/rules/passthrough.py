@@ -1,0 +1,193 @@
+"""Value-preserving nodes: ops whose first output equals their data input (value, shape, type).
+
+Exporters put them between the nodes of a block: paddle2onnx writes an Identity after every
+elementwise op and starts `out = 0; out += branch` as Mul(., 1) -> Add(., 0); a same-type Cast,
+a shape-keeping Reshape or an inference Dropout may sit anywhere. `passthrough_input(view, node, opset)` proves that a node
+is one and returns the input it copies, or None. Each proof uses only constants, declared or
+inferred element types and static shapes (never names):
+
+    Identity                  always
+    Dropout                   inference: opset < 7 with is_test=1; opset 7-11 always; opset 12+
+                              with no training_mode input or a constant false one; and its
+                              mask output unused
+    Cast(to=T)                the input's element type is T
+    Reshape(shape)            a constant target of the input's rank that keeps every dim: a 0
+                              (copy, without allowzero) or the dim itself, one -1 at most where
+                              all other dims are known and nonzero
+    Flatten(axis)             a rank-2 input with axis 1, or a known shape that flattens to itself
+    Squeeze()                 no axes, and a known shape without a 1 (axes given always drop dims)
+    Unsqueeze                 never: it always adds dims
+    Expand(shape)             a constant target no longer than the input's rank whose dims are 1
+                              or equal to the input's known dims
+    Pad(pads)                 every pad a constant 0 (any mode)
+    Concat / Sum              one input
+    Mul / Div by 1,           a float constant of ones (zeros) that broadcasts into the data's
+    Add / Sub of 0            shape without growing it: a scalar, or no longer than the known
+                              rank with dims 1 or equal to the data's (Div and Sub: the constant
+                              second); inside a tree they are linear anyway, but a copy of X made
+                              this way must be seen through too
+
+A node whose extra outputs are used is not one. The tree walk (linear_tree.py) treats these
+nodes as linear nodes with factor 1.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from ..graph import GraphView, attribute
+from .common import is_op
+
+PASSTHROUGH_OPS = ("Identity", "Dropout", "Cast", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Expand", "Pad",
+                   "Concat", "Sum", "Mul", "Div", "Add", "Sub")
+_NEUTRAL = {"Mul": 1.0, "Div": 1.0, "Add": 0.0, "Sub": 0.0}
+
+# Ops whose first output has the element type of their first input (for Cast's proof when a
+# value's type is not declared).
+_SAME_TYPE_OPS = {"Identity", "Dropout", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Expand", "Pad", "Concat",
+                  "Sum", "Add", "Sub", "Mul", "Div", "Neg", "Abs", "Relu", "LeakyRelu", "PRelu", "Sigmoid",
+                  "HardSigmoid", "HardSwish", "Tanh", "Clip", "BatchNormalization", "Conv", "ConvTranspose",
+                  "AveragePool", "MaxPool", "GlobalAveragePool", "GlobalMaxPool", "Gemm", "MatMul", "Transpose",
+                  "Slice", "Softmax", "Elu", "Selu", "Mish", "Gelu", "Resize", "Tile"}
+_TYPE_DEPTH = 256
+
+
+def elem_type(view: GraphView, name: str) -> int | None:
+    """The element type of a value: declared, a constant's, or carried from the input of ops that
+    keep it (a Cast's `to`); None when not known."""
+    for _ in range(_TYPE_DEPTH):
+        declared = view.elem_type(name)
+        if declared:
+            return declared
+        if name in view.constant_names:
+            dtype = view.constant_dtype(name)
+            return None if dtype is None else onnx.helper.np_dtype_to_tensor_dtype(dtype)
+        node = view.producer_of(name)
+        if node is None or node.domain not in ("", "ai.onnx") or not node.input or node.output[0] != name:
+            return None
+        if node.op_type == "Cast":
+            return int(attribute(node, "to", 0)) or None
+        if node.op_type == "CastLike" and len(node.input) == 2:
+            name = node.input[1]
+            continue
+        if node.op_type not in _SAME_TYPE_OPS:
+            return None
+        name = node.input[0]
+    return None
+
+
+def _extra_outputs_unused(view: GraphView, node: onnx.NodeProto) -> bool:
+    return all(not out or not view.use_count(out) for out in node.output[1:])
+
+
+def _constant_ints(view: GraphView, name: str) -> list[int] | None:
+    value = view.constant(name) if name else None
+    if value is None or not np.issubdtype(value.dtype, np.integer):
+        return None
+    return [int(v) for v in value.reshape(-1)]
+
+
+def _dropout_in_inference(view: GraphView, node: onnx.NodeProto, opset: int) -> bool:
+    if opset < 7:
+        return int(attribute(node, "is_test", 0)) != 0
+    if opset < 12 or len(node.input) < 3 or not node.input[2]:
+        return True
+    training = view.constant(node.input[2])
+    return training is not None and training.size == 1 and not bool(training.reshape(-1)[0])
+
+
+def reshape_keeps_shape(shape: tuple[int, ...], target: list[int], allowzero: bool) -> bool:
+    """Does Reshape(target) of a tensor of `shape` (-1 for an unknown dim) give the same shape?"""
+    if len(target) != len(shape) or sum(1 for t in target if t == -1) > 1:
+        return False
+    for d, t in zip(shape, target):
+        if (t == 0 and not allowzero) or t == -1:
+            continue  # copies d; -1 is settled below
+        if d < 0 or t != d:
+            return False
+    if -1 in target:  # the -1 takes the element count the others leave: d itself, when that is determined
+        others = [d for d, t in zip(shape, target) if t != -1]
+        return all(d > 0 for d in others) and shape[target.index(-1)] != 0
+    return True
+
+
+def flatten_keeps_shape(shape: tuple[int, ...], axis: int) -> bool:
+    rank = len(shape)
+    if axis < 0:
+        axis += rank
+    if rank == 2 and axis == 1:
+        return True
+    if any(d < 0 for d in shape) or not 0 <= axis <= rank:
+        return False
+    return (int(np.prod(shape[:axis], dtype=np.int64)), int(np.prod(shape[axis:], dtype=np.int64))) == tuple(shape)
+
+
+def expand_keeps_shape(shape: tuple[int, ...], target: list[int]) -> bool:
+    if len(target) > len(shape):
+        return False
+    return all(t == 1 or (d >= 0 and t == d) for d, t in zip(shape[len(shape) - len(target):], target))
+
+
+def _neutral_operand(view: GraphView, node: onnx.NodeProto) -> str | None:
+    """The data input of x * 1, 1 * x, x / 1, x + 0, 0 + x or x - 0 that leaves x's shape as it is."""
+    if len(node.input) != 2 or not all(node.input):
+        return None
+    slots = (0, 1) if node.op_type in ("Mul", "Add") else (1,)
+    for slot in slots:
+        value = view.constant(node.input[slot])
+        data = node.input[1 - slot]
+        if value is None or view.constant(data) is not None or not np.issubdtype(value.dtype, np.floating):
+            continue
+        if not np.all(value == _NEUTRAL[node.op_type]):
+            continue
+        shape = view.shape(data)
+        if value.ndim == 0 or (shape is not None and expand_keeps_shape(shape, list(value.shape))):
+            return data
+    return None
+
+
+def passthrough_input(view: GraphView, node: onnx.NodeProto, opset: int) -> str | None:
+    """The input that `node` copies unchanged to its first output, or None if that is not proven."""
+    if not is_op(node, *PASSTHROUGH_OPS) or not node.input or not node.input[0] or not node.output \
+            or not node.output[0] or not _extra_outputs_unused(view, node):
+        return None
+    op, data = node.op_type, node.input[0]
+    if op in _NEUTRAL:
+        return _neutral_operand(view, node)
+    if op in ("Concat", "Sum"):
+        return data if len(node.input) == 1 else None
+    if op == "Identity":
+        return data if len(node.input) == 1 else None
+    if op == "Dropout":
+        return data if _dropout_in_inference(view, node, opset) else None
+    if op == "Cast":
+        source = elem_type(view, data)
+        return data if source is not None and source == int(attribute(node, "to", 0)) else None
+    if op == "Pad":
+        if opset < 11:
+            pads = attribute(node, "pads" if opset >= 2 else "paddings")
+            pads = None if pads is None else list(pads)
+        else:
+            pads = _constant_ints(view, node.input[1]) if len(node.input) > 1 else None
+        return data if pads is not None and not any(pads) else None
+    shape = view.shape(data)
+    if shape is None:
+        return None
+    if op == "Reshape":
+        target = list(attribute(node, "shape", [])) if opset < 5 else (
+            _constant_ints(view, node.input[1]) if len(node.input) > 1 else None)
+        allowzero = opset >= 14 and int(attribute(node, "allowzero", 0)) != 0
+        return data if target is not None and reshape_keeps_shape(shape, target, allowzero) else None
+    if op == "Flatten":
+        return data if flatten_keeps_shape(shape, int(attribute(node, "axis", 1))) else None
+    if op == "Squeeze":
+        axes = attribute(node, "axes") if opset < 13 else (
+            _constant_ints(view, node.input[1]) if len(node.input) > 1 and node.input[1] else None)
+        if (axes is not None and len(axes)) or (opset >= 13 and len(node.input) > 1 and node.input[1] and axes is None):
+            return None  # listed axes are removed (or the axes are computed at run time)
+        return data if all(d >= 0 and d != 1 for d in shape) else None
+    if op == "Expand":
+        target = _constant_ints(view, node.input[1]) if len(node.input) > 1 else None
+        return data if target is not None and expand_keeps_shape(shape, target) else None
+    return None  # Unsqueeze always adds a dim
