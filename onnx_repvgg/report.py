@@ -225,8 +225,8 @@ def _validation_text(v: Validation, paint=_PLAIN) -> str:
     checked = [b for b in v.blocks if b.checked]
     if v.blocks:
         worst = max((b.max_rel_diff for b in checked), default=0.0)
-        lines.append(f"  blocks: {len(checked)} of {len(v.blocks)} checked alone, every kernel tap on data "
-                     f"(max rel diff {worst:.3g})")
+        whole = " with every kernel tap on data" if checked and not any(b.note for b in checked) else ""
+        lines.append(f"  blocks: {len(checked)} of {len(v.blocks)} checked alone{whole} (max rel diff {worst:.3g})")
     compared = v.compared
     outputs = [o for o in v.outputs if o.comparable]
     lines.append(f"  end to end: {len(outputs)} of {len(v.outputs)} outputs and "

@@ -398,6 +398,8 @@ def _tensors(model: onnx.ModelProto, constant_nodes: bool) -> list[onnx.TensorPr
 
     def walk(graph: onnx.GraphProto) -> None:
         out.extend(t for t in graph.initializer if t.data_type != TensorProto.STRING)
+        for sparse in graph.sparse_initializer:
+            out.extend((sparse.values, sparse.indices))
         for node in graph.node:
             for attr in node.attribute:
                 if attr.type == onnx.AttributeProto.GRAPH:

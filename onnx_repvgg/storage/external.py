@@ -65,8 +65,21 @@ def read_external(tensor: onnx.TensorProto, base_dir: str) -> np.ndarray:
     return values.astype(dtype.newbyteorder("="), copy=False).reshape(tuple(tensor.dims))
 
 
+def _sparse_parts(sparse_tensors) -> Iterator[onnx.TensorProto]:
+    for sparse in sparse_tensors:
+        yield sparse.values
+        yield sparse.indices
+
+
+def _graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    yield from graph.initializer
+    yield from _sparse_parts(graph.sparse_initializer)
+    yield from tensors_in_nodes(graph.node)
+
+
 def tensors_in_nodes(nodes) -> Iterator[onnx.TensorProto]:
-    """Tensors held by node attributes (Constant values, ...), subgraphs' initializers included."""
+    """Tensors held by node attributes (Constant values, sparse ones too), and subgraphs'
+    initializers and attribute tensors."""
     for node in nodes:
         for attr in node.attribute:
             kind = attr.type
@@ -74,19 +87,21 @@ def tensors_in_nodes(nodes) -> Iterator[onnx.TensorProto]:
                 yield attr.t
             elif kind == onnx.AttributeProto.TENSORS:
                 yield from attr.tensors
+            elif kind == onnx.AttributeProto.SPARSE_TENSOR:
+                yield from _sparse_parts([attr.sparse_tensor])
+            elif kind == onnx.AttributeProto.SPARSE_TENSORS:
+                yield from _sparse_parts(attr.sparse_tensors)
             elif kind == onnx.AttributeProto.GRAPH:
-                yield from attr.g.initializer
-                yield from tensors_in_nodes(attr.g.node)
+                yield from _graph_tensors(attr.g)
             elif kind == onnx.AttributeProto.GRAPHS:
                 for sub in attr.graphs:
-                    yield from sub.initializer
-                    yield from tensors_in_nodes(sub.node)
+                    yield from _graph_tensors(sub)
 
 
 def all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
-    """Every TensorProto of the model: initializers first, then tensors in attributes and
-    functions (what onnx.external_data_helper walks, without its per-node overhead)."""
-    yield from model.graph.initializer
-    yield from tensors_in_nodes(model.graph.node)
+    """Every TensorProto of the model: initializers first (the writer relies on that order),
+    then sparse initializers' parts, tensors in attributes and subgraphs, and functions'
+    (what onnx.external_data_helper walks, without its per-node overhead)."""
+    yield from _graph_tensors(model.graph)
     for function in model.functions:
         yield from tensors_in_nodes(function.node)

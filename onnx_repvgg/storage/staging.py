@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 
 from . import wire
-from .external import all_tensors, external_range, tensors_in_nodes
+from .external import all_tensors, external_range
 from .io import BadInput
 from .sinks import INLINE_LIMIT, DataSink, MemorySink, copy_range, write_all
 
@@ -189,9 +189,7 @@ def write_inline(model: onnx.ModelProto, path: str, payloads: Payloads) -> None:
 
 
 def _load_nested_external(model: onnx.ModelProto, payloads: Payloads) -> None:
-    nested = list(tensors_in_nodes(model.graph.node))
-    for function in model.functions:
-        nested.extend(tensors_in_nodes(function.node))
+    nested = list(all_tensors(model))[len(model.graph.initializer):]  # all but the main graph's initializers
     for tensor in nested:
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
