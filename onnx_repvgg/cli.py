@@ -20,6 +20,7 @@ from .validate import DEFAULT_ATOL, DEFAULT_RTOL, ValidationError, validate
 
 EXIT_OK = 0
 EXIT_VALIDATION_FAILED = 1
+EXIT_WOULD_FUSE = 1  # --dry-run --exit-code: there is something to fuse
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 3
 EXIT_INTERRUPTED = 130
@@ -28,6 +29,7 @@ EPILOG = """\
 exit codes:
   0  success, including "nothing to fuse" (the model is re-saved unchanged)
   1  validation failed or could not run on the fused model; no output is written
+     (with --dry-run --exit-code: at least one block would be fused)
   2  bad usage or bad input (missing, unreadable or invalid model, bad output path)
   3  internal error (a bug: please report it; ONNX_REPVGG_DEBUG=1 shows the traceback)
   130 interrupted; no output is written
@@ -75,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "the inputs (IR 3 / keep_initializers_as_inputs exports)")
     p.add_argument("--list-patterns", action="store_true", help="list the rules and exit")
     p.add_argument("--dry-run", action="store_true", help="find and report blocks; write nothing")
+    p.add_argument("--exit-code", action="store_true",
+                   help="with --dry-run: exit 1 when at least one block would be fused, 0 when none would "
+                        "(a CI gate: is this export already in deploy form?)")
     p.add_argument("--overwrite", action="store_true", help="allow the output to be the input file")
     p.add_argument("--json", metavar="REPORT.json", help="also write the report as JSON")
     p.add_argument("-v", "--verbose", action="store_true", help="list every block")
@@ -166,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError("an input model is required")
         if args.output is None and not args.dry_run:
             raise UsageError("an output path is required (or use --dry-run)")
+        if args.exit_code and not args.dry_run:
+            raise UsageError("--exit-code goes with --dry-run (it reports whether anything would be fused)")
         if args.check < 1:
             raise UsageError("--check needs at least 1 input set")
         shapes = parse_shapes(args.input_shape)
@@ -339,6 +346,8 @@ def _phases(args, shapes, loaded, staging, say, timings, progress) -> int:
         say(f"onnx-repvgg {__version__}: {args.input} (dry run, nothing written)")
         say(report.to_text(verbose=args.verbose, color=args.color))
         _write_json(args, report)
+        if args.exit_code and report.fused:
+            return EXIT_WOULD_FUSE
         return EXIT_OK
 
     external = external or io.tensor_bytes(model) > io.EXTERNAL_THRESHOLD  # --allow-densify can grow it

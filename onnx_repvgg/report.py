@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass, field
 import onnx
 
 SCHEMA_VERSION = 2
+NOTHING_TO_FUSE = ("nothing to fuse: no re-parameterizable block was found (the model is already in deploy form, "
+                   "or its blocks are none of the supported patterns: --list-patterns)")
 COUNTED_OPS = ("Conv", "BatchNormalization", "Add")
 
 
@@ -139,6 +141,8 @@ class Report:
         """The terminal report; `color` adds ANSI colours (the CLI asks only for a terminal)."""
         paint = _painter(color)
         lines = [f"blocks: {len(self.fused)} fused, {len(self.skipped)} skipped"]
+        if not self.fused:
+            lines.append(NOTHING_TO_FUSE + (" (the skipped blocks below say why they were not)" if self.skipped else ""))
         rows = self.blocks if verbose or len(self.blocks) <= max_rows else self.skipped
         for b in rows:
             shape = b.pattern

@@ -1,4 +1,4 @@
-"""Parallel linear branches of one tensor, summed -> one Conv (also Gemm branches, see dense.py).
+"""Parallel linear branches of one tensor, summed -> one Conv (or one Gemm, for Linear branches).
 
 Pattern: a linear tree (rules/linear_tree.py: Add, Sum, Sub, Neg, Mul/Div by a
 constant, inference BatchNormalization) whose leaves include branches of one tensor X:

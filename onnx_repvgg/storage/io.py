@@ -78,6 +78,9 @@ def load(path: str, load_external_data: bool = True) -> LoadedModel:
     if size == 0:
         raise BadInput(f"{path} is empty")
     extension = os.path.splitext(path)[1]
+    other = not_onnx_kind(path)
+    if other:
+        raise BadInput(f"{path} {other}")
     binary = onnx.serialization.registry.get_format_from_file_extension(extension) in (None, "protobuf")
     model, left_in_file = _parse(path, binary, weights_on_disk=not load_external_data)
     if not model.HasField("graph") or model.ir_version <= 0 or not model.opset_import:
@@ -106,6 +109,41 @@ def load(path: str, load_external_data: bool = True) -> LoadedModel:
     return LoadedModel(model, path, size, bool(data_files), base_dir, frozenset(data_files))
 
 
+_TORCH_EXTENSIONS = (".pt", ".pth", ".ckpt", ".bin", ".tar")
+_TORCH_CHECKPOINT = ("looks like a PyTorch checkpoint, not an ONNX model: export it with torch.onnx.export "
+                     "first (the training-time model as it is; this tool then fuses it)")
+
+
+def not_onnx_kind(path: str) -> str | None:
+    """What a file is when its first bytes say it is a known non-ONNX format, as the rest of
+    a one-line error; None when it may be ONNX."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+            f.seek(0)
+            names = b""
+            if head.startswith(b"PK\x03\x04"):  # a zip: torch.save's format and TorchScript archives
+                names = f.read(1 << 16)
+    except OSError:
+        return None
+    if head.startswith(b"PK\x03\x04"):
+        if b"code/" in names or b"constants.pkl" in names:
+            return ("looks like a TorchScript archive (torch.jit.save), not an ONNX model: export the module with "
+                    "torch.onnx.export first")
+        if b"data.pkl" in names:
+            return _TORCH_CHECKPOINT
+        return "is a zip archive, not an ONNX model"
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:  # a pickle: torch.save before 1.6
+        return _TORCH_CHECKPOINT
+    if head.startswith(b"\x89HDF"):
+        return "looks like an HDF5 file (a Keras .h5 model?), not an ONNX model: convert it with tf2onnx first"
+    if head[4:8] == b"TFL3":
+        return "looks like a TFLite model, not an ONNX model: convert it with tf2onnx first"
+    if head[8:10] == b'{"' and int.from_bytes(head[:8], "little") < (1 << 32):
+        return "looks like a safetensors weights file, not an ONNX model: export the model with torch.onnx.export"
+    return None
+
+
 def _parse(path: str, binary: bool, weights_on_disk: bool) -> tuple[onnx.ModelProto, int]:
     """The ModelProto, and how many initializers were left in the file (weights_on_disk;
     binary protobuf files only: a text-format file is parsed by onnx as its extension says)."""
@@ -117,6 +155,8 @@ def _parse(path: str, binary: bool, weights_on_disk: bool) -> tuple[onnx.ModelPr
     try:
         return onnx.load_model(path, load_external_data=False), 0
     except (DecodeError, RuntimeError, ValueError, UnicodeDecodeError) as err:
+        if os.path.splitext(path)[1].lower() in _TORCH_EXTENSIONS:
+            raise BadInput(f"{path} {_TORCH_CHECKPOINT}") from None
         raise BadInput(f"{path} is not an ONNX model (protobuf parse failed: {_one_line(err)})") from None
     except OSError as err:
         raise BadInput(f"cannot read {path}: {err.strerror or err}") from None

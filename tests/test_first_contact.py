@@ -1,0 +1,104 @@
+"""What a new user meets first (issue 12): the CI gate, the messages for files that are not
+ONNX models, the 'nothing to fuse' line, and a pattern list that speaks of patterns."""
+
+from __future__ import annotations
+
+import os
+
+import onnx
+import pytest
+import torch
+
+from onnx_repvgg.cli import main
+from tests.graphs import GraphBuilder
+from tests.test_branch_sum import repvgg_block
+
+
+def _block_model(path):
+    b = GraphBuilder()
+    onnx.save(b.model([repvgg_block(b, identity="bn")]), str(path))
+
+
+def _deploy_model(path):
+    b = GraphBuilder()
+    onnx.save(b.model([b.op("Relu", [b.conv(b.x, 4, 4, 3)])]), str(path))
+
+
+def test_exit_code_gate(tmp_path, capsys):
+    """--dry-run --exit-code: 1 when a block would be fused (a forgotten switch_to_deploy), 0 when
+    the export is already in deploy form; nothing is written either way."""
+    _block_model(tmp_path / "train.onnx")
+    _deploy_model(tmp_path / "deploy.onnx")
+    assert main([str(tmp_path / "train.onnx"), "--dry-run", "--exit-code"]) == 1
+    assert "blocks: 1 fused" in capsys.readouterr().out
+    assert main([str(tmp_path / "deploy.onnx"), "--dry-run", "--exit-code", "-q"]) == 0
+    assert sorted(os.listdir(tmp_path)) == ["deploy.onnx", "train.onnx"]
+    assert main([str(tmp_path / "train.onnx"), "--dry-run"]) == 0  # without the flag: success
+    capsys.readouterr()
+    assert main([str(tmp_path / "train.onnx"), str(tmp_path / "out.onnx"), "--exit-code"]) == 2
+    assert "--exit-code goes with --dry-run" in capsys.readouterr().err
+
+
+def test_help_documents_the_gate(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--exit-code" in out and "at least one block would be fused" in out
+
+
+def test_nothing_to_fuse_says_what_that_means(tmp_path, capsys):
+    _deploy_model(tmp_path / "deploy.onnx")
+    assert main([str(tmp_path / "deploy.onnx"), str(tmp_path / "out.onnx")]) == 0
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if line.startswith("nothing to fuse:"))
+    assert "already in deploy form" in line and "--list-patterns" in line
+
+
+class _Small(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+@pytest.mark.parametrize("kind", ["state_dict", "module", "legacy_pickle", "torchscript", "garbage.pt"])
+def test_pytorch_files_are_named_as_such(tmp_path, capsys, kind):
+    path = tmp_path / ("model.pt" if kind != "torchscript" else "model.ts")
+    net = _Small()
+    if kind == "state_dict":
+        torch.save(net.state_dict(), path)
+    elif kind == "module":
+        torch.save(net, path)
+    elif kind == "legacy_pickle":
+        torch.save(net.state_dict(), path, _use_new_zipfile_serialization=False)
+    elif kind == "torchscript":
+        torch.jit.save(torch.jit.script(net), str(path))
+    else:
+        path.write_bytes(b"\x01\x02 not a checkpoint either")
+    assert main([str(path), str(tmp_path / "out.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
+    assert "export it with torch.onnx.export first" in err or "export the module with torch.onnx.export" in err
+    assert ("TorchScript archive" in err) == (kind == "torchscript")
+    assert not (tmp_path / "out.onnx").exists()
+
+
+@pytest.mark.parametrize("head, words", [
+    (b"\x89HDF\r\n\x1a\n" + bytes(56), "HDF5"),
+    (bytes(4) + b"TFL3" + bytes(56), "TFLite"),
+    ((20).to_bytes(8, "little") + b'{"w": {"dtype": "F32"}}', "safetensors"),
+])
+def test_other_formats_are_named(tmp_path, capsys, head, words):
+    path = tmp_path / "model.onnx"
+    path.write_bytes(head)
+    assert main([str(path), str(tmp_path / "out.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert words in err and "not an ONNX model" in err
+
+
+def test_pattern_list_speaks_of_patterns_and_rules(capsys):
+    assert main(["--list-patterns"]) == 0
+    out = capsys.readouterr().out
+    assert "rules:" in out and "patterns:" in out and "RepVGG" in out
+    assert ".py" not in out
