@@ -175,9 +175,12 @@ class GraphView:
         params = [name for name in node.input[1:] if name]
         if not all(name in known for name in params):
             return
-        constants = {name: self.constant(name) for name in params}
-        if any(value is None for value in constants.values()):
-            return
+        constants: dict[str, np.ndarray] = {}
+        for name in params:
+            value = self.constant(name)
+            if value is None:
+                return
+            constants[name] = value
         inferred = output_shape(node, self.opset or 17, shape, self.elem_type(node.input[0]), constants)
         if inferred is not None:
             self.static_shapes[out] = inferred
@@ -231,7 +234,7 @@ class GraphView:
         """The declared element type of a value (graph inputs, outputs, value_info, initializers)."""
         if self._elem_types is None:
             self._scan_declared()
-        return self._elem_types.get(name)
+        return self._elem_types.get(name) if self._elem_types is not None else None
 
     def shape(self, name: str) -> tuple[int, ...] | None:
         """The known shape of a value (-1 for an unknown dim): inferred, else declared."""

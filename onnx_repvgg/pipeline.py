@@ -22,7 +22,7 @@ from . import rewrite
 from .algebra import CastError
 from .graph import GraphView, infer_static_shapes, model_names, opset_version, subgraphs_of
 from .report import BlockRecord, ModelStats, Report
-from .rules import DEFAULT_RULES, RULES
+from .rules import DEFAULT_RULES, RULES, bn_audit
 from .storage.external import all_tensors
 from .storage.sinks import TensorReader
 
@@ -174,4 +174,10 @@ def _fuse_graph(graph: onnx.GraphProto, opset: int, rules, names: rewrite.NameRe
         last_skips = skips
         rewrite.apply(graph, view, replacements, sink)
     report.blocks.extend(last_skips)
+    if replacements:  # the rounds ran out right after a rewrite: index the final graph
+        view = _view_with_shapes(graph, opset, reader, model)
+    for near in bn_audit.unrecorded(view, opset, {record.anchor for record in last_skips}):
+        if near.reason is not None:
+            report.blocks.append(BlockRecord(anchor=near.anchor, branches=near.branch_labels, status="skipped",
+                                             reason_code=near.reason.code, reason=near.reason.message))
     rewrite.drop_stale_value_info(graph)

@@ -175,15 +175,17 @@ class Report:
 def _human_bytes(n: int | None) -> str:
     if n is None:
         return "-"
+    size = float(n)
     for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.2f} {unit}"
+        size /= 1024
     return str(n)
 
 
 def _side_by_side(report: Report) -> list[str]:
     b, a = report.before, report.after
+    assert b is not None and a is not None
     rows = [(op, str(b.op_counts.get(op, 0)), str(a.op_counts.get(op, 0))) for op in COUNTED_OPS]
     rows.append(("nodes", str(b.nodes), str(a.nodes)))
     rows.append(("params", f"{b.params:,}", f"{a.params:,}"))
@@ -212,7 +214,7 @@ _PLAIN = _painter(False)
 def _dim_value(v: Validation, dim: str) -> str:
     """The value validation gave a dynamic dim 'input[axis]' (from its input shapes)."""
     name, _, axis = dim.rpartition("[")
-    shape = v.input_shapes.get(name)
+    shape = v.input_shapes.get(name) or []
     try:
         return str(shape[int(axis.rstrip("]"))])
     except (TypeError, ValueError, IndexError):

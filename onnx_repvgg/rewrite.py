@@ -182,14 +182,14 @@ def apply(graph: onnx.GraphProto, view: GraphView, rewrites: list[Rewrite], sink
         name = frontier.pop()
         if uses.get(name, 0) > 0 or name in view.graph_outputs:
             continue
-        index = view.producer.get(name)
-        if index is not None:
-            node = view.nodes[index]
-            if index in removed or not _removable(node):
+        producer = view.producer.get(name)
+        if producer is not None:
+            node = view.nodes[producer]
+            if producer in removed or not _removable(node):
                 continue
             if any(uses.get(out, 0) > 0 or out in view.graph_outputs for out in node.output if out):
                 continue
-            removed.add(index)
+            removed.add(producer)
             for inp in node.input:
                 if inp:
                     drop_use(inp)
@@ -204,7 +204,7 @@ def apply(graph: onnx.GraphProto, view: GraphView, rewrites: list[Rewrite], sink
         if uses.get(name, 0) > 0:
             add_initializer(graph, name, value, sink)
 
-    new_nodes = []
+    new_nodes: list[onnx.NodeProto] = []
     for index, node in enumerate(view.nodes):
         new_nodes.extend(inserted.get(index, ()))
         if index not in removed:

@@ -207,11 +207,11 @@ def _windows_covered(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> bo
             continue
         dilations = attrs.get("dilations") or [1] * len(kernel)
         spatial = known[node.input[0]][2:]
-        for size, k, d in zip(spatial, kernel, dilations):
-            if size is None:
+        for extent, k, d in zip(spatial, kernel, dilations):
+            if extent is None:
                 continue
             seen = True
-            if size < d * (k - 1) + 1:
+            if extent < d * (k - 1) + 1:
                 return False
     return True if seen else None
 

@@ -150,7 +150,11 @@ def _run_chunk(chunk, a: ModelSource, b: ModelSource, a_index: GraphIndex, b_ind
                captured, rtol, atol, seed: int, prefix: bool) -> None:
     """Build the pair of models for these regions, run both on the same random inputs, compare."""
     rng = np.random.default_rng(seed + 7919)
-    a_sides, b_sides, inputs, outputs, feeds = [], [], [], [], {}
+    a_sides: list[_Side] = []
+    b_sides: list[_Side] = []
+    inputs: list[onnx.ValueInfoProto] = []
+    outputs: list[str] = []
+    feeds: dict[str, np.ndarray] = {}
     plan = []
     for k, (region, check) in enumerate(chunk):
         p = f"b{k}/" if prefix else ""

@@ -113,7 +113,7 @@ def random_value(shape: Sequence[int], dtype, rng: np.random.Generator) -> np.nd
 def feeds_for(session_inputs, shapes: Mapping[str, Sequence[int]], data: Mapping[str, np.ndarray],
               seed: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    feeds = {}
+    feeds: dict[str, np.ndarray] = {}
     for arg in session_inputs:
         dtype = ORT_DTYPES.get(arg.type)
         if dtype is None:

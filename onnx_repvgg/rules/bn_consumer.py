@@ -1,23 +1,32 @@
-"""A standalone BatchNormalization folded into the Conv/Gemm nodes that consume it.
+"""A standalone BatchNormalization folded into the Conv/Gemm/MatMul nodes that consume it,
+directly or through layout ops (Reshape, Flatten, Squeeze, Unsqueeze, Identity).
 
     Conv(BN(X)) -> Conv'(X),  Gemm(BN(X)) -> Gemm'(X)      (BN1d -> Linear heads, BN -> 1x1 conv)
+    MatMul(layout(BN(X)), W) -> MatMul(layout(X), W') + b'  (a Gemm when its input is 2-D)
 
-A BN right after a Conv is folded by the branch_sum rule (into its producer); this rule
-takes the BNs that sit before their consumers instead.
+A BN right after a Conv is folded by the branch_sum rule (into its producer), one after a
+MatMul by bn_into_matmul; this rule takes the BNs that sit before their consumers instead.
 
 Preconditions: BN in inference mode with constant parameters; every use of its output
-is the data input of a Conv with no padding (a padded border would read zeros, not
-BN(0) = shift) or of a Gemm with transA=0; weights and biases constant; the BN output is
-not a graph output.
+reaches, through layout ops only, the data input of a Conv with no padding (a padded border
+would read zeros, not BN(0) = shift), of a Gemm with transA=0 or of a MatMul by a constant
+matrix; each tensor on the way has no other use and is not a graph output; weights and
+biases constant. Through layout ops, or into a MatMul, the BN's channel axis must be the
+consumer's feature axis (axis 1 of a Conv's input, the last of a Gemm's or MatMul's), proved
+from static shapes (rules/layout.py).
 Formula, with BN(x) = s*x + h per input channel c:
     Conv: W'[o, i, ...] = W[o, i, ...] * s[c(i)],  b'[o] = b[o] + sum_{i,k} W[o, i, k] * h[c(i)]
     Gemm: B'_eff = diag(s) @ B_eff,  C' = beta*C + alpha * h @ B_eff,  beta' = 1
+    MatMul: W' = diag(s) @ W,  b' = h @ W
 where c(i) = g*(Cin/groups) + i for the group g of output o.
+With one consumer, the layout ops on each side of the BN cancel when the consumer's input
+provably has the shape of the tensor the first one reads (the consumer then reads it), or
+collapse into the last one when it is a Reshape to a constant shape; otherwise they stay.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -26,9 +35,20 @@ from onnx import helper
 from .. import algebra
 from ..block import Candidate, Rewrite
 from ..graph import GraphView, attribute
-from .common import Skip, bn_affine, const, conv_params, data_consumers, is_op, tensor_rank
+from .common import FLOAT_DTYPES, Skip, bn_affine, const, conv_params, is_op, tensor_rank
+from .layout import chain_up, check_bn_axis, is_layout, order_only_reshape, same_shape
 
 NAME = "bn_into_consumer"
+CONSUMER_OPS = ("Conv", "Gemm", "MatMul")
+
+
+@dataclass
+class Fold:
+    index: int                  # the consumer node
+    weight: np.ndarray          # float64
+    bias: np.ndarray            # float64
+    reads: str                  # the consumer's new data input
+    as_gemm: bool = False       # a MatMul with a 2-D input becomes a Gemm
 
 
 @dataclass
@@ -36,31 +56,46 @@ class ConsumerFold:
     anchor: str
     bn: int
     input: str
-    consumers: list[tuple[int, np.ndarray, np.ndarray]]  # (node index, new weight, new bias), float64
+    consumers: list[Fold]
     removed_nodes: list[int]
+    rewired: dict[int, str] = field(default_factory=dict)  # layout node -> its new data input
 
     def materialize(self, view: GraphView, names) -> Rewrite:
         insertions, tensors = [], []
-        for index, weight, bias in self.consumers:
-            node = view.nodes[index]
+        for index, source in self.rewired.items():
+            node = onnx.NodeProto()
+            node.CopyFrom(view.nodes[index])
+            node.input[0] = source
+            insertions.append((index, [node]))
+        fused = ""
+        for fold in self.consumers:
+            node = view.nodes[fold.index]
             dtype = view.constant_dtype(node.input[1])
-            w_name = names.fresh(f"{node.name or node.output[0]}.bn_folded_weight")
-            b_name = names.fresh(f"{node.name or node.output[0]}.bn_folded_bias")
-            if node.op_type == "MatMul":  # with a bias now, it is a Gemm
-                new = helper.make_node("Gemm", [self.input, w_name, b_name], list(node.output), transB=0)
+            stem = node.name or node.output[0]
+            w_name = names.fresh(f"{stem}.bn_folded_weight")
+            b_name = names.fresh(f"{stem}.bn_folded_bias")
+            name = names.fresh(node.name or node.op_type)
+            if node.op_type == "MatMul" and fold.as_gemm:  # with a bias now, it is a Gemm
+                new = [helper.make_node("Gemm", [fold.reads, w_name, b_name], list(node.output), name=name, transB=0)]
+            elif node.op_type == "MatMul":
+                product = names.fresh(f"{stem}.product")
+                new = [helper.make_node("MatMul", [fold.reads, w_name], [product], name=name),
+                       helper.make_node("Add", [product, b_name], list(node.output), name=names.fresh(f"{stem}.bn_bias"))]
             else:
-                new = onnx.NodeProto()
-                new.CopyFrom(node)
-                del new.input[:]
-                new.input.extend([self.input, w_name, b_name])
-            if node.op_type == "Gemm":
-                for attr in list(new.attribute):
-                    if attr.name == "beta":
-                        new.attribute.remove(attr)
-            new.name = names.fresh(node.name or node.op_type)
-            tensors += [(w_name, algebra.cast_like(weight, dtype)), (b_name, algebra.cast_like(bias, dtype))]
-            insertions.append((index, [new]))
-        return Rewrite(self.removed_nodes, insertions, tensors, insertions[0][1][0].name)
+                copy = onnx.NodeProto()
+                copy.CopyFrom(node)
+                del copy.input[:]
+                copy.input.extend([fold.reads, w_name, b_name])
+                if node.op_type == "Gemm":
+                    for attr in list(copy.attribute):
+                        if attr.name == "beta":
+                            copy.attribute.remove(attr)
+                copy.name = name
+                new = [copy]
+            fused = fused or name
+            tensors += [(w_name, algebra.cast_like(fold.weight, dtype)), (b_name, algebra.cast_like(fold.bias, dtype))]
+            insertions.append((fold.index, new))
+        return Rewrite(self.removed_nodes, insertions, tensors, fused)
 
 
 def _fold_into_conv(view: GraphView, index: int, scale, shift):
@@ -109,43 +144,125 @@ def _fold_into_gemm(view: GraphView, index: int, scale, shift):
 
 
 def _fold_into_matmul(view: GraphView, index: int, scale, shift):
-    """MatMul(BN(X), B) for 2-D X = X @ (diag(s) B) + h @ B: a Gemm with transB=0."""
+    """MatMul(BN(X), B) = X @ (diag(s) B) + h @ B."""
     node = view.nodes[index]
-    b = view.constant(node.input[1]).astype(np.float64)  # (in, out)
+    b = const(view, node.input[1], "weight", node)
+    if b.dtype not in FLOAT_DTYPES:
+        raise Skip("dtype", f"MatMul '{node.name}' weight dtype {b.dtype} is not float16/32/64")
+    if b.ndim != 2:
+        raise Skip("weight_rank", f"MatMul '{node.name}' multiplies by a rank-{b.ndim} tensor; a BN folds only into a matrix")
+    b = b.astype(np.float64)  # (in, out)
     if b.shape[0] != scale.shape[0]:
         raise Skip("channel_mismatch", f"MatMul '{node.name}' reads {b.shape[0]} features, the BN has {scale.shape[0]}")
     return b * scale[:, None], shift @ b
 
 
+_FOLDS = {"Conv": _fold_into_conv, "Gemm": _fold_into_gemm, "MatMul": _fold_into_matmul}
+
+
+def use_paths(view: GraphView, bn: onnx.NodeProto) -> list[tuple[int, list[int]]]:
+    """Every use of the BN's output as (consumer node, layout nodes on the way), or Skip
+    when a use, or a tensor on the way, is anything else."""
+    paths = []
+    stack: list[tuple[str, list[int]]] = [(bn.output[0], [])]
+    while stack:
+        name, path = stack.pop()
+        if name in view.graph_outputs:
+            raise Skip("intermediate_is_output", f"'{name}' after BatchNormalization '{bn.name}' is a graph output")
+        for index, slot in view.consumers.get(name, ()):
+            node = view.nodes[index]
+            if slot == 0 and is_op(node, *CONSUMER_OPS):
+                paths.append((index, path))
+            elif slot == 0 and is_layout(node):
+                stack.append((node.output[0], path + [index]))
+            else:
+                what = f"{node.op_type} '{node.name}'" if slot >= 0 else f"a subgraph of {node.op_type} '{node.name}'"
+                raise Skip("intermediate_shared", f"'{name}' after BatchNormalization '{bn.name}' is also read by {what}")
+    return sorted(paths)
+
+
+def _features(view: GraphView, node: onnx.NodeProto) -> int | None:
+    """How many input features a consumer's weight reads (None when its shape is not known)."""
+    shape = view.constant_shape(node.input[1]) if len(node.input) > 1 else None
+    if shape is None or len(shape) < 2:
+        return None
+    if node.op_type == "Conv":
+        return shape[1] * int(attribute(node, "group", 1))
+    if node.op_type == "Gemm":
+        return shape[1] if int(attribute(node, "transB", 0)) else shape[0]
+    return shape[-2]
+
+
+def _collapse(view: GraphView, bn: onnx.NodeProto, path: list[int], consumer: onnx.NodeProto):
+    """For a single consumer: what it reads once the layout ops around the BN cancel or collapse,
+    and which layout nodes go: (its input, removed layout nodes, a kept Reshape rewired to that
+    input, or None), or None when the layout ops stay."""
+    source, before = chain_up(view, bn.input[0])
+    if not before or not all(view.is_private(view.nodes[i].output[0]) for i in before):
+        source, before = bn.input[0], []
+    z = consumer.input[0]
+    if same_shape(view, source, z):
+        return source, before + path, None
+    if order_only_reshape(view, view.nodes[path[-1]]) and (before or len(path) > 1):
+        return source, before + path[:-1], path[-1]
+    return None
+
+
+def analyze(view: GraphView, index: int, opset: int) -> ConsumerFold:
+    """The fold of BN node `index` into its consumers, or Skip."""
+    bn = view.nodes[index]
+    paths = use_paths(view, bn)
+    if not paths:
+        raise Skip("intermediate_shared", f"BatchNormalization '{bn.name}' output reaches no Conv, Gemm or MatMul")
+    scale, shift = bn_affine(view, bn, opset)
+    folds, removed, rewired = [], [index], {}
+    for target, path in paths:
+        node = view.nodes[target]
+        features = _features(view, node)
+        reshaped = any(view.nodes[i].op_type != "Identity" for i in path)  # an Identity keeps the shape
+        if features is not None and (reshaped or node.op_type == "MatMul"):
+            check_bn_axis(view, bn, scale.shape[0], node, node.input[0], 1 if node.op_type == "Conv" else -1,
+                          features, path)
+        weight, bias = _FOLDS[node.op_type](view, target, scale, shift)
+        reads = node.input[0] if path else bn.input[0]
+        collapsed = _collapse(view, bn, path, node) if path and len(paths) == 1 else None
+        if collapsed is not None:
+            reads, gone, kept = collapsed
+            removed += gone
+            if kept is not None:
+                rewired[kept] = reads
+                removed.append(kept)
+                reads = node.input[0]
+        else:
+            for i in path:
+                if view.nodes[i].input[0] == bn.output[0]:
+                    rewired[i] = bn.input[0]
+        removed.append(target)
+        as_gemm = node.op_type == "MatMul" and tensor_rank(view, node.input[0]) == 2
+        folds.append(Fold(target, weight, bias, reads, as_gemm))
+    removed += [i for i in rewired if i not in removed]
+    return ConsumerFold(bn.name or bn.output[0], index, bn.input[0], folds, removed, rewired)
+
+
 def find(view: GraphView, opset: int, options: dict | None = None) -> list[Candidate]:
     candidates = []
     for index, node in enumerate(view.nodes):
-        if not is_op(node, "BatchNormalization"):
+        if not is_op(node, "BatchNormalization") or not node.input or not node.output:
             continue
-        users = data_consumers(view, node, "Conv", "Gemm", "MatMul")
-        if users is None:
-            continue
-        if any(view.nodes[i].op_type == "MatMul" for i in users) and (
-                tensor_rank(view, node.input[0]) != 2
-                or any(view.constant(view.nodes[i].input[1]) is None for i in users if view.nodes[i].op_type == "MatMul")):
-            continue  # BN1d before a MatMul folds only for a 2-D input and a constant matrix
-        out = node.output[0]
-        uses = [(i, 0) for i in users]
-        consumers = [view.nodes[i] for i in users]
-        kinds = sorted({c.op_type.lower() for c in consumers})
-        candidate = Candidate(anchor=node.name or out, branch_labels=["bn"] + [k.replace("gemm", "linear") for k in kinds])
         try:
-            scale, shift = bn_affine(view, node, opset)
-            folds = []
-            for (ci, _), c in zip(uses, consumers):
-                fold = {"Conv": _fold_into_conv, "Gemm": _fold_into_gemm, "MatMul": _fold_into_matmul}[c.op_type]
-                w, b = fold(view, ci, scale, shift)
-                folds.append((ci, w, b))
+            paths = use_paths(view, node)
+        except Skip:
+            continue  # some use is not a linear layer: nothing this rule could do
+        if not paths or any(view.nodes[i].op_type == "MatMul" and view.constant_shape(view.nodes[i].input[1]) is None
+                            for i, _ in paths):
+            continue  # a MatMul of two activations (attention) is no linear layer
+        kinds = sorted({view.nodes[i].op_type.lower() for i, _ in paths})
+        labels = ["bn"] + [k.replace("gemm", "linear") for k in kinds]
+        candidate = Candidate(anchor=node.name or node.output[0], branch_labels=labels)
+        try:
+            candidate.block = analyze(view, index, opset)
         except Skip as skip:
             candidate.reason = skip.reason
-        else:
-            candidate.block = ConsumerFold(candidate.anchor, index, node.input[0], folds,
-                                           [index] + [ci for ci, _, _ in folds])
         candidates.append(candidate)
     return candidates
 

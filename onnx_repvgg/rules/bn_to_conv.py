@@ -74,8 +74,9 @@ def _data_dtype(view: GraphView, node, opset: int) -> np.dtype:
     declared = inferred_elem_type(view, node.input[0])
     if declared:
         return np.dtype(helper.tensor_dtype_to_np_dtype(declared))
-    if opset < 15:
-        return view.constant(node.input[1]).dtype
+    scale_dtype = view.constant_dtype(node.input[1])
+    if opset < 15 and scale_dtype is not None:
+        return scale_dtype
     raise Skip("dtype", f"BatchNormalization '{node.name}': the type of its input is not known, and from opset 15 "
                "it may differ from the parameters'")
 

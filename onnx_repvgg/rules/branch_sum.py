@@ -45,6 +45,7 @@ from .. import algebra, rewrite
 from ..block import Block, Candidate, ConvGeometry, Rewrite, Term
 from ..graph import GraphView
 from .common import ConvParams, NotWorthIt, Skip, conv_params, is_op, pool_params
+from .dense import DenseBlock, build_dense_block
 from .linear_tree import Addend, LinearIndex, LinearTree, addend_scale, channel_vector, constant_bias
 
 NAME = "branch_sum"
@@ -57,8 +58,8 @@ class Branch:
 
     addend: Addend
     kind: str                 # "conv", "pool" (AveragePool), "identity", "problem"
-    conv: int | None = None   # node index of the Conv
-    problem: int | None = None  # node index of a linear-looking node that is not usable
+    node: int = -1            # index of the Conv/Gemm/MatMul/AveragePool, or of a linear-looking
+                              # node that is not usable ("problem"); -1 for an identity
 
 
 def _deep_source(view: GraphView, index: LinearIndex, leaf: str) -> Branch | None:
@@ -68,19 +69,19 @@ def _deep_source(view: GraphView, index: LinearIndex, leaf: str) -> Branch | Non
         return None
     node = view.nodes[producer]
     if is_op(node, *LEAF_OPS) and node.input:
-        return Branch(Addend(leaf, (), -1), "conv", conv=producer)
+        return Branch(Addend(leaf, (), -1), "conv", node=producer)
     if is_op(node, "AveragePool") and node.input:
-        return Branch(Addend(leaf, (), -1), "pool", conv=producer)
+        return Branch(Addend(leaf, (), -1), "pool", node=producer)
     exp = index.expansions.get(producer)
     if exp is not None and exp.problem is not None and node.input:
-        return Branch(Addend(leaf, (), -1), "problem", problem=producer)
+        return Branch(Addend(leaf, (), -1), "problem", node=producer)
     return None
 
 
 def _source_of(view: GraphView, branch: Branch, index: LinearIndex) -> str:
     if branch.kind in ("conv", "pool"):
-        return view.nodes[branch.conv].input[0]
-    node = view.nodes[branch.problem]
+        return view.nodes[branch.node].input[0]
+    node = view.nodes[branch.node]
     inner = view.producer.get(index.origin(node.input[0]))  # a BN over Conv(X), maybe through an Identity
     if inner is not None and is_op(view.nodes[inner], *LEAF_OPS) and view.nodes[inner].input:
         return view.nodes[inner].input[0]
@@ -117,7 +118,7 @@ def choose_input(view: GraphView, index: LinearIndex, tree: LinearTree):
         if origin == best:
             branches.append(Branch(leaf, "identity"))
             names.append(leaf.name)
-        elif b is not None and s == best:
+        elif b is not None and r is not None and s == best:
             branches.append(b)
             names.append(r)
         else:
@@ -144,25 +145,25 @@ def _identity_label(view: GraphView, branch: Branch) -> str:
 
 
 def build_block(view: GraphView, index: LinearIndex, tree: LinearTree, x: str,
-                branches: list[Branch], others: list, allow_densify: bool = False) -> Block:
+                branches: list[Branch], others: list, allow_densify: bool = False) -> Block | DenseBlock:
     """Check every precondition and return the Block, or raise Skip with the first failure."""
     for b in branches:
-        if b.kind == "problem":
-            raise Skip(index.expansions[b.problem].problem.code, index.expansions[b.problem].problem.message)
+        problem = index.expansions[b.node].problem if b.kind == "problem" else None
+        if problem is not None:
+            raise Skip(problem.code, problem.message)
     leaf_counts = Counter(b.addend.name for b in branches if b.kind in ("conv", "pool"))
     for leaf, count in leaf_counts.items():
         if count > 1:
             raise Skip("intermediate_shared", f"branch output '{leaf}' is summed {count} times")
-    ops = sorted({view.nodes[b.conv].op_type for b in branches if b.kind == "conv"})
+    ops = sorted({view.nodes[b.node].op_type for b in branches if b.kind == "conv"})
     if "MatMul" in ops and not set(ops) <= {"Gemm", "MatMul"}:
         raise NotWorthIt()  # a MatMul beside a Conv is no block
     if len(ops) > 1 and set(ops) != {"Gemm", "MatMul"}:
         raise Skip("mixed_ops", f"branches mix {' and '.join(ops)}")
-    pools = [(b, pool_params(view, view.nodes[b.conv])) for b in branches if b.kind == "pool"]
+    pools = [(b, pool_params(view, view.nodes[b.node])) for b in branches if b.kind == "pool"]
     if set(ops) <= {"Gemm", "MatMul"}:
         if pools:
             raise Skip("mixed_ops", "branches mix Gemm and AveragePool")
-        from .dense import build_dense_block
         for b in branches:
             if b.kind == "conv":
                 _check_private(view, b.addend.name, "branch output")
@@ -174,7 +175,7 @@ def build_block(view: GraphView, index: LinearIndex, tree: LinearTree, x: str,
     for b in branches:
         if b.kind == "conv":
             _check_private(view, b.addend.name, "branch output")
-            convs.append((b, conv_params(view, view.nodes[b.conv])))
+            convs.append((b, conv_params(view, view.nodes[b.node])))
     if not convs:
         raise NotWorthIt()
     for b, _ in pools:
@@ -204,7 +205,7 @@ def build_block(view: GraphView, index: LinearIndex, tree: LinearTree, x: str,
     cin = cin_per_group * group
     rank = n + 2
     for b, pp in pools:
-        name = view.nodes[b.conv].name
+        name = view.nodes[b.node].name
         if len(pp.kernel) != n:
             raise Skip("rank_mismatch", f"AveragePool '{name}' is {len(pp.kernel)}-D, the convs {n}-D")
         if pp.strides != strides:
@@ -240,14 +241,14 @@ def build_block(view: GraphView, index: LinearIndex, tree: LinearTree, x: str,
     kernel_shape, pad_begin, pad_end, offsets_by_axis = [], [], [], []
     for axis in range(n):
         d = dilations[axis]
-        reach = {b[axis] + e[axis] - d * (k[axis] - 1) for k, b, e in extents}
+        reach = {pb[axis] + pe[axis] - d * (k[axis] - 1) for k, pb, pe in extents}
         if len(reach) > 1:
             raise Skip("output_shape_mismatch", f"branches give different output sizes on spatial axis {axis} "
                        f"(pad_begin + pad_end - dilation*(k-1) = {sorted(reach)})")
-        begin = max(b[axis] for _, b, _ in extents)
+        begin = max(pb[axis] for _, pb, _ in extents)
         offsets = []
-        for k, b, _ in extents:
-            shift = begin - b[axis]
+        for k, pb, _ in extents:
+            shift = begin - pb[axis]
             if shift % d:
                 raise Skip("kernel_offset", f"a {_label(k)} branch sits {shift} pixels off the grid of dilation {d} "
                            f"on spatial axis {axis}")
@@ -267,21 +268,21 @@ def build_block(view: GraphView, index: LinearIndex, tree: LinearTree, x: str,
                    f"against {branch_taps} in the branches (--allow-densify merges them)")
 
     terms: list[Term] = []
-    for b, offsets in zip(identities, branch_offsets):
+    for b, grid in zip(identities, branch_offsets):
         scale = channel_vector(b.addend.factors, rank, cout, f"identity branch '{x}'")
         kernel = algebra.identity_kernel(cout, group, (1,) * n, (0,) * n)
-        terms.append(Term(kernel, np.zeros(cout), offsets, scale))
-    for (b, pp), offsets in zip(pools, branch_offsets[len(identities):]):
+        terms.append(Term(kernel, np.zeros(cout), grid, scale))
+    for (b, pp), grid in zip(pools, branch_offsets[len(identities):]):
         if any(d != 1 for d, k in zip(dilations, pp.kernel) if k > 1):
-            raise Skip("dilation_mismatch", f"AveragePool '{view.nodes[b.conv].name}' taps are contiguous, "
+            raise Skip("dilation_mismatch", f"AveragePool '{view.nodes[b.node].name}' taps are contiguous, "
                        f"the convs are dilated {tuple(dilations)}")
         scale = channel_vector(b.addend.factors, rank, cout, f"branch '{b.addend.name}'")
         kernel = algebra.avgpool_kernel(cout, group, pp.kernel)
-        terms.append(Term(kernel, np.zeros(cout), offsets, scale))
-    for (b, p), offsets in zip(convs, branch_offsets[len(identities) + len(pools):]):
-        scale = channel_vector(b.addend.factors, rank, cout, f"branch '{b.addend.name}'") if b.addend.factors else None
+        terms.append(Term(kernel, np.zeros(cout), grid, scale))
+    for (b, p), grid in zip(convs, branch_offsets[len(identities) + len(pools):]):
+        factor = channel_vector(b.addend.factors, rank, cout, f"branch '{b.addend.name}'") if b.addend.factors else None
         bias = np.zeros(cout) if p.bias is None else p.bias
-        terms.append(Term(p.weight, bias, offsets, scale))
+        terms.append(Term(p.weight, bias, grid, factor))
     bias_from_constants, kept = constant_bias(tree.constants, rank, cout)
     other_names = [o.name for o in others] + kept
     # An addend that is not a branch of X but is scaled inside the sum stays as Mul(addend, scale).
@@ -290,7 +291,7 @@ def build_block(view: GraphView, index: LinearIndex, tree: LinearTree, x: str,
     if len(tree.nodes) + len(convs) + len(pools) <= added:
         raise NotWorthIt()
 
-    removed = list(tree.nodes) + [b.conv for b, _ in convs] + [b.conv for b, _ in pools]
+    removed = list(tree.nodes) + [b.node for b, _ in convs] + [b.node for b, _ in pools]
     removed += _dead_copies(view, index, x, removed, branches)
     main = max(convs, key=lambda c: int(np.prod(c[1].kernel)))[1]
     geometry = ConvGeometry(tuple(kernel_shape), tuple(strides), tuple(dilations),
@@ -308,7 +309,7 @@ def _dead_copies(view: GraphView, index: LinearIndex, x: str, removed: list[int]
     gone = set(removed)
     for b in branches:
         if b.kind in ("conv", "pool"):
-            gone.update(index.dead_chain(view.nodes[b.conv].input[0], x, gone))
+            gone.update(index.dead_chain(view.nodes[b.node].input[0], x, gone))
     return sorted(gone - set(removed))
 
 
@@ -338,13 +339,13 @@ def _describe(view: GraphView, branches: list[Branch]) -> list[str]:
         if b.kind == "identity":
             labels.append(_identity_label(view, b))
         elif b.kind == "problem":
-            labels.append(view.nodes[b.problem].op_type)
+            labels.append(view.nodes[b.node].op_type)
         elif b.kind == "pool":
             labels.append("avgpool")
-        elif view.nodes[b.conv].op_type == "Gemm":
+        elif view.nodes[b.node].op_type == "Gemm":
             labels.append("linear")
         else:
-            conv = view.nodes[b.conv]
+            conv = view.nodes[b.node]
             shape = view.constant_shape(conv.input[1]) if len(conv.input) > 1 else None
             labels.append(_label(shape[2:]) if shape is not None and len(shape) > 2 else "conv")
 
@@ -388,11 +389,11 @@ def find(view: GraphView, opset: int, options: dict | None = None):
 
 def fused_weights(block: Block) -> tuple[np.ndarray, np.ndarray]:
     """The block's fused kernel and bias, summed in float64 and cast to the model's dtype."""
-    terms = [(t.kernel, t.bias, t.offsets, t.scale) for t in block.terms]
+    terms: list[tuple] = [(t.kernel, t.bias, t.offsets, t.scale) for t in block.terms]
     if block.constant_bias is not None:
         cout = block.terms[0].kernel.shape[0]
         empty = np.zeros((cout, block.terms[0].kernel.shape[1]) + (0,) * len(block.geometry.kernel_shape))
-        terms.append((empty, block.constant_bias, (0,) * len(block.geometry.kernel_shape)))
+        terms.append((empty, block.constant_bias, (0,) * len(block.geometry.kernel_shape), None))
     return algebra.sum_branches(terms, block.geometry.kernel_shape, out_dtype=block.dtype)
 
 

@@ -88,16 +88,16 @@ def build_dense_block(view: GraphView, tree: LinearTree, x: str, branches, other
     weights = []
     for b in branches:
         if b.kind == "conv":
-            w, bias = gemm_weight_bias(view, b.conv)
+            w, bias = gemm_weight_bias(view, b.node)
             weights.append((b, w, bias))
-            dt = view.constant_dtype(view.nodes[b.conv].input[1])
+            dt = view.constant_dtype(view.nodes[b.node].input[1])
             if dtype is not None and dt != dtype:
                 raise Skip("dtype", f"Gemm branches mix {dtype} and {dt}")
             dtype = dt
     out, inp = weights[0][1].shape
     for b, w, _ in weights:
         if w.shape != (out, inp):
-            raise Skip("channel_mismatch", f"Gemm '{view.nodes[b.conv].name}' maps {w.shape[1]} -> {w.shape[0]}, "
+            raise Skip("channel_mismatch", f"Gemm '{view.nodes[b.node].name}' maps {w.shape[1]} -> {w.shape[0]}, "
                        f"the first branch {inp} -> {out}")
     total_w = np.zeros((out, inp))
     total_b = np.zeros(out)
@@ -115,8 +115,10 @@ def build_dense_block(view: GraphView, tree: LinearTree, x: str, branches, other
     total_b += bias
     other_names = [o.name for o in others] + kept
     root = view.nodes[tree.root]
-    removed = list(tree.nodes) + [b.conv for b, _, _ in weights]
+    if dtype is None:
+        raise NotWorthIt()  # no Gemm branch
+    removed = list(tree.nodes) + [b.node for b, _, _ in weights]
     if len(removed) <= 1 + len(other_names):
         raise NotWorthIt()
     return DenseBlock(root.name or root.output[0], root.output[0], x, total_w, total_b, dtype, removed,
-                      other_names, view.nodes[weights[0][0].conv].name)
+                      other_names, view.nodes[weights[0][0].node].name)

@@ -65,7 +65,7 @@ class Expansion:
 
 @dataclass
 class Addend:
-    name: str | None                 # tensor name; None for a constant produced by a node (BN shift)
+    name: str                        # tensor name; "" for a constant produced by a node (BN shift)
     factors: tuple[Factor, ...]
     parent: int                      # index of the tree node that uses it (past value-preserving ones)
     constant: bool = False
@@ -96,20 +96,23 @@ def expand(view: GraphView, node: onnx.NodeProto, opset: int) -> Expansion | Non
     if op == "Neg" and len(inputs) == 1:
         return Expansion([(inputs[0], (Factor(NEG_ONE, False),))])
     if op == "Mul" and len(inputs) == 2:
-        consts = [view.constant(name) for name in inputs]
-        if (consts[0] is None) == (consts[1] is None):
+        first, second = (view.constant(name) for name in inputs)
+        if first is not None and second is None:
+            tensor, value = inputs[1], first
+        elif second is not None and first is None:
+            tensor, value = inputs[0], second
+        else:
             return None
-        tensor, value = (inputs[1], consts[0]) if consts[0] is not None else (inputs[0], consts[1])
         if not np.issubdtype(value.dtype, np.floating):
             return None
         return Expansion([(tensor, (Factor(value.astype(np.float64), False),))])
     if op == "Div" and len(inputs) == 2:
-        value = view.constant(inputs[1])
-        if value is None or view.constant(inputs[0]) is not None or not np.issubdtype(value.dtype, np.floating):
+        divisor = view.constant(inputs[1])
+        if divisor is None or view.constant(inputs[0]) is not None or not np.issubdtype(divisor.dtype, np.floating):
             return None
-        if np.any(value == 0):
+        if np.any(divisor == 0):
             return None
-        return Expansion([(inputs[0], (Factor(1.0 / value.astype(np.float64), False),))])
+        return Expansion([(inputs[0], (Factor(1.0 / divisor.astype(np.float64), False),))])
     if op == "BatchNormalization" and inputs:
         try:
             scale, shift = bn_affine(view, node, opset)
@@ -193,7 +196,7 @@ class LinearIndex:
                 exp = self.expansions[index]
                 parent = above if exp.passthrough else index
                 for offset in exp.offsets:
-                    constants.append(Addend(None, (offset,) + outer, index, constant=True))
+                    constants.append(Addend("", (offset,) + outer, index, constant=True))
                 for name, local in reversed(exp.children):
                     stack.append(("name", name, local + outer, parent))
                 continue
@@ -207,7 +210,7 @@ class LinearIndex:
                     leaves.append(Addend(name, factors, parent))
                 continue
             child = view.producer.get(name)
-            if self.usable(child) and self._absorbed(name):
+            if child is not None and self.usable(child) and self._absorbed(name):
                 nodes.append(child)
                 stack.append(("node", child, factors, parent))
             else:
@@ -248,7 +251,7 @@ def constant_bias(constants: list[Addend], rank: int, channels: int) -> tuple[np
         try:
             bias = bias + channel_vector(c.factors, rank, channels, f"constant '{c.name or 'BN shift'}'")
         except Skip:
-            if c.name is None or len(c.factors) != 1:
+            if not c.name or len(c.factors) != 1:
                 raise
             kept.append(c.name)
     return bias, kept

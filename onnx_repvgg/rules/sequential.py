@@ -128,13 +128,18 @@ def _run_chain(view: GraphView, chain: list[int], t: str, probe: np.ndarray, ops
     from onnx.reference import ReferenceEvaluator
 
     nodes = [view.nodes[i] for i in chain]
-    consts = {i: view.constant(i) for n in nodes for i in n.input[1:] if i}
+    consts: dict[str, np.ndarray] = {}
+    for n in nodes:
+        for name in n.input[1:]:
+            value = view.constant(name) if name else None
+            if value is not None:  # the chain was accepted only with constant operands
+                consts[name] = value
     graph = helper.make_graph(
         nodes, "chain", [helper.make_tensor_value_info(t, helper.np_dtype_to_tensor_dtype(probe.dtype), probe.shape)],
         [helper.make_tensor_value_info(nodes[-1].output[0], onnx.TensorProto.UNDEFINED, None)],
         initializer=[onnx.numpy_helper.from_array(v, k) for k, v in consts.items()])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    return np.asarray(ReferenceEvaluator(model).run(None, {t: probe})[0])
+    return np.asarray(ReferenceEvaluator(model).run(None, {t: probe})[0])  # type: ignore[index]
 
 
 def fill_geometry(view: GraphView, chain: list[int], t: str, shape: tuple[int, ...], dtype, opset: int):
@@ -260,8 +265,9 @@ def find(view: GraphView, opset: int, options: dict | None = None):
         else:
             side = sorted(set(side))
             # Shapes read off the removed tensors stay available as constants to whatever else reads them.
-            stand_ins = [(out, view.constant(out)) for i in side if i in view.constant_nodes
-                         for out in view.nodes[i].output if out]
+            stand_ins = [(out, value) for i in side if i in view.constant_nodes
+                         for out in view.nodes[i].output if out
+                         for value in [view.constant(out)] if value is not None]
             candidate.block = SequentialMatch(candidate.anchor, conv1.input[0], node.output[0], weight, bias,
                                               tuple(kernel), tuple(strides), pads4, p1.group, dtype,
                                               [c1_index] + ([bn_index] if bn_index is not None else []) + chain

@@ -96,7 +96,7 @@ def load(path: str, load_external_data: bool = True) -> LoadedModel:
         else:
             data_files.add(_check_external_location(tensor, base_dir))
     external_dir = base_dir if data_files else None  # where the checker must find data files
-    if left_in_file:
+    if own_name is not None:
         _run_checker(_with_weights_as_inputs(model, own_name), path, external_dir)
     else:
         _run_checker(None if binary else model, path, external_dir)

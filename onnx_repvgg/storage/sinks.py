@@ -64,7 +64,7 @@ class DataSink(_Sink):
     def put(self, array: np.ndarray, name: str) -> tuple[str, int, int]:
         self.names.add(name)
         offset = self._pad_to(ALIGN if array.nbytes >= (1 << 20) else SMALL_ALIGN)
-        self._open().write(memoryview(array).cast("B") if array.nbytes else b"")
+        self._open().write(byte_view(array) if array.nbytes else b"")
         self._size += array.nbytes
         return self.location, offset, array.nbytes
 
@@ -157,6 +157,11 @@ def copy_range(source: str, offset: int, length: int, out_fd: int) -> None:
             write_all(out_fd, chunk)
             left -= len(chunk)
             position += len(chunk)
+
+
+def byte_view(array: np.ndarray) -> memoryview:
+    """The bytes of a C-contiguous array, without a copy."""
+    return array.reshape(-1).view(np.uint8).data
 
 
 def write_all(fd: int, data) -> None:

@@ -24,7 +24,7 @@ import onnx
 from . import wire
 from .external import all_tensors, external_range
 from .io import BadInput
-from .sinks import INLINE_LIMIT, DataSink, MemorySink, copy_range, write_all
+from .sinks import INLINE_LIMIT, DataSink, MemorySink, byte_view, copy_range, write_all
 
 
 class Staging:
@@ -72,7 +72,7 @@ class Staging:
                     continue
                 array = payloads.array(tensor)
                 if array is not None:
-                    length, new_offset = array.nbytes, sink.put_bytes(memoryview(array).cast("B"))
+                    length, new_offset = array.nbytes, sink.put_bytes(byte_view(array))
                 else:
                     source, offset, length = payloads.file_range(tensor)
                     new_offset = sink.put_file_range(source, offset, length)
@@ -139,7 +139,8 @@ def write_inline(model: onnx.ModelProto, path: str, payloads: Payloads) -> None:
     loaded into their messages first (there are few, and small)."""
     _load_nested_external(model, payloads)
     graph = model.graph
-    entries = []  # per initializer: (bytes before the payload, payload or None, bytes after)
+    # per initializer: (bytes before the payload, the payload (an array or a file range) or None, bytes after)
+    entries: list[tuple[bytes, np.ndarray | tuple[str, int, int] | None, bytes]] = []
     initializer_bytes = 0  # all of them, as serialized fields of the graph
     for tensor in graph.initializer:
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
@@ -148,9 +149,8 @@ def write_inline(model: onnx.ModelProto, path: str, payloads: Payloads) -> None:
             entries.append((field, None, b""))
             initializer_bytes += len(field)
             continue
-        payload = payloads.array(tensor)
-        if payload is None:
-            payload = payloads.file_range(tensor)
+        array = payloads.array(tensor)
+        payload: np.ndarray | tuple[str, int, int] = payloads.file_range(tensor) if array is None else array
         length = payload.nbytes if isinstance(payload, np.ndarray) else payload[2]
         header = onnx.TensorProto()
         header.CopyFrom(tensor)
@@ -176,12 +176,12 @@ def write_inline(model: onnx.ModelProto, path: str, payloads: Payloads) -> None:
         out.write(model_bytes[:model_cut])
         out.write(wire.length_delimited(wire.MODEL_GRAPH, graph_size))
         out.write(graph_bytes[:graph_cut])
-        for before, payload, after in entries:
+        for before, content, after in entries:
             out.write(before)
-            if isinstance(payload, np.ndarray):
-                out.write(memoryview(payload).cast("B"))
-            elif payload is not None:
-                out.copy(*payload)
+            if isinstance(content, np.ndarray):
+                out.write(byte_view(content))
+            elif content is not None:
+                out.copy(*content)
             out.write(after)
         out.write(graph_bytes[graph_cut:])
         out.write(model_bytes[model_cut:])
