@@ -75,3 +75,7 @@ class Candidate:
     reason: Reason | None = None
     group: int | None = None
     strides: tuple[int, ...] | None = None
+    # A structure a user should look at when it is not fused: two or more branches of one tensor,
+    # or a BatchNormalization. False for a single-branch fold that does not apply (a scale on a
+    # conv output that something else also reads). None: the rule's NEAR_MISS (default True).
+    near_miss: bool | None = None

@@ -141,8 +141,9 @@ def _fuse_graph(graph: onnx.GraphProto, opset: int, rules, names: rewrite.NameRe
         skips: list[BlockRecord] = []
         for rule in active:
             for candidate in rule.find(view, opset, options):
+                near = candidate.near_miss if candidate.near_miss is not None else getattr(rule, "NEAR_MISS", True)
                 record = BlockRecord(anchor=candidate.anchor, branches=candidate.branch_labels,
-                                     status="skipped", group=candidate.group,
+                                     status="skipped" if near else "not_applicable", group=candidate.group,
                                      strides=list(candidate.strides) if candidate.strides else None)
                 block = candidate.block
                 if block is None:

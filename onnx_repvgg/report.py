@@ -17,7 +17,8 @@ COUNTED_OPS = ("Conv", "BatchNormalization", "Add")
 class BlockRecord:
     anchor: str                  # name of the root Add node of the block
     branches: list[str]          # e.g. ["3x3", "1x1", "bn"]
-    status: str                  # "fused" or "skipped"
+    status: str                  # "fused"; "skipped" (a near miss: 2+ branches or a BN, not fused);
+                                 # "not_applicable" (a single-branch fold whose preconditions fail)
     reason_code: str | None = None
     reason: str | None = None
     group: int | None = None
@@ -127,14 +128,22 @@ class Report:
 
     @property
     def skipped(self) -> list[BlockRecord]:
+        """Near misses: structures with two or more branches of one tensor, or with a BN, not fused."""
         return [b for b in self.blocks if b.status == "skipped"]
+
+    @property
+    def not_applicable(self) -> list[BlockRecord]:
+        """Single-branch folds whose preconditions fail (e.g. a scale on a conv output that
+        something else also reads): no re-parameterization block was missed there."""
+        return [b for b in self.blocks if b.status == "not_applicable"]
 
     def to_dict(self) -> dict:
         from . import __version__
         data = asdict(self)
         data["schema_version"] = SCHEMA_VERSION
         data["tool_version"] = __version__
-        data["summary"] = {"fused": len(self.fused), "skipped": len(self.skipped)}
+        data["summary"] = {"fused": len(self.fused), "skipped": len(self.skipped),
+                           "not_applicable": len(self.not_applicable)}
         return data
 
     def to_text(self, verbose: bool = False, max_rows: int = 30, color: bool = False) -> str:
@@ -143,7 +152,10 @@ class Report:
         lines = [f"blocks: {len(self.fused)} fused, {len(self.skipped)} skipped"]
         if not self.fused:
             lines.append(NOTHING_TO_FUSE + (" (the skipped blocks below say why they were not)" if self.skipped else ""))
-        rows = self.blocks if verbose or len(self.blocks) <= max_rows else self.skipped
+        shown = [b for b in self.blocks if b.status != "not_applicable"]
+        rows = shown if len(shown) <= max_rows else self.skipped
+        if verbose:
+            rows = self.blocks
         for b in rows:
             shape = b.pattern
             extra = ""
@@ -151,9 +163,15 @@ class Report:
                 extra = f" g={b.group} s={','.join(map(str, b.strides or []))}"
             if b.status == "fused":
                 lines.append(f"  {paint('fused', 'green')}    {b.anchor}  {shape}{extra}")
-            else:
+            elif b.status == "skipped":
                 lines.append(f"  {paint('skipped', 'yellow')}  {b.anchor}  {shape}: {b.reason}")
-        if rows is not self.blocks:
+            else:
+                lines.append(f"  not applicable  {b.anchor}  {shape}: {b.reason}")
+        if self.not_applicable and not verbose:
+            count = len(self.not_applicable)
+            lines.append(f"  {count} single-branch fold{'s' if count != 1 else ''} not applicable (-v lists "
+                         f"{'them' if count != 1 else 'it'})")
+        if rows is not shown and not verbose:
             patterns = Counter(b.pattern for b in self.fused)
             summary = ", ".join(f"{n}x {p}" for p, n in patterns.most_common())
             lines.append(f"  fused: {summary} (-v lists every block)")

@@ -64,7 +64,7 @@ def test_json_report_and_dry_run(tmp_path, capsys):
     assert listing(tmp_path) == ["in.onnx", "r.json"]
     data = json.loads(report_path.read_text())
     assert data["schema_version"] == 2
-    assert data["summary"] == {"fused": 1, "skipped": 0}
+    assert data["summary"] == {"fused": 1, "skipped": 0, "not_applicable": 0}
     assert data["blocks"][0]["branches"] == ["3x3", "1x1", "bn"]
     assert data["before"]["op_counts"]["BatchNormalization"] == 1
     assert data["after"]["op_counts"] == {"Conv": 1}

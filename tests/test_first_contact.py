@@ -3,8 +3,10 @@ ONNX models, the 'nothing to fuse' line, and a pattern list that speaks of patte
 
 from __future__ import annotations
 
+import json
 import os
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -102,3 +104,41 @@ def test_pattern_list_speaks_of_patterns_and_rules(capsys):
     out = capsys.readouterr().out
     assert "rules:" in out and "patterns:" in out and "RepVGG" in out
     assert ".py" not in out
+
+
+def _gelu_on_conv_model():
+    """ConvNeXt/EfficientFormer style: GELU written out as x * 0.5 * (1 + erf(x / sqrt 2)) on a
+    conv output, whose Div cannot fold into the conv (the Mul reads the conv output too)."""
+    b = GraphBuilder()
+    conv = b.conv(b.x, 4, 4, 3)
+    divided = b.op("Div", [conv, b.constant(np.array(1.4142135, np.float32), "sqrt2")])
+    erf = b.op("Erf", [divided])
+    one_plus = b.op("Add", [erf, b.constant(np.array(1.0, np.float32), "one")])
+    gelu = b.op("Mul", [b.op("Mul", [conv, one_plus]), b.constant(np.array(0.5, np.float32), "half")])
+    return b.model([gelu])
+
+
+def test_single_branch_folds_that_do_not_apply_are_not_near_misses(tmp_path, capsys):
+    onnx.save(_gelu_on_conv_model(), str(tmp_path / "in.onnx"))
+    assert main([str(tmp_path / "in.onnx"), "--dry-run", "--json", str(tmp_path / "r.json")]) == 0
+    out = capsys.readouterr().out
+    assert "blocks: 0 fused, 0 skipped" in out
+    assert "1 single-branch fold not applicable (-v lists it)" in out
+    assert "intermediate_shared" not in out and "has 2 uses" not in out
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["summary"] == {"fused": 0, "skipped": 0, "not_applicable": 1}
+    [record] = data["blocks"]
+    assert record["status"] == "not_applicable" and record["reason_code"] == "intermediate_shared"
+    assert main([str(tmp_path / "in.onnx"), "--dry-run", "-v"]) == 0
+    assert "not applicable" in capsys.readouterr().out
+
+
+def test_a_bn_that_cannot_fold_is_a_near_miss(tmp_path, capsys):
+    """Conv -> BN whose conv output is read elsewhere: one branch, but a BN stays: a near miss."""
+    b = GraphBuilder()
+    conv = b.conv(b.x, 4, 4, 3)
+    model = b.model([b.bn(conv, 4), b.op("Relu", [conv])])
+    onnx.save(model, str(tmp_path / "in.onnx"))
+    assert main([str(tmp_path / "in.onnx"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "blocks: 0 fused, 1 skipped" in out and "not applicable" not in out

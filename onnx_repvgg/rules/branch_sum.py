@@ -372,7 +372,10 @@ def find(view: GraphView, opset: int, options: dict | None = None):
         if removed <= 1 + len(others):
             continue  # nothing to gain: e.g. a plain residual Add(conv(y), x) (an Identity after it or not)
         node = view.nodes[root]
-        candidate = Candidate(anchor=node.name or node.output[0], branch_labels=_describe(view, branches))
+        bns = any(is_op(view.nodes[i], "BatchNormalization") for i in tree.nodes) or any(
+            b.kind == "problem" for b in branches)
+        candidate = Candidate(anchor=node.name or node.output[0], branch_labels=_describe(view, branches),
+                              near_miss=len(branches) >= 2 or bns)
         try:
             block = build_block(view, index, tree, x, branches, others, bool((options or {}).get("allow_densify")))
         except NotWorthIt:

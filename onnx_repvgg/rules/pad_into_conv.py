@@ -20,6 +20,7 @@ from ..graph import GraphView, attribute
 from .common import Skip, data_consumers, is_op
 
 NAME = "pad_into_conv"
+NEAR_MISS = False  # a Pad that is not a zero padding is no re-parameterization block
 
 
 @dataclass
