@@ -247,3 +247,112 @@ def cast_like(values: np.ndarray, dtype) -> np.ndarray:
     largest, flushed = _cast_into(out, values)
     _refuse_underflow(largest, flushed, dtype)
     return out
+
+
+# -- ConvTranspose -------------------------------------------------------------------------
+# A ConvTranspose kernel has shape (Cin, Cout/groups, k1, ..., kn): input channel c of group
+# g = c // (Cin/groups) scatters into output channels g*(Cout/groups) + o through W[c, o].
+# Along each axis, input pixel i adds W[..., t] * x[i] to position i*stride + t*dilation of the
+# full output (size stride*(in-1) + dilation*(k-1) + 1, then output_padding zeros at the end),
+# which pads_begin / pads_end crop.
+
+
+def transposed_output_channels(cin: int, cout_per_group: int, groups: int) -> np.ndarray:
+    """The output channel each weight slice W[c, o] of a ConvTranspose feeds, shape (Cin, Cout/groups):
+    (c // (Cin/groups)) * (Cout/groups) + o."""
+    if groups < 1 or cin % groups:
+        raise ValueError(f"{cin} input channels do not split into {groups} groups")
+    group_of_input = np.arange(cin) // (cin // groups)
+    return group_of_input[:, None] * cout_per_group + np.arange(cout_per_group)[None, :]
+
+
+def scale_transposed_output_channels(weight, bias, scale, shift=None, groups: int = 1
+                                     ) -> tuple[np.ndarray, np.ndarray]:
+    """The ConvTranspose (W, b) followed by y*scale + shift per output channel (a BN, a Mul,
+    an Add): W'[c, o] = W[c, o] * scale[channel(c, o)], b' = b*scale + shift. Exact for any
+    strides, pads, output_padding or output_shape: every output element is b plus a sum of
+    W[c, o(channel)] * x terms, or b alone where nothing scatters."""
+    weight = np.asarray(weight, dtype=np.float64)
+    cin, cout_per_group = weight.shape[:2]
+    cout = cout_per_group * groups
+    scale = np.broadcast_to(np.asarray(scale, dtype=np.float64).reshape(-1), (cout,))
+    bias = np.zeros(cout) if bias is None else np.asarray(bias, dtype=np.float64)
+    channels = transposed_output_channels(cin, cout_per_group, groups)
+    out_w = weight * scale[channels].reshape((cin, cout_per_group) + (1,) * (weight.ndim - 2))
+    out_b = bias * scale
+    if shift is not None:
+        out_b = out_b + np.asarray(shift, dtype=np.float64)
+    return out_w, out_b
+
+
+def scale_transposed_input_channels(weight, scale) -> np.ndarray:
+    """ConvTranspose(x * scale, W) with scale per input channel = ConvTranspose(x, W') with
+    W'[c] = W[c] * scale[c]: the scale multiplies every term x[c] * W[c] (no padding reads x)."""
+    weight = np.asarray(weight, dtype=np.float64)
+    scale = np.broadcast_to(np.asarray(scale, dtype=np.float64).reshape(-1), (weight.shape[0],))
+    return weight * scale.reshape((-1,) + (1,) * (weight.ndim - 1))
+
+
+def transposed_reach(kernel: int, dilation: int, pad_begin: int, pad_end: int, output_padding: int) -> int:
+    """On one axis a ConvTranspose gives stride*(in-1) + 1 + reach outputs, with
+    reach = dilation*(k-1) - pad_begin - pad_end + output_padding; branches of one input give
+    the same output size for every input size exactly when their strides and reaches agree."""
+    return dilation * (kernel - 1) - pad_begin - pad_end + output_padding
+
+
+def merge_transposed_axis(branches: Sequence[tuple[int, int, int, int]], dilation: int, stride: int
+                          ) -> tuple[int, int, int, int, list[int]]:
+    """One axis of parallel ConvTranspose branches of one input, as one ConvTranspose.
+
+    Each branch is (kernel, pad_begin, pad_end, output_padding) with the same stride and
+    dilation. Tap t of a branch writes full-output position i*stride + t*dilation, which
+    pad_begin shifts to i*stride + t*dilation - pad_begin; in a kernel cropped by the largest
+    pad_begin P it is tap t + (P - pad_begin)/dilation. Returns (kernel, pad_begin, pad_end,
+    output_padding, offsets) of the merged ConvTranspose: the end crop (pad_end minus
+    output_padding) comes from the common reach, written as output_padding where negative.
+    Raises ValueError when reaches differ or an offset is not a whole number of taps.
+    """
+    reaches = {transposed_reach(k, dilation, pb, pe, op) for k, pb, pe, op in branches}
+    if len(reaches) != 1:
+        raise ValueError(f"branches reach {sorted(reaches)}: output sizes differ")
+    reach = reaches.pop()
+    begin = max(pb for _, pb, _, _ in branches)
+    offsets = []
+    for _, pb, _, _ in branches:
+        if (begin - pb) % dilation:
+            raise ValueError(f"pad_begin {pb} is {begin - pb} pixels from {begin}, not a multiple of dilation {dilation}")
+        offsets.append((begin - pb) // dilation)
+    size = max(off + k for off, (k, _, _, _) in zip(offsets, branches))
+    end_crop = dilation * (size - 1) - begin - reach
+    pad_end, output_padding = (end_crop, 0) if end_crop >= 0 else (0, -end_crop)
+    if output_padding >= stride:
+        raise ValueError(f"output_padding {output_padding} would reach stride {stride}")
+    return size, begin, pad_end, output_padding, offsets
+
+
+def sum_transposed_branches(branches: Sequence[tuple], spatial_shape: Sequence[int], groups: int = 1,
+                            out_dtype=None) -> tuple[np.ndarray, np.ndarray]:
+    """Sum ConvTranspose branches on one kernel grid of `spatial_shape`, in float64.
+
+    Each branch is (kernel, bias, offsets) or (kernel, bias, offsets, scale): kernel
+    (Cin, Cout/groups, k...), bias (Cout,) or None, the kernel's first tap at `offsets`, and
+    scale (per output channel, or None) multiplying kernel and bias. The result is cast to
+    `out_dtype` (default float64), refusing overflow.
+    """
+    if not branches:
+        raise ValueError("no branches to sum")
+    spatial_shape = tuple(int(s) for s in spatial_shape)
+    cin, cout_per_group = np.asarray(branches[0][0]).shape[:2]
+    kernel_sum = np.zeros((cin, cout_per_group) + spatial_shape)
+    bias_sum = np.zeros(cout_per_group * groups)
+    for branch in branches:
+        kernel, bias, offsets = branch[:3]
+        scale = branch[3] if len(branch) > 3 and branch[3] is not None else np.ones(1)
+        kernel = np.asarray(kernel)
+        if kernel.shape[:2] != (cin, cout_per_group) or kernel.ndim != 2 + len(spatial_shape):
+            raise ValueError(f"branch kernel {kernel.shape} does not match {(cin, cout_per_group)} on {spatial_shape}")
+        weight, bias = scale_transposed_output_channels(kernel, bias, scale, None, groups)
+        kernel_sum[(slice(None), slice(None)) + _window(kernel.shape[2:], spatial_shape, offsets)] += weight
+        bias_sum += bias
+    out_dtype = np.dtype(np.float64 if out_dtype is None else out_dtype)
+    return cast_like(kernel_sum, out_dtype), cast_like(bias_sum, out_dtype)

@@ -11,6 +11,8 @@ SCHEMA_VERSION = 2
 NOTHING_TO_FUSE = ("nothing to fuse: no re-parameterizable block was found (the model is already in deploy form, "
                    "or its blocks are none of the supported patterns: --list-patterns)")
 COUNTED_OPS = ("Conv", "BatchNormalization", "Add")
+# shown in the side-by-side table when the fusion changed their count
+OTHER_COUNTED_OPS = ("ConvTranspose", "Gemm", "MatMul", "Mul", "Sub", "Div", "Pad", "Reshape", "Flatten", "Identity")
 
 
 @dataclass
@@ -204,7 +206,8 @@ def _human_bytes(n: int | None) -> str:
 def _side_by_side(report: Report) -> list[str]:
     b, a = report.before, report.after
     assert b is not None and a is not None
-    rows = [(op, str(b.op_counts.get(op, 0)), str(a.op_counts.get(op, 0))) for op in COUNTED_OPS]
+    changed = [op for op in OTHER_COUNTED_OPS if b.op_counts.get(op, 0) != a.op_counts.get(op, 0)]
+    rows = [(op, str(b.op_counts.get(op, 0)), str(a.op_counts.get(op, 0))) for op in COUNTED_OPS + tuple(changed)]
     rows.append(("nodes", str(b.nodes), str(a.nodes)))
     rows.append(("params", f"{b.params:,}", f"{a.params:,}"))
     if report.size_before is not None or report.size_after is not None:

@@ -93,7 +93,7 @@ def test_adversarial_case(tmp_path, capsys, case: Case):
     err = capsys.readouterr().err
     assert code == 0, (case.name, err)
     report = json.loads(report_path.read_text())
-    codes = {b["reason_code"] for b in report["blocks"] if b["status"] == "skipped"}
+    codes = {b["reason_code"] for b in report["blocks"] if b["status"] in ("skipped", "not_applicable")}
     assert case.reasons <= codes or case.reasons & codes, (case.name, codes)
     fused_count = report["summary"]["fused"]
     if case.expect == "fuse":

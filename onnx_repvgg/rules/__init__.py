@@ -6,10 +6,10 @@ A rule with DEFAULT = False runs only when asked for; one with LATE = True runs 
 the others have reached their fixed point.
 """
 
-from . import bn_consumer, bn_to_conv, branch_sum, pad_into_conv, sequential, token_bn
+from . import bn_consumer, bn_to_conv, branch_sum, conv_transpose, pad_into_conv, sequential, token_bn
 
 RULES = {pad_into_conv.NAME: pad_into_conv, sequential.NAME: sequential, branch_sum.NAME: branch_sum,
-         token_bn.NAME: token_bn, bn_consumer.NAME: bn_consumer,
+         conv_transpose.NAME: conv_transpose, token_bn.NAME: token_bn, bn_consumer.NAME: bn_consumer,
          bn_to_conv.NAME: bn_to_conv}
 DEFAULT_RULES = [name for name, rule in RULES.items() if getattr(rule, "DEFAULT", True)]
 
@@ -35,6 +35,9 @@ PATTERNS = [
     ("BN before a conv or linear", "conv_pad0(BN(x)), linear(BN1d(x))  -> conv(x), linear(x)", "bn_into_consumer"),
     ("LeViT LinearNorm (BN over tokens)", "reshape(BN1d(flatten(x @ W)))  -> x @ W' + b", "bn_into_matmul"),
     ("BN before a token linear", "reshape(BN1d(flatten(x))) @ W  -> x @ W' + b", "bn_into_consumer"),
+    ("decoder / segmentation upsampling", "act(BN(convT(x))), convT(x) * g + b  -> act(convT(x))", "conv_transpose"),
+    ("parallel transposed upsamplers", "BN(convT4x4_s2(x)) + BN(convT2x2_s2(x))  -> convT4x4_s2(x)", "conv_transpose"),
+    ("scale before a transposed conv", "convT(x * s)  -> convT(x)", "conv_transpose"),
     ("stray BN (opt-in)", "BN(x)  -> dw1x1(x)", "bn_to_conv"),
     ("explicit zero padding", "conv_pad0(ZeroPad(x))  -> conv_padded(x)", "pad_into_conv"),
     ("DBB 1x1 -> kxk, 1x1 -> avg", "convKxK(fill_b(conv1x1(x))), avgpool(fill_b(conv1x1(x)))  -> convKxK_padded(x)",
