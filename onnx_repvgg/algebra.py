@@ -356,3 +356,39 @@ def sum_transposed_branches(branches: Sequence[tuple], spatial_shape: Sequence[i
         bias_sum += bias
     out_dtype = np.dtype(np.float64 if out_dtype is None else out_dtype)
     return cast_like(kernel_sum, out_dtype), cast_like(bias_sum, out_dtype)
+
+
+# -- an affine map before a layer ---------------------------------------------------------------
+# x -> s*x + t per input channel (or feature), then a conv or a dense layer: the scale goes into
+# the weight, the shift into the bias (through the weight). Exact for a conv only where no
+# padding reads the shifted input (t = 0, or no padding): a padded border reads 0, not t.
+
+
+def input_channel_of(cout: int, cin_per_group: int, groups: int) -> np.ndarray:
+    """(Cout, Cin/groups) array: the global input channel that weight [o, i] reads."""
+    return (np.arange(cout)[:, None] // (cout // groups)) * cin_per_group + np.arange(cin_per_group)[None, :]
+
+
+def fold_input_affine_conv(weight, bias, groups: int, scale, shift) -> tuple[np.ndarray, np.ndarray]:
+    """conv(s*x + t, W, b) = conv(x, W', b') with W'[o, i] = W[o, i] * s[c], b'[o] = b[o] +
+    sum over i and taps of W[o, i] * t[c], c the input channel weight [o, i] reads. float64."""
+    weight = np.asarray(weight, dtype=np.float64)
+    cout, cpg = weight.shape[:2]
+    channel = input_channel_of(cout, cpg, groups)
+    shape = (cout, cpg) + (1,) * (weight.ndim - 2)
+    scale = np.broadcast_to(np.asarray(scale, dtype=np.float64).reshape(-1), (cpg * groups,))
+    shift = np.broadcast_to(np.asarray(shift, dtype=np.float64).reshape(-1), (cpg * groups,))
+    bias = np.zeros(cout) if bias is None else np.asarray(bias, dtype=np.float64)
+    folded = weight * scale[channel].reshape(shape)
+    return folded, bias + (weight * shift[channel].reshape(shape)).reshape(cout, -1).sum(axis=1)
+
+
+def fold_input_affine_dense(weight, bias, scale, shift) -> tuple[np.ndarray, np.ndarray]:
+    """(s*x + t) @ W + b = x @ W' + b' for W of shape (in, out): W' = diag(s) W,
+    b' = b + t @ W. float64."""
+    weight = np.asarray(weight, dtype=np.float64)
+    features = weight.shape[0]
+    scale = np.broadcast_to(np.asarray(scale, dtype=np.float64).reshape(-1), (features,))
+    shift = np.broadcast_to(np.asarray(shift, dtype=np.float64).reshape(-1), (features,))
+    bias = np.zeros(weight.shape[1]) if bias is None else np.asarray(bias, dtype=np.float64)
+    return weight * scale[:, None], bias + shift @ weight

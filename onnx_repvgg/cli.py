@@ -188,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("onnx-repvgg: interrupted; nothing written", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # the report piped into `head` or the like: its reader has gone
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except MemoryError:
         print("onnx-repvgg: error: out of memory; nothing written", file=sys.stderr)
         return EXIT_BAD_INPUT

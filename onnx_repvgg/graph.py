@@ -331,7 +331,7 @@ def infer_static_shapes(model: onnx.ModelProto, hints: dict[str, tuple[int, ...]
     data propagation) on a copy that holds only small initializers: large weights become typed
     inputs, so nothing big is copied. Run only where shapes matter (Shape or MatMul nodes)."""
     graph = graph if graph is not None else model.graph
-    if not any(node.op_type in ("Shape", "MatMul") for node in graph.node):
+    if not any(node.op_type in ("Shape", "MatMul", "Gemm") for node in graph.node):
         return {}
     light = onnx.ModelProto(ir_version=max(model.ir_version, 4))
     light.opset_import.extend(model.opset_import)

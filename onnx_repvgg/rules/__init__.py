@@ -6,11 +6,21 @@ A rule with DEFAULT = False runs only when asked for; one with LATE = True runs 
 the others have reached their fixed point.
 """
 
-from . import bn_consumer, bn_to_conv, branch_sum, conv_transpose, pad_into_conv, sequential, token_bn
+from . import (
+    affine_consumer,
+    bn_consumer,
+    bn_to_conv,
+    branch_sum,
+    conv_transpose,
+    dense_affine,
+    pad_into_conv,
+    sequential,
+    token_bn,
+)
 
 RULES = {pad_into_conv.NAME: pad_into_conv, sequential.NAME: sequential, branch_sum.NAME: branch_sum,
          conv_transpose.NAME: conv_transpose, token_bn.NAME: token_bn, bn_consumer.NAME: bn_consumer,
-         bn_to_conv.NAME: bn_to_conv}
+         affine_consumer.NAME: affine_consumer, dense_affine.NAME: dense_affine, bn_to_conv.NAME: bn_to_conv}
 DEFAULT_RULES = [name for name, rule in RULES.items() if getattr(rule, "DEFAULT", True)]
 
 # The published blocks these rules cover, as one-line diagrams: (family, train-time form, rule).
@@ -38,6 +48,10 @@ PATTERNS = [
     ("decoder / segmentation upsampling", "act(BN(convT(x))), convT(x) * g + b  -> act(convT(x))", "conv_transpose"),
     ("parallel transposed upsamplers", "BN(convT4x4_s2(x)) + BN(convT2x2_s2(x))  -> convT4x4_s2(x)", "conv_transpose"),
     ("scale before a transposed conv", "convT(x * s)  -> convT(x)", "conv_transpose"),
+    ("scale before a layer", "conv(x * s), linear(x * s + t), (x * s) @ W  -> conv(x), linear(x), x @ W'",
+     "affine_into_consumer"),
+    ("scale after a token linear", "(x @ W + b) * s  -> x @ W' + b'", "dense_affine"),
+    ("addend into a linear's C", "a * linear(x) + c * y  -> Gemm(x, W, y, alpha=a, beta=c)", "dense_affine"),
     ("stray BN (opt-in)", "BN(x)  -> dw1x1(x)", "bn_to_conv"),
     ("explicit zero padding", "conv_pad0(ZeroPad(x))  -> conv_padded(x)", "pad_into_conv"),
     ("DBB 1x1 -> kxk, 1x1 -> avg", "convKxK(fill_b(conv1x1(x))), avgpool(fill_b(conv1x1(x)))  -> convKxK_padded(x)",

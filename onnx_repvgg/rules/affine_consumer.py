@@ -1,0 +1,202 @@
+"""An affine map of a tensor by constants, folded into the Conv/Gemm/MatMul nodes that read it.
+
+    Conv(x * s [+ t]) -> Conv'(x)        (onnxsim folds a Mul before a Conv; t only without padding)
+    Gemm(x * s + t)   -> Gemm'(x)
+    MatMul(x * s + t, W) -> MatMul(x, W') [+ b']   (a Gemm for a 2-D x; onnxruntime's FusedMatMul alpha)
+
+The affine map is a linear tree (rules/linear_tree.py) of Mul/Div/Add/Sub/Neg by constants over
+one tensor x, without a BatchNormalization (bn_into_consumer folds those); s and t are per
+input channel (axis 1) of a Conv's input, per feature (the last axis) of a Gemm's or MatMul's.
+
+Preconditions: every use of the tree's output is the data input of a Conv, of a Gemm with
+transA=0, or of a MatMul by a constant matrix; weights and biases constant; a Conv that pads
+its input folds only a scale (a padded border reads 0, and 0 * s = 0, but not t); the fold
+removes more nodes than it adds (an N-D MatMul keeps the shift as an Add after it).
+Formula (algebra.fold_input_affine_conv / fold_input_affine_dense):
+    Conv:  W'[o, i] = W[o, i] * s[c(i)],  b'[o] = b[o] + sum_{i, taps} W[o, i] * t[c(i)]
+    dense: W' = diag(s) W,  b' = b + t @ W     (W as (in, out); a Gemm's alpha and beta kept)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from .. import algebra
+from ..block import Candidate, Rewrite
+from ..graph import GraphView, attribute
+from .common import FLOAT_DTYPES, NotWorthIt, Skip, const, conv_params, data_consumers, is_op, tensor_rank
+from .linear_tree import Factor, LinearIndex, LinearTree, channel_vector
+
+NAME = "affine_into_consumer"
+NEAR_MISS = False  # a scale or shift that cannot fold is no re-parameterization block
+
+
+@dataclass
+class ConsumerChange:
+    index: int                  # the consumer node
+    weight: np.ndarray          # float64, in the consumer's own layout
+    bias: np.ndarray | None     # float64; None: the consumer gets no bias
+    dtype: np.dtype
+    as_gemm: bool = False       # a 2-D MatMul given a bias becomes a Gemm
+
+
+@dataclass
+class AffineFold:
+    anchor: str
+    input: str                  # x, which the consumers read from now on
+    changes: list[ConsumerChange]
+    removed_nodes: list[int]
+
+    def materialize(self, view: GraphView, names) -> Rewrite:
+        insertions, tensors = [], []
+        first = ""
+        for change in self.changes:
+            node = view.nodes[change.index]
+            stem = node.name or node.output[0]
+            w_name = names.fresh(f"{stem}.affine_folded_weight")
+            b_name = names.fresh(f"{stem}.affine_folded_bias") if change.bias is not None else ""
+            name = names.fresh(node.name or node.op_type)
+            first = first or name
+            tensors.append((w_name, algebra.cast_like(change.weight, change.dtype)))
+            if change.bias is not None:
+                tensors.append((b_name, algebra.cast_like(change.bias, change.dtype)))
+            new = _rewritten(node, self.input, w_name, b_name, name, names, change.as_gemm)
+            insertions.append((change.index, new))
+        return Rewrite(self.removed_nodes, insertions, tensors, first)
+
+
+def _rewritten(node: onnx.NodeProto, x: str, w_name: str, b_name: str, name: str, names,
+               as_gemm: bool) -> list[onnx.NodeProto]:
+    if node.op_type == "MatMul":
+        if b_name and as_gemm:  # with a bias, a 2-D MatMul is a Gemm
+            return [helper.make_node("Gemm", [x, w_name, b_name], list(node.output), name=name)]
+        if not b_name:
+            return [helper.make_node("MatMul", [x, w_name], list(node.output), name=name)]
+        product = names.fresh(f"{name}.product")
+        return [helper.make_node("MatMul", [x, w_name], [product], name=name),
+                helper.make_node("Add", [product, b_name], list(node.output), name=names.fresh(f"{name}.bias"))]
+    copy = onnx.NodeProto()
+    copy.CopyFrom(node)
+    copy.name = name
+    del copy.input[:]
+    copy.input.extend([x, w_name] + ([b_name] if b_name else []))
+    if node.op_type == "Gemm":  # the new C holds beta * C already
+        for attr in list(copy.attribute):
+            if attr.name == "beta":
+                copy.attribute.remove(attr)
+    return [copy]
+
+
+def feature_vector(factors: tuple[Factor, ...], features: int, what: str) -> np.ndarray:
+    """The product of constant factors as one (features,) vector on the LAST axis, or Skip."""
+    vec = np.ones(features)
+    for f in factors:
+        value = np.asarray(f.value, dtype=np.float64)
+        if f.per_channel:
+            raise Skip("not_per_channel", f"{what}: a BatchNormalization works on axis 1, not on the features")
+        if value.ndim > 2 or any(d != 1 for d in value.shape[:-1]) or (value.ndim and value.shape[-1] not in (1, features)):
+            raise Skip("not_per_channel", f"{what}: constant of shape {value.shape} is not per feature (.., {features})")
+        vec = vec * value.reshape(-1)
+    return vec
+
+
+def _conv_change(view: GraphView, index: int, tree: LinearTree, x: str) -> ConsumerChange:
+    node = view.nodes[index]
+    p = conv_params(view, node)
+    cin = p.weight.shape[1] * p.group
+    rank = p.weight.ndim
+    scale = channel_vector(tree.leaves[0].factors, rank, cin, f"scale of '{x}'")
+    shift = np.zeros(cin)
+    for c in tree.constants:
+        shift = shift + channel_vector(c.factors, rank, cin, f"constant '{c.name}'")
+    shifted = bool(np.any(shift != 0))
+    if shifted and (any(p.pads_begin) or any(p.pads_end)):
+        raise Skip("consumer_padding", f"Conv '{node.name}' pads its input: the border would read 0, not the shift")
+    weight, bias = algebra.fold_input_affine_conv(p.weight, p.bias, p.group, scale, shift)
+    keep_bias = p.bias is not None or shifted
+    return ConsumerChange(index, weight, bias if keep_bias else None, p.weight.dtype)
+
+
+def _dense_change(view: GraphView, index: int, tree: LinearTree, x: str) -> ConsumerChange:
+    node = view.nodes[index]
+    w = const(view, node.input[1], "weight", node) if len(node.input) > 1 else None
+    if w is None or w.dtype not in FLOAT_DTYPES or w.ndim != 2:
+        raise NotWorthIt()  # attention products and batched matmuls are not layers
+    transposed = node.op_type == "Gemm" and int(attribute(node, "transB", 0)) == 1
+    if node.op_type == "Gemm" and int(attribute(node, "transA", 0)) != 0:
+        raise Skip("gemm_transA", f"Gemm '{node.name}' transposes its input (transA=1)")
+    w_eff = (w.T if transposed else w).astype(np.float64)  # (in, out)
+    features, outputs = w_eff.shape
+    scale = feature_vector(tree.leaves[0].factors, features, f"scale of '{x}'")
+    shift = np.zeros(features)
+    for c in tree.constants:
+        shift = shift + feature_vector(c.factors, features, f"constant '{c.name}'")
+    shifted = bool(np.any(shift != 0))
+    if node.op_type == "MatMul":
+        weight, bias = algebra.fold_input_affine_dense(w_eff, None, scale, shift)
+        as_gemm = shifted and tensor_rank(view, x) == 2
+        return ConsumerChange(index, weight, bias if shifted else None, w.dtype, as_gemm)
+    alpha = float(attribute(node, "alpha", 1.0))
+    beta = float(attribute(node, "beta", 1.0))
+    gemm_c = np.zeros(outputs)
+    if len(node.input) > 2 and node.input[2]:
+        value = const(view, node.input[2], "bias", node).astype(np.float64)
+        if value.size == 1:
+            gemm_c = np.full(outputs, value.reshape(-1)[0])
+        elif value.shape in ((outputs,), (1, outputs)):
+            gemm_c = value.reshape(-1)
+        else:
+            raise Skip("not_per_channel", f"Gemm '{node.name}' bias of shape {value.shape} is not per output")
+    weight, bias = algebra.fold_input_affine_dense(w_eff, beta * gemm_c, scale, alpha * shift)
+    has_bias = len(node.input) > 2 and bool(node.input[2])
+    return ConsumerChange(index, weight.T if transposed else weight, bias if has_bias or shifted else None, w.dtype)
+
+
+def _matched(view: GraphView, index: LinearIndex, root: int) -> tuple[LinearTree, list[int]] | None:
+    """The tree at `root` if it is an affine map of one tensor read only by layers."""
+    tree = index.tree(root)
+    if tree.passthrough_only or len(tree.leaves) != 1 or not tree.leaves[0].name:
+        return None
+    if any(is_op(view.nodes[i], "BatchNormalization") for i in tree.nodes):
+        return None  # bn_into_consumer
+    users = data_consumers(view, view.nodes[root], "Conv", "Gemm", "MatMul")
+    if not users or view.constant(tree.leaves[0].name) is not None:
+        return None
+    return tree, users
+
+
+def find(view: GraphView, opset: int, options: dict | None = None):
+    index = LinearIndex(view, opset)
+    for root in index.roots():
+        matched = _matched(view, index, root)
+        if matched is None:
+            continue
+        tree, users = matched
+        x = tree.leaves[0].name
+        node = view.nodes[root]
+        kinds = sorted({view.nodes[i].op_type.lower() for i in users})
+        candidate = Candidate(anchor=node.name or node.output[0], branch_labels=["affine"] + kinds)
+        try:
+            changes = []
+            for i in users:
+                change = _conv_change if view.nodes[i].op_type == "Conv" else _dense_change
+                changes.append(change(view, i, tree, x))
+            added = sum(1 for i, ch in zip(users, changes) if view.nodes[i].op_type == "MatMul"
+                        and ch.bias is not None and not ch.as_gemm)
+            if len(tree.nodes) <= added:
+                raise NotWorthIt()
+        except NotWorthIt:
+            continue
+        except Skip as skip:
+            candidate.reason = skip.reason
+        else:
+            candidate.block = AffineFold(candidate.anchor, x, changes, list(tree.nodes) + users)
+        yield candidate
+
+
+def materialize(match: AffineFold, view: GraphView, names) -> Rewrite:
+    return match.materialize(view, names)
