@@ -1,6 +1,6 @@
 """Where the pass spends time and memory on a node-heavy model: a phase breakdown.
 
-    python benchmarks/profile_nodes.py MODEL.onnx [--cprofile OUT.prof] [--top 30]
+    python benchmarks/profile_nodes.py MODEL.onnx [--cprofile OUT.prof] [--top 30] [--breakdown]
 
 Runs `onnx_repvgg MODEL OUT --no-check` in this process with timers wrapped around the
 pass's phases (by patching module attributes at run time; nothing in onnx_repvgg is
@@ -118,45 +118,78 @@ def patch(owner, attr: str, name: str) -> bool:
 
 
 def install() -> None:
+    from onnx_repvgg import evaluate, pipeline, rewrite
     from onnx_repvgg import graph as graph_mod
-    from onnx_repvgg import pipeline, rewrite
     from onnx_repvgg import report as report_mod
-    from onnx_repvgg.rules import RULES
-    from onnx_repvgg.storage import io, staging
+    from onnx_repvgg.rules import RULES, bn_audit
+    from onnx_repvgg.storage import external, io, staging
 
     patch(io, "load", "load")
     patch(io, "_parse", "load/parse")
     patch(io, "_run_checker", "load/check")
+    patch(io, "survey", "load/survey (tensors)")
     patch(io, "_with_weights_as_inputs", "load/check: weights as inputs copy")
     from onnx_repvgg import cli
 
     patch(cli, "fuse", "fuse")  # cli imported it by name
     patch(report_mod.ModelStats, "of", "fuse/ModelStats.of")
-    patch(pipeline, "model_names", "fuse/names (NameRegistry)") or patch(pipeline, "all_names", "fuse/names (NameRegistry)")
-    patch(pipeline, "_view_with_shapes", "fuse/round: index (shapes + GraphView)")
-    patch(pipeline, "infer_static_shapes", "fuse/round/index: infer_static_shapes")
-    graph_mod.GraphView.__init__ = timed("fuse/round/index: GraphView.__init__", graph_mod.GraphView.__init__)
-    if hasattr(graph_mod, "output_shape"):
-        patch(graph_mod, "output_shape", "fuse/round/index/GraphView: evaluate.output_shape (per node)")
-    if hasattr(graph_mod, "fold"):
-        patch(graph_mod, "fold", "fold (evaluate.fold, per node)")
-    try:
-        from onnx_repvgg.rules import linear_tree
-        linear_tree.LinearIndex.__init__ = timed("fuse/round/find: LinearIndex.__init__ (expand all)",
-                                                 linear_tree.LinearIndex.__init__)
-    except ImportError:
-        pass
+    patch(pipeline, "model_names", "fuse/names (NameRegistry)")
+    patch(pipeline, "_view_with_shapes", "fuse/round: shapes (inference + views with shapes)")
+    patch(pipeline, "infer_static_shapes", "fuse/round/shapes: infer_static_shapes")
+    view_cls = graph_mod.GraphView
+    view_cls._index = timed("fuse/round: index (GraphView producers, consumers)", view_cls._index)
+    view_cls._find_constants = timed("fuse/round: constants (GraphView)", view_cls._find_constants)
+    evaluate.Memo.output_shape = timed("evaluate.output_shape (per node, memoized)", evaluate.Memo.output_shape)
+    evaluate.Memo.fold = timed("evaluate.fold (per node, memoized)", evaluate.Memo.fold)
+    from onnx_repvgg.rules import linear_tree
+    linear_tree.LinearIndex.roots = timed("fuse/round/find: LinearIndex roots (expansions)", linear_tree.LinearIndex.roots)
+    linear_tree.LinearIndex.tree = timed("fuse/round/find: LinearIndex trees", linear_tree.LinearIndex.tree)
     for rule_name, module in RULES.items():
         patch(module, "find", f"fuse/round/find: {rule_name}")
         patch(module, "materialize", f"fuse/round/materialize: {rule_name}")
+    patch(bn_audit, "unrecorded", "fuse: bn_audit")
     patch(rewrite, "spill", "fuse/round: rewrite.spill")
     patch(rewrite, "apply", "fuse/round: rewrite.apply")
-    patch(rewrite, "drop_stale_value_info", "fuse: drop_stale_value_info")
+    patch(cli.io, "tensor_bytes", "tensor_bytes (after fuse)")
     patch(staging.Staging, "write", "save")
     patch(staging.Staging, "commit", "commit")
+    del external  # (survey is patched where io looks it up)
 
 
-def run(model: str, cprofile: str | None, top: int) -> None:
+# --breakdown: the phases above gathered into the steps of the issue's breakdown (own CPU seconds)
+CATEGORIES = [
+    ("parse", ("load/parse", "load/survey (tensors)", "load", "load/check: weights as inputs copy")),
+    ("check", ("load/check",)),
+    ("shape inference", ("fuse/round/shapes: infer_static_shapes",)),
+    ("indexing", ("fuse/round: index (GraphView producers, consumers)", "fuse/round: constants (GraphView)",
+                  "evaluate.output_shape (per node, memoized)", "evaluate.fold (per node, memoized)",
+                  "fuse/round/find: LinearIndex roots (expansions)", "fuse/round/find: LinearIndex trees",
+                  "fuse/round: shapes (inference + views with shapes)", "fuse/names (NameRegistry)",
+                  "fuse/ModelStats.of")),
+    ("matching", ("fuse: bn_audit",)),  # and every rule's find
+    ("fusing", ()),  # every rule's materialize
+    ("rewriting", ("fuse/round: rewrite.apply", "fuse/round: rewrite.spill", "tensor_bytes (after fuse)")),
+    ("writing", ("save", "commit")),
+]
+
+
+def breakdown(total_cpu: float) -> None:
+    """The README table: own CPU seconds per step of the pass."""
+    seen = set()
+    rows = []
+    for category, names in CATEGORIES:
+        chosen = [n for n in PHASES.order if n in names or (category == "matching" and n.startswith("fuse/round/find: ")
+                                                            and "LinearIndex" not in n)
+                  or (category == "fusing" and n.startswith("fuse/round/materialize: "))]
+        seen.update(chosen)
+        rows.append((category, sum(PHASES.self_cpu[n] for n in chosen)))
+    rest = sum(PHASES.self_cpu[n] for n in PHASES.order if n not in seen)
+    print("| " + " | ".join(c for c, _ in rows) + " | other | total |")
+    print("|" + "---|" * (len(rows) + 2))
+    print("| " + " | ".join(f"{v:.2f}" for _, v in rows) + f" | {rest:.2f} | {total_cpu:.2f} |")
+
+
+def run(model: str, cprofile: str | None, top: int, table: bool = False) -> None:
     install()
     from onnx_repvgg.cli import main as cli
 
@@ -165,7 +198,8 @@ def run(model: str, cprofile: str | None, top: int) -> None:
     stop = threading.Event()
     sampler = threading.Thread(target=PHASES.sample, args=(stop,), daemon=True)
     base = rss_mb()
-    sampler.start()
+    if not table:  # the RSS sampler costs the pass some time: the breakdown is measured without it
+        sampler.start()
     start = time.perf_counter(), time.thread_time()
     profiler = None
     if cprofile:
@@ -178,7 +212,8 @@ def run(model: str, cprofile: str | None, top: int) -> None:
         profiler.disable()
     total_wall, total_cpu = time.perf_counter() - start[0], time.thread_time() - start[1]
     stop.set()
-    sampler.join()
+    if not table:
+        sampler.join()
     for f in os.listdir(out_dir):
         os.remove(os.path.join(out_dir, f))
     os.rmdir(out_dir)
@@ -189,6 +224,9 @@ def run(model: str, cprofile: str | None, top: int) -> None:
     print(f"model: {model} ({nodes:,} nodes); onnx_repvgg from {os.path.dirname(sys.modules['onnx_repvgg'].__file__)}")
     print(f"total: {total_wall:.2f} s wall, {total_cpu:.2f} s CPU; RSS after imports {base:.0f} MB, "
           f"peak (VmHWM) {rss_mb('VmHWM'):.0f} MB")
+    if table:
+        breakdown(total_cpu)
+        return
     print("| phase | calls | wall s | CPU s | own CPU s (less the phases inside) | % of CPU | each call (wall s) "
           "| RSS in MB | peak RSS MB |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -213,8 +251,11 @@ def main() -> None:
     p.add_argument("model")
     p.add_argument("--cprofile", default=None, help="also write a cProfile dump here and print its top functions")
     p.add_argument("--top", type=int, default=30)
+    p.add_argument("--breakdown", action="store_true",
+                   help="print only the README's table: parse, check, shape inference, indexing, matching, fusing, "
+                        "rewriting, writing (own CPU seconds; no RSS sampling)")
     a = p.parse_args()
-    run(a.model, a.cprofile, a.top)
+    run(a.model, a.cprofile, a.top, a.breakdown)
 
 
 if __name__ == "__main__":

@@ -10,18 +10,19 @@ on a common kernel grid, so a block of parallel branches is their sum.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
 
 
-def bn_scale_shift(gamma, beta, mean, var, eps: float) -> tuple[np.ndarray, np.ndarray]:
+def bn_scale_shift(gamma, beta, mean, var, eps) -> tuple[np.ndarray, np.ndarray]:
     """Inference-mode BatchNormalization as y = x*scale + shift, per channel.
 
     scale = gamma / sqrt(var + eps), shift = beta - mean*scale.
     """
     gamma, beta, mean, var = (np.asarray(a, dtype=np.float64) for a in (gamma, beta, mean, var))
-    scale = gamma / np.sqrt(var + float(eps))
+    scale = gamma / np.sqrt(var + np.asarray(eps, dtype=np.float64))  # eps: one, or one per row
     return scale, beta - mean * scale
 
 
@@ -142,6 +143,7 @@ def sum_branches(branches: Sequence[tuple], spatial_shape: Sequence[int], out_dt
     spatial_shape = tuple(int(s) for s in spatial_shape)
     head = np.asarray(branches[0][0])
     cout, cin = head.shape[:2]
+    extra = (1,) * (len(spatial_shape) + 1)
     prepared = []
     bias_sum = np.zeros(cout, dtype=np.float64)
     for branch in branches:
@@ -150,42 +152,42 @@ def sum_branches(branches: Sequence[tuple], spatial_shape: Sequence[int], out_dt
         kernel = np.asarray(kernel)
         if kernel.shape[:2] != (cout, cin) or kernel.ndim != 2 + len(spatial_shape):
             raise ValueError(f"branch kernel {kernel.shape[:2]} does not match {(cout, cin)}")
-        window = _window(kernel.shape[2:], spatial_shape, offsets)
+        window = (slice(None), slice(None)) + _window(kernel.shape[2:], spatial_shape, offsets)
         bias = np.asarray(bias, dtype=np.float64)
         if scale is not None:
             scale = np.asarray(scale, dtype=np.float64).reshape(-1)
-            scale = np.broadcast_to(scale, (cout,))
+            if scale.shape != (cout,):
+                scale = np.broadcast_to(scale, (cout,))
             bias = bias * scale
         bias_sum += bias
-        prepared.append((kernel, window, scale))
+        if kernel.size:  # an empty kernel (a bias-only term) adds nothing to the kernel
+            prepared.append((kernel, window, None if scale is None else scale.reshape((-1,) + extra)))
     # A full-size branch first: it can initialize each block of rows by itself.
     prepared.sort(key=lambda p: p[0].shape[2:] != spatial_shape)
     out_dtype = np.dtype(np.float64 if out_dtype is None else out_dtype)
     kernel_out = np.empty((cout, cin) + spatial_shape, dtype=out_dtype)
-    per_channel = max(1, cin * int(np.prod(spatial_shape)) * 8)
+    per_channel = max(1, cin * math.prod(spatial_shape) * 8)
     step = max(1, chunk_bytes // per_channel)
-    extra = (1,) * (len(spatial_shape) + 1)
     # One accumulator for all blocks of rows: fresh large arrays would each be page-faulted in.
     buffer = np.empty((min(step, cout), cin) + spatial_shape, dtype=np.float64)
     largest = flushed = 0.0  # over all blocks: the underflow test is relative to the whole kernel
+    covers = bool(prepared) and prepared[0][0].shape[2:] == spatial_shape
     for start in range(0, cout, step):
         rows = slice(start, min(cout, start + step))
         acc = buffer[: rows.stop - rows.start]
-        first = prepared[0]
-        covers = first[0].shape[2:] == spatial_shape
         if covers:  # one pass (convert, scale, store) instead of zero-fill then add
-            if first[2] is None:
-                np.copyto(acc, first[0][rows])
+            first, _, first_scale = prepared[0]
+            if first_scale is None:
+                np.copyto(acc, first[rows])
             else:
-                np.multiply(first[0][rows], first[2][rows].reshape((-1,) + extra), out=acc)
+                np.multiply(first[rows], first_scale[rows], out=acc)
         else:
             acc.fill(0.0)
         for kernel, window, scale in prepared[1:] if covers else prepared:
-            part = kernel[rows]
             if scale is None:
-                acc[(slice(None), slice(None)) + window] += part
+                acc[window] += kernel[rows]
             else:
-                acc[(slice(None), slice(None)) + window] += part * scale[rows].reshape((-1,) + extra)
+                acc[window] += kernel[rows] * scale[rows]
         block_largest, block_flushed = _cast_into(kernel_out[rows], acc)
         largest, flushed = max(largest, block_largest), max(flushed, block_flushed)
     _refuse_underflow(largest, flushed, out_dtype)
@@ -212,8 +214,12 @@ def _cast_into(out: np.ndarray, values: np.ndarray) -> tuple[float, float]:
     to 0, for the underflow test."""
     with np.errstate(over="ignore", under="ignore", invalid="ignore"):
         np.copyto(out, values, casting="unsafe")
-    if not np.issubdtype(out.dtype, np.floating) or out.dtype == values.dtype:
+    if out.dtype.kind != "f" or out.dtype == values.dtype:  # kind "f": np.issubdtype(., np.floating)
         return 0.0, 0.0
+    if np.isfinite(out).all():  # then every value was finite too: inf and nan stay so in any float type
+        magnitude = np.abs(values)
+        lost = (out == 0) & (values != 0)
+        return float(magnitude.max(initial=0.0)), float(magnitude[lost].max(initial=0.0)) if lost.any() else 0.0
     finite_in = np.isfinite(values)
     if not np.all(np.isfinite(out)[finite_in]):
         raise FusedOverflow(f"fused values overflow {out.dtype.name} (largest magnitude "
@@ -241,7 +247,7 @@ def cast_like(values: np.ndarray, dtype) -> np.ndarray:
     tensor's largest value; the pipeline turns either into a skip with its code."""
     values = np.asarray(values)
     dtype = np.dtype(dtype)
-    if not np.issubdtype(dtype, np.floating):
+    if dtype.kind != "f":  # not a numpy floating type
         return values.astype(dtype)
     out = np.empty(values.shape, dtype=dtype)
     largest, flushed = _cast_into(out, values)

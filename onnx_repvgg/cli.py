@@ -329,7 +329,7 @@ def _run_staged(args, shapes) -> int:
 
 
 def _phases(args, shapes, loaded, staging, say, timings, progress) -> int:
-    external = loaded.used_external_data or io.tensor_bytes(loaded.model) > io.EXTERNAL_THRESHOLD
+    external = loaded.used_external_data or loaded.tensor_bytes > io.EXTERNAL_THRESHOLD
     # Fused weights go to the output's data file at once, or are kept as arrays for the writer.
     sink = staging.sink() if staging is not None and external else MemorySink()
     progress.phase("fusing")
@@ -353,10 +353,12 @@ def _phases(args, shapes, loaded, staging, say, timings, progress) -> int:
             return EXIT_WOULD_FUSE
         return EXIT_OK
 
-    external = external or io.tensor_bytes(model) > io.EXTERNAL_THRESHOLD  # --allow-densify can grow it
+    # --allow-densify can grow it (a model with nothing fused has the tensors it had)
+    external = external or (bool(report.fused) and io.tensor_bytes(model) > io.EXTERNAL_THRESHOLD)
     progress.phase("saving")
     t = time.perf_counter()
-    staging.write(model, external, loaded.base_dir, memory=sink if isinstance(sink, MemorySink) else None)
+    staging.write(model, external, loaded.base_dir, memory=sink if isinstance(sink, MemorySink) else None,
+                  nested=loaded.nested_tensors)
     timings["save"] = time.perf_counter() - t
     del model, loaded, sink  # the staged file is the fused model from here on
     if not args.no_check:

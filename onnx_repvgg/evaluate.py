@@ -146,3 +146,72 @@ def output_shape(node: onnx.NodeProto, opset: int, shape: Sequence[int], elem_ty
         if any(r >= 0 and r != e for r, e in zip(result, expected)) or len(result) != len(shape):
             return None  # onnx and the spec disagree: the shape is not known
     return result
+
+
+class Memo:
+    """fold and output_shape answers by content, for one pass over a model.
+
+    Exporters repeat the same small index arithmetic in every layer (a Slice of a shape by
+    the same constants, a Transpose of the same shape), and every round indexes the graph
+    again. The key is everything either function reads: the node's domain, type and
+    attributes (serialized), the opset, which outputs it declares, and per input position
+    the value's dtype, shape and bytes (or "the data input", or nothing); for output_shape
+    also the data input's shape and element type. Only inputs of a few KB are keyed.
+    Arrays handed out from here are shared by every node with that key: they are read-only.
+    """
+
+    MAX_INPUT_BYTES = 4096     # keyed only when the node's constant inputs are this small
+    MAX_RESULT_BYTES = 1 << 16  # and fold results kept only when this small
+
+    def __init__(self) -> None:
+        self._folds: dict[tuple, tuple[np.ndarray, ...] | None] = {}
+        self._shapes: dict[tuple, tuple[int, ...] | None] = {}
+
+    def fold(self, node: onnx.NodeProto, opset: int, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+        key = _content_key(node, opset, inputs, None, self.MAX_INPUT_BYTES)
+        outputs = [o for o in node.output if o]
+        if key is not None and key in self._folds:
+            cached = self._folds[key]
+            return None if cached is None else dict(zip(outputs, cached))
+        values = fold(node, opset, inputs)
+        if values is not None:
+            for array in values.values():
+                array.flags.writeable = False  # shared through the constant caches
+        if key is not None and (values is None or sum(a.nbytes for a in values.values()) <= self.MAX_RESULT_BYTES):
+            self._folds[key] = None if values is None else tuple(values[o] for o in outputs if o in values)
+        return values
+
+    def output_shape(self, node: onnx.NodeProto, opset: int, shape: Sequence[int], elem_type: int | None,
+                     constants: Mapping[str, np.ndarray]) -> tuple[int, ...] | None:
+        key = _content_key(node, opset, constants, node.input[0], self.MAX_INPUT_BYTES)
+        if key is None:
+            return output_shape(node, opset, shape, elem_type, constants)
+        key = key + (tuple(shape), elem_type)
+        if key not in self._shapes:
+            self._shapes[key] = output_shape(node, opset, shape, elem_type, constants)
+        return self._shapes[key]
+
+
+def _content_key(node: onnx.NodeProto, opset: int, values: Mapping[str, np.ndarray], data: str | None,
+                 limit: int) -> tuple | None:
+    """What fold/output_shape read of a node and its input values, or None when an input is
+    not a plain numeric array or the inputs are larger than `limit` bytes."""
+    parts: list = []
+    size = 0
+    for name in node.input:
+        if not name:
+            parts.append("")
+        elif name == data:
+            parts.append("data")
+        elif name in values:
+            array = values[name]
+            if array.dtype.kind not in "biufc":
+                return None
+            size += array.nbytes
+            if size > limit:
+                return None
+            parts.append((array.dtype.str, array.shape, array.tobytes()))
+        else:
+            parts.append(None)
+    attributes = tuple(a.SerializeToString() for a in node.attribute)
+    return (node.domain, node.op_type, opset, attributes, tuple(bool(o) for o in node.output), tuple(parts))

@@ -7,6 +7,7 @@ are touched only where a block is matched.
 
 from __future__ import annotations
 
+import sys
 from collections import defaultdict
 from collections.abc import Iterator
 
@@ -14,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .evaluate import fold, output_shape
+from .evaluate import Memo
 from .storage.external import read_external
 
 # Ops never folded even when every input is constant: random, control flow, or stateful.
@@ -76,10 +77,12 @@ def all_names(graph: onnx.GraphProto) -> set[str]:
     return names
 
 
-def model_names(model: onnx.ModelProto) -> set[str]:
+def model_names(model: onnx.ModelProto, main: GraphView | None = None) -> set[str]:
     """Every name in a model: its graphs' (all_names) and its functions' (name, inputs,
-    outputs, attributes, value_info and nodes)."""
-    names = all_names(model.graph)
+    outputs, attributes, value_info and nodes). `main`, an index of the main graph as it is,
+    lends the names it has read already (node inputs and outputs, initializers, inputs and
+    outputs): the same set."""
+    names = all_names(model.graph) if main is None else _indexed_names(main)
     for function in model.functions:
         names.add(function.name)
         names.update(function.input)
@@ -94,85 +97,210 @@ def model_names(model: onnx.ModelProto) -> set[str]:
     return names
 
 
+def _indexed_names(view: GraphView) -> set[str]:
+    """all_names(view.graph), from what the view has read (its producers and consumers are
+    every node output and input; subgraphs' names are read as all_names reads them)."""
+    graph = view.graph
+    names: set[str] = {graph.name}
+    names.update(view.initializers)
+    for sparse in graph.sparse_initializer:
+        names.update((sparse.values.name, sparse.indices.name))
+    names.update(view.graph_inputs)
+    names.update(view.graph_outputs)
+    names.update(v.name for v in graph.value_info)
+    names.update(node.name for node in view.nodes)
+    names.update(view.producer)
+    names.update(view.consumers)
+    for index in view._opaque:
+        for sub in subgraphs_of(view.nodes[index]):
+            names |= all_names(sub)
+    names.discard("")
+    return names
+
+
 class GraphView:
     """Producers, consumers, graph outputs and constant values of one graph.
 
     `consumers[name]` lists (node_index, input_slot) pairs, one per use. Uses from
     inside a node's subgraphs (If/Loop/Scan bodies capturing an outer value) count
     as uses by that node, with slot -1, so such a value is never treated as private.
+    `by_op[op_type]` lists the indices of the nodes of that type, in graph order, so a rule
+    visits only its anchor ops.
+
+    Static shapes: given (`static_shapes`, from infer_static_shapes), the view carries them
+    through data-movement ops and treats a Shape of a statically shaped tensor as a constant.
+    With `shapes_pending=True` the view has none yet and counts every question whose answer
+    inferred shapes could change (`shape_questions`): a shape or rank, and the value or
+    constness of a *shape-tainted* value (one computed from Shape nodes, which inference could
+    make constant). A round that asked none has the result it would have with inferred shapes.
+    Rules ask through shape(), constant(), is_constant() and is_constant_node(), never the sets
+    constant_names / constant_nodes directly, so that every such question is counted.
     """
 
     def __init__(self, graph: onnx.GraphProto, opset: int | None = None, base_dir: str | None = None,
-                 static_shapes: dict[str, tuple[int, ...]] | None = None, reader=None):
+                 static_shapes=None, reader=None, *, shapes_pending: bool = False, memo: Memo | None = None):
         self.graph = graph
         self.opset = opset
         self.base_dir = base_dir  # where external data not yet loaded lives
         # reads an external-data tensor (sinks.TensorReader also finds tensors fused earlier)
         self.read_external = reader or (lambda tensor: read_external(tensor, base_dir or ""))
-        self.static_shapes = dict(static_shapes or {})  # inferred shapes, -1 where a dim is unknown
-        self.nodes = list(graph.node)
-        self.producer: dict[str, int] = {}
-        self.consumers: dict[str, list[tuple[int, int]]] = defaultdict(list)
-        for index, node in enumerate(self.nodes):
-            for out in node.output:
-                if out:
-                    self.producer[out] = index
-            for slot, name in enumerate(node.input):
-                if name:
-                    self.consumers[name].append((index, slot))
-            for sub in subgraphs_of(node):
-                for name in names_used_in_subgraph(sub):
-                    self.consumers[name].append((index, -1))
+        self._memo = memo if memo is not None else Memo()
         self.graph_outputs = {v.name for v in graph.output}
         self.graph_inputs = {v.name for v in graph.input}
         self.initializers = {t.name: t for t in graph.initializer}
-        self._constant_cache: dict[str, np.ndarray | None] = {}
         self._elem_types: dict[str, int] | None = None
         self._declared_shapes: dict[str, tuple[int, ...]] = {}
-        # One pass in topological order: which node outputs are computed from constants only.
+        self._index()
+        self._start(static_shapes, shapes_pending)
+        self._find_constants()
+
+    def with_shapes(self, static_shapes) -> GraphView:
+        """A view of the same graph with these inferred shapes, sharing this view's index."""
+        view = object.__new__(GraphView)
+        for key in _STRUCTURE:
+            setattr(view, key, getattr(self, key))
+        view._start(static_shapes, False)
+        # Values that do not depend on shapes were computed the same way here.
+        view._constant_cache = {k: v for k, v in self._constant_cache.items() if k not in self.tainted}
+        view._find_constants()
+        return view
+
+    def _index(self) -> None:
+        """Producers, consumers and node types: one pass over the nodes."""
+        self.nodes = nodes = list(self.graph.node)
+        self.producer: dict[str, int] = {}
+        self.consumers: dict[str, list[tuple[int, int]]] = defaultdict(list)
+        self.by_op: dict[str, list[int]] = defaultdict(list)
+        producer, consumers, by_op = self.producer, self.consumers, self.by_op
+        self.ops: list[str] = []               # node.op_type of each node, read once
+        self.inputs_of: list[list[str]] = []   # node.input of each node, read once
+        self.outputs_of: list[list[str]] = []
+        self._opaque: set[int] = set()  # custom-domain and control-flow nodes: never folded
+        ops, inputs_of, outputs_of = self.ops, self.inputs_of, self.outputs_of
+        for index, node in enumerate(nodes):
+            op = node.op_type
+            ops.append(op)
+            by_op[op].append(index)
+            outputs = node.output[:]
+            inputs = node.input[:]
+            outputs_of.append(outputs)
+            inputs_of.append(inputs)
+            for out in outputs:
+                if out:
+                    producer[out] = index
+            for slot, name in enumerate(inputs):
+                if name:
+                    consumers[name].append((index, slot))
+            domain = node.domain
+            if (domain and domain != "ai.onnx") or op in _CONTROL_FLOW:
+                self._opaque.add(index)
+                for sub in subgraphs_of(node):
+                    for name in names_used_in_subgraph(sub):
+                        consumers[name].append((index, -1))
+
+    def _start(self, static_shapes, shapes_pending: bool) -> None:
+        # inferred shapes, -1 where a dim is unknown (a StaticShapes table, or a plain dict)
+        self.static_shapes = static_shapes if isinstance(static_shapes, StaticShapes) else StaticShapes(static_shapes)
+        self.learned: dict[str, tuple[int, ...]] = {}  # shapes this view carried past inference
+        self.shapes_pending = shapes_pending
+        self.shape_questions = 0
+        self.first_question = ""  # what the first such question was about, for reports and tests
+        self._constant_cache: dict[str, np.ndarray | None] = {}
+        self._caches: dict[str, object] = {}  # per-view indexes built by rules (linear_tree.linear_index)
+
+    def _find_constants(self) -> None:
+        """One pass in topological order: which node outputs are computed from constants only
+        (and, with shapes pending, which ones inferred shapes could make constant)."""
         self.constant_nodes: set[int] = set()
         known = {name for name in self.initializers if name not in self.graph_inputs}
         self.constant_names = known  # grows in the pass below; constant() may be asked meanwhile
-        for index, node in enumerate(self.nodes):
-            if node.domain not in ("", "ai.onnx") or any(True for _ in subgraphs_of(node)):
-                continue
-            if self.static_shapes:
-                self._propagate_shape(node, known)
-            if node.op_type == "Shape" and len(node.input) == 1 and self._is_static(node.input[0]):
-                # A Shape of a statically shaped tensor is a constant (exporters index with it).
-                self.constant_nodes.add(index)
-                known.update(out for out in node.output if out)
-                continue
-            if node.op_type == "CastLike" and len(node.input) == 2 and node.input[0] in known \
-                    and self.elem_type(node.input[1]) is not None:
+        self.tainted: set[str] = set()  # shapes pending: values that inferred shapes could make constant
+        self.tainted_nodes: set[int] = set()
+        tainted, constant_nodes, tainted_nodes = self.tainted, self.constant_nodes, self.tainted_nodes
+        pending = self.shapes_pending
+        propagate = bool(self.static_shapes)
+        opaque = self._opaque
+        outputs_of = self.outputs_of
+        for index, (op, inputs) in enumerate(zip(self.ops, self.inputs_of)):
+            if index in opaque:
+                continue  # a custom op or control flow is never folded
+            if propagate and op in _PROPAGATED:
+                self._propagate_shape(index, known)
+            if op == "Shape" and len(inputs) == 1 and inputs[0] not in known:
+                if self._is_static(inputs[0]):
+                    # A Shape of a statically shaped tensor is a constant (exporters index with it).
+                    constant_nodes.add(index)
+                    known.update(out for out in outputs_of[index] if out)
+                    continue
+                if pending:  # inferred shapes may make it one
+                    tainted_nodes.add(index)
+                    tainted.update(out for out in outputs_of[index] if out)
+                    continue
+            if op == "CastLike" and len(inputs) == 2 and (inputs[0] in known or inputs[0] in tainted) \
+                    and self.elem_type(inputs[1]) is not None:
                 # CastLike reads only the dtype of its second input, which is declared.
-                self.constant_nodes.add(index)
-                known.update(out for out in node.output if out)
+                if inputs[0] in known:
+                    constant_nodes.add(index)
+                    known.update(out for out in outputs_of[index] if out)
+                else:
+                    tainted_nodes.add(index)
+                    tainted.update(out for out in outputs_of[index] if out)
                 continue
-            if node.op_type == "Constant" or (
-                    node.op_type not in _NOT_FOLDABLE and node.input
-                    and all(name in known for name in node.input if name)):
-                self.constant_nodes.add(index)
-                known.update(out for out in node.output if out)
+            if op == "Constant":
+                constant_nodes.add(index)
+                known.update(out for out in outputs_of[index] if out)
+            elif op not in _NOT_FOLDABLE and inputs:
+                some_tainted = False
+                for name in inputs:
+                    if name and name not in known:
+                        if name not in tainted:
+                            break
+                        some_tainted = True
+                else:
+                    if some_tainted:
+                        tainted_nodes.add(index)
+                        tainted.update(out for out in outputs_of[index] if out)
+                    else:
+                        constant_nodes.add(index)
+                        known.update(out for out in outputs_of[index] if out)
+
+    # -- questions whose answers static shapes could change ----------------------------------
+    def _asked(self, what: str) -> None:
+        if not self.shape_questions:
+            self.first_question = what
+        self.shape_questions += 1
+
+    def is_constant(self, name: str) -> bool:
+        """Is `name` a constant (see constant())? Cheaper than constant(): nothing is computed."""
+        if name in self.tainted:
+            self._asked(f"constant {name}")
+        return name in self.constant_names
+
+    def is_constant_node(self, index: int) -> bool:
+        """Does node `index` compute constants only?"""
+        if index in self.tainted_nodes:
+            self._asked(f"constant node {index}")
+        return index in self.constant_nodes
 
     def _is_static(self, name: str) -> bool:
-        return name in self.static_shapes and all(d >= 0 for d in self.static_shapes[name])
+        shape = self.static_shapes.get(name)
+        return shape is not None and all(d >= 0 for d in shape)
 
-    def _propagate_shape(self, node: onnx.NodeProto, known: set[str]) -> None:
+    def _propagate_shape(self, index: int, known: set[str]) -> None:
         """Static output shapes of data-movement ops whose parameters are constant, where shape
         inference could not see through computed parameters (TorchScript's index math)."""
-        if not node.input or not node.output or self._is_static(node.output[0]):
+        inputs, outputs = self.inputs_of[index], self.outputs_of[index]
+        if not inputs or not outputs or self._is_static(outputs[0]):
             return
-        shape = self.static_shapes.get(node.input[0])
+        shape = self.static_shapes.get(inputs[0])
         if shape is None:
             return
-        op, out = node.op_type, node.output[0]
+        node = self.nodes[index]
+        op, out = self.ops[index], outputs[0]
         if op in ("Identity", "ScatterND", "Relu", "Neg", "Cast"):  # the output has the data's shape
-            self.static_shapes[out] = shape
+            self._learn(out, shape)
             return
-        if op not in ("Transpose", "Slice", "Pad"):
-            return
-        params = [name for name in node.input[1:] if name]
+        params = [name for name in inputs[1:] if name]
         if not all(name in known for name in params):
             return
         constants: dict[str, np.ndarray] = {}
@@ -181,9 +309,14 @@ class GraphView:
             if value is None:
                 return
             constants[name] = value
-        inferred = output_shape(node, self.opset or 17, shape, self.elem_type(node.input[0]), constants)
+        inferred = self._memo.output_shape(node, self.opset or 17, shape, self.elem_type(inputs[0]), constants)
         if inferred is not None:
-            self.static_shapes[out] = inferred
+            self._learn(out, inferred)
+
+    def _learn(self, name: str, shape: tuple[int, ...]) -> None:
+        if self.static_shapes.get(name) != shape:
+            self.learned[name] = shape
+        self.static_shapes[name] = shape
 
     # -- structure -------------------------------------------------------------
     def producer_of(self, name: str) -> onnx.NodeProto | None:
@@ -197,6 +330,23 @@ class GraphView:
         """Exactly one use, by a node of this graph, and not a graph output."""
         return name not in self.graph_outputs and len(self.consumers.get(name, ())) == 1
 
+    def of_type(self, *ops: str) -> list[int]:
+        """Indices of the nodes of these types (any domain), in graph order."""
+        if len(ops) == 1:
+            return self.by_op.get(ops[0], [])
+        return sorted(i for op in ops for i in self.by_op.get(op, ()))
+
+    def release(self) -> None:
+        """Drop what rules built on this view (a LinearIndex refers back to it, so without this
+        the pair would wait for the cyclic garbage collector)."""
+        self._caches.clear()
+
+    def cached(self, key: str, build):
+        """A per-view index built once by `build()` (the view never changes)."""
+        if key not in self._caches:
+            self._caches[key] = build()
+        return self._caches[key]
+
     # -- constants -------------------------------------------------------------
     def constant(self, name: str) -> np.ndarray | None:
         """The value of `name` if it is a constant, else None.
@@ -206,15 +356,25 @@ class GraphView:
         Constant node, or an Identity of a constant (the TorchScript exporter
         shares deduplicated initializers that way).
         """
-        if name in self._constant_cache:
-            return self._constant_cache[name]
-        value = self._compute_constant(name)
+        cache = self._constant_cache
+        cached = cache.get(name, _MISSING)
+        if cached is not _MISSING:
+            return cached  # type: ignore[return-value]
+        if self.tainted and name in self.tainted:
+            self._asked(f"constant {name}")
+        tensor = self.initializers.get(name) if name in self.constant_names else None
+        value: np.ndarray | None
+        if tensor is not None and tensor.data_location != _EXTERNAL:  # the common case, inline
+            value = tensor_array(tensor)
+        else:
+            value = self._compute_constant(name)
         if value is None or value.nbytes <= _CACHE_LIMIT:
-            self._constant_cache[name] = value
+            cache[name] = value
         return value
 
     def _scan_declared(self) -> None:
-        """One pass over the declared types (inputs, outputs, value_info, initializers)."""
+        """One pass over the declared types (inputs, outputs, value_info); initializers are
+        looked up by name and override these."""
         types: dict[str, int] = {}
         shapes: dict[str, tuple[int, ...]] = {}
         for v in list(self.graph.input) + list(self.graph.output) + list(self.graph.value_info):
@@ -225,21 +385,27 @@ class GraphView:
                 types[v.name] = t.elem_type
             if t.HasField("shape"):
                 shapes[v.name] = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim)
-        for t in self.graph.initializer:
-            types[t.name] = t.data_type
-            shapes[t.name] = tuple(t.dims)
         self._elem_types, self._declared_shapes = types, shapes
 
     def elem_type(self, name: str) -> int | None:
         """The declared element type of a value (graph inputs, outputs, value_info, initializers)."""
+        tensor = self.initializers.get(name)
+        if tensor is not None:
+            return tensor.data_type
         if self._elem_types is None:
             self._scan_declared()
         return self._elem_types.get(name) if self._elem_types is not None else None
 
     def shape(self, name: str) -> tuple[int, ...] | None:
         """The known shape of a value (-1 for an unknown dim): inferred, else declared."""
-        if name in self.static_shapes:
-            return self.static_shapes[name]
+        if self.shapes_pending:
+            self._asked(f"shape {name}")
+        shape = self.static_shapes.get(name)
+        if shape is not None:
+            return shape
+        tensor = self.initializers.get(name)
+        if tensor is not None:
+            return tuple(tensor.dims)
         if self._elem_types is None:
             self._scan_declared()
         return self._declared_shapes.get(name)
@@ -265,7 +431,7 @@ class GraphView:
             tensor = self.initializers[name]
             if tensor.data_location == onnx.TensorProto.EXTERNAL:
                 return self.read_external(tensor)
-            return numpy_helper.to_array(tensor)
+            return tensor_array(tensor)
         index = self.producer[name]
         node = self.nodes[index]
         if node.op_type == "Constant":
@@ -283,7 +449,7 @@ class GraphView:
             if attr.name == "value":
                 if attr.t.data_location == onnx.TensorProto.EXTERNAL:  # beside the model, as initializers
                     return self.read_external(attr.t)
-                return numpy_helper.to_array(attr.t)
+                return tensor_array(attr.t)
             if attr.name == "value_float":
                 return np.array(attr.f, dtype=np.float32)
             if attr.name == "value_floats":
@@ -313,7 +479,7 @@ class GraphView:
                 if value is None or value.size > _FOLD_LIMIT:
                     return None
                 inputs[inp] = value
-        results = fold(node, self.opset or 17, inputs)
+        results = self._memo.fold(node, self.opset or 17, inputs)
         if results is None:
             for out in node.output:
                 if out:
@@ -325,51 +491,199 @@ class GraphView:
         return results.get(name)
 
 
+# What GraphView.with_shapes shares: everything but shapes and constants.
+_STRUCTURE = ("graph", "opset", "base_dir", "read_external", "_memo", "graph_outputs", "graph_inputs", "initializers",
+              "_elem_types", "_declared_shapes", "nodes", "ops", "producer", "consumers", "by_op", "inputs_of",
+              "outputs_of", "_opaque")
+
+# Ops whose output shape GraphView carries on from their data input (see _propagate_shape).
+_PROPAGATED = frozenset({"Identity", "ScatterND", "Relu", "Neg", "Cast", "Transpose", "Slice", "Pad"})
+
+# numpy dtypes of the tensor types whose raw_data numpy reads as it is (little-endian hosts).
+_RAW_DTYPES: dict[int, np.dtype] = {onnx.TensorProto.FLOAT: np.dtype(np.float32), onnx.TensorProto.DOUBLE: np.dtype(np.float64),
+               onnx.TensorProto.FLOAT16: np.dtype(np.float16), onnx.TensorProto.INT64: np.dtype(np.int64),
+               onnx.TensorProto.INT32: np.dtype(np.int32), onnx.TensorProto.INT16: np.dtype(np.int16),
+               onnx.TensorProto.INT8: np.dtype(np.int8), onnx.TensorProto.UINT8: np.dtype(np.uint8),
+               onnx.TensorProto.UINT16: np.dtype(np.uint16), onnx.TensorProto.UINT32: np.dtype(np.uint32),
+               onnx.TensorProto.UINT64: np.dtype(np.uint64), onnx.TensorProto.BOOL: np.dtype(np.bool_)}
+
+
+def tensor_array(tensor: onnx.TensorProto) -> np.ndarray:
+    """numpy_helper.to_array of an in-memory tensor; its raw_data case for plain numeric types
+    (read-only, as to_array gives it) without the helper's per-call overhead."""
+    dtype = _RAW_DTYPES.get(tensor.data_type) if _LITTLE_ENDIAN else None
+    if dtype is not None and tensor.HasField("raw_data") and not tensor.HasField("segment"):
+        array = np.frombuffer(tensor.raw_data, dtype=dtype)
+        dims = tensor.dims
+        return array if len(dims) == 1 and dims[0] == array.size else array.reshape(dims)
+    return numpy_helper.to_array(tensor)
+
+
+_LITTLE_ENDIAN = sys.byteorder == "little"
+_EXTERNAL = onnx.TensorProto.EXTERNAL
+_MISSING = object()
+
+
+class StaticShapes:
+    """Inferred tensor shapes by name, read from onnx's ValueInfoProtos only when asked for
+    (a graph of 10^5 values is looked up at a few of them), and the shapes a GraphView adds."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]] | None = None,
+                 protos: dict[str, onnx.ValueInfoProto] | None = None):
+        self._shapes: dict[str, tuple[int, ...] | None] = dict(shapes or {})
+        self._protos = protos or {}
+
+    def get(self, name: str, default=None):
+        shape = self._shapes.get(name, _UNREAD)
+        if shape is _UNREAD:
+            proto = self._protos.get(name)
+            shape = None if proto is None else value_info_shape(proto)
+            self._shapes[name] = shape
+        return default if shape is None else shape
+
+    def __getitem__(self, name: str) -> tuple[int, ...]:
+        shape = self.get(name)
+        if shape is None:
+            raise KeyError(name)
+        return shape
+
+    def __setitem__(self, name: str, shape: tuple[int, ...]) -> None:
+        self._shapes[name] = shape
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self.get(name) is not None
+
+    def __bool__(self) -> bool:
+        return bool(self._protos) or any(v is not None for v in self._shapes.values())
+
+    def to_dict(self) -> dict[str, tuple[int, ...]]:
+        """Every shape, read (for tests and comparisons; the pass itself never needs all)."""
+        for name in self._protos:
+            self.get(name)
+        return {k: v for k, v in self._shapes.items() if v is not None}
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, StaticShapes):
+            return self.to_dict() == other.to_dict()
+        if isinstance(other, dict):
+            return self.to_dict() == other
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+_UNREAD = object()
+
+
+def value_info_shape(v: onnx.ValueInfoProto) -> tuple[int, ...] | None:
+    """A tensor ValueInfo's shape, -1 for a dim without a value; None when it declares none."""
+    kind = v.type
+    if not kind.HasField("tensor_type"):
+        return None
+    t = kind.tensor_type
+    if not t.HasField("shape"):
+        return None
+    # dim_value read first: a non-zero one is set; 0 is a value only when the field is set
+    return tuple(d.dim_value or (0 if d.HasField("dim_value") else -1) for d in t.shape.dim)
+
+
 def infer_static_shapes(model: onnx.ModelProto, hints: dict[str, tuple[int, ...]] | None = None,
-                        graph: onnx.GraphProto | None = None) -> dict[str, tuple[int, ...]]:
+                        graph: onnx.GraphProto | None = None) -> StaticShapes:
     """Tensor shapes of the main graph (-1 for a dim not known), from onnx shape inference (with
     data propagation) on a copy that holds only small initializers: large weights become typed
-    inputs, so nothing big is copied. Run only where shapes matter (Shape or MatMul nodes)."""
+    inputs, so nothing big is copied. The pass runs it only when a rule needs a shape."""
     graph = graph if graph is not None else model.graph
-    if not any(node.op_type in ("Shape", "MatMul", "Gemm") for node in graph.node):
-        return {}
     light = onnx.ModelProto(ir_version=max(model.ir_version, 4))
     light.opset_import.extend(model.opset_import)
     g = light.graph
-    g.name = graph.name
-    g.node.extend(graph.node)
-    g.input.extend(graph.input)
-    g.output.extend(graph.output)
-    g.value_info.extend(graph.value_info)
-    known = {v.name for v in graph.value_info} | {v.name for v in graph.input} | {v.name for v in graph.output}
-    for name, dims in (hints or {}).items():  # shapes learned past where inference stopped
-        if name not in known:
-            g.value_info.append(onnx.helper.make_tensor_value_info(
-                name, onnx.TensorProto.UNDEFINED, [d if d >= 0 else None for d in dims]))
+    if graph.ByteSize() < _COPY_LIMIT:  # one C-level copy, then only the fields inference is given
+        g.CopyFrom(graph)
+        for field in _LIGHT_DROPPED:
+            g.ClearField(field)
+    else:  # the graph holds large weights: copy its nodes and declarations only
+        g.name = graph.name
+        g.node.extend(graph.node)
+        g.input.extend(graph.input)
+        g.output.extend(graph.output)
+        g.value_info.extend(graph.value_info)
+    if hints:
+        known = {v.name for v in graph.value_info} | {v.name for v in graph.input} | {v.name for v in graph.output}
+        for name, dims in hints.items():  # shapes learned past where inference stopped
+            if name not in known:
+                g.value_info.append(onnx.helper.make_tensor_value_info(
+                    name, onnx.TensorProto.UNDEFINED, [d if d >= 0 else None for d in dims]))
     declared = {v.name for v in graph.input}
     for tensor in graph.initializer:
-        small = tensor.data_location != onnx.TensorProto.EXTERNAL and np.prod(tensor.dims, dtype=np.int64) <= 64
-        if small:
+        count = 1
+        for d in tensor.dims:
+            count *= d
+        if tensor.data_location != onnx.TensorProto.EXTERNAL and count <= 64:
             g.initializer.append(tensor)
         elif tensor.name not in declared:
             g.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+    data = light.SerializeToString()
+    del light, g  # only the bytes while onnx holds its own copy
     try:
-        inferred = onnx.shape_inference.infer_shapes(light, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(data, data_prop=True)
     except Exception:  # shape inference is a help here, never a requirement
-        return {}
-    shapes = {}
-    for v in list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input):
-        t = v.type.tensor_type
-        if v.type.HasField("tensor_type") and t.HasField("shape"):
-            shapes[v.name] = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim)
-    return shapes
+        return StaticShapes()
+    del data
+    found = inferred.graph
+    protos = {v.name: v for v in found.value_info}
+    shapes: dict[str, tuple[int, ...]] = {}
+    if len(protos) != len(found.value_info):  # a name listed twice: the last one with a shape counts
+        protos = {}
+        for v in found.value_info:
+            shape = value_info_shape(v)
+            if shape is not None:
+                shapes[v.name] = shape
+    for v in list(found.output) + list(found.input):
+        shape = value_info_shape(v)
+        if shape is not None:
+            shapes[v.name] = shape
+    return StaticShapes(shapes, protos)  # the protos keep the inferred model alive while the shapes are
+
+
+_COPY_LIMIT = 1 << 26
+_LIGHT_DROPPED = ("initializer", "sparse_initializer", "doc_string", "quantization_annotation", "metadata_props")
 
 
 def attribute(node: onnx.NodeProto, name: str, default=None):
+    """The value of a node's attribute (as onnx.helper.get_attribute_value gives it), else `default`."""
     for attr in node.attribute:
         if attr.name == name:
+            kind = attr.type
+            if kind == _INT and not attr.ref_attr_name:
+                return attr.i
+            if kind == _INTS and not attr.ref_attr_name:
+                return list(attr.ints)
+            if kind == _FLOAT and not attr.ref_attr_name:
+                return attr.f
             return onnx.helper.get_attribute_value(attr)
     return default
+
+
+_INT, _INTS, _FLOAT = onnx.AttributeProto.INT, onnx.AttributeProto.INTS, onnx.AttributeProto.FLOAT
+
+
+def attributes(node: onnx.NodeProto) -> dict:
+    """Every attribute of a node by name, read once (values as attribute() gives them); for
+    a rule that reads several. A name given twice counts as attribute() counts it: the first."""
+    values: dict = {}
+    for attr in node.attribute:
+        name = attr.name
+        if name in values:
+            continue
+        kind = attr.type
+        if kind == _INT and not attr.ref_attr_name:
+            values[name] = attr.i
+        elif kind == _INTS and not attr.ref_attr_name:
+            values[name] = list(attr.ints)
+        elif kind == _FLOAT and not attr.ref_attr_name:
+            values[name] = attr.f
+        else:
+            values[name] = onnx.helper.get_attribute_value(attr)
+    return values
 
 
 def opset_version(model: onnx.ModelProto, domain: str = "") -> int | None:

@@ -5,6 +5,9 @@
             index the graph                  (graph.GraphView: constants folded on demand)
             match: each rule finds Candidates, each a match or a Reason
                    (pad_into_conv, branch_sum, bn_into_consumer; bn_to_conv last, if asked)
+                   first without static shapes; when a rule asks something they could
+                   answer differently, onnx shape inference runs and the round goes on with
+                   them (the candidates handled so far stand: they asked nothing of shapes)
             fuse:  numpy algebra turns each match into new weights (float64, cast back),
                    handed at once to a sink when there is one (the output's data file,
                    or arrays kept for the writer: onnx_repvgg.sinks)
@@ -14,12 +17,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import math
 from collections.abc import Iterable
 
 import onnx
 
 from . import rewrite
 from .algebra import CastError
+from .evaluate import Memo
 from .graph import GraphView, infer_static_shapes, model_names, opset_version, subgraphs_of
 from .report import BlockRecord, ModelStats, Report
 from .rules import DEFAULT_RULES, RULES, bn_audit
@@ -53,6 +60,27 @@ def fuse(model: onnx.ModelProto, *, rules: Iterable[str] | None = None, inplace:
     removes them from the graph inputs first (the model then has fewer inputs), as
     onnxruntime's remove_initializer_from_input tool does.
     """
+    with _fewer_collections():
+        return _fuse(model, rules=rules, inplace=inplace, base_dir=base_dir, sink=sink, allow_densify=allow_densify,
+                     freeze_initializer_inputs=freeze_initializer_inputs)
+
+
+@contextlib.contextmanager
+def _fewer_collections():
+    """The pass allocates many small containers (the index of a graph of 10^5 nodes), and the
+    cyclic garbage collector, run every 700 allocations by default, would scan the live ones
+    again and again. Its first threshold is raised while the pass runs, then restored."""
+    thresholds = gc.get_threshold()
+    if thresholds[0]:  # 0: collection switched off by the caller
+        gc.set_threshold(max(thresholds[0], 50_000), *thresholds[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*thresholds)
+
+
+def _fuse(model: onnx.ModelProto, *, rules, inplace: bool, base_dir, sink, allow_densify: bool,
+          freeze_initializer_inputs: bool) -> tuple[onnx.ModelProto, Report]:
     if not inplace:
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
@@ -68,7 +96,7 @@ def fuse(model: onnx.ModelProto, *, rules: Iterable[str] | None = None, inplace:
     if unknown:
         raise ValueError(f"unknown rule(s) {unknown}; known: {sorted(RULES)}")
 
-    report = Report(before=ModelStats.of(model))
+    report = Report()  # report.before: from the main graph's first index (_stats), before anything changes
     overridable = _initializer_inputs(model.graph)
     if overridable and freeze_initializer_inputs:
         _remove_inputs(model, overridable)
@@ -78,13 +106,41 @@ def fuse(model: onnx.ModelProto, *, rules: Iterable[str] | None = None, inplace:
             f"{len(overridable)} initializers are also graph inputs: they may be overridden at run time, so "
             "blocks that use them are not fused; --freeze-initializers (API: freeze_initializer_inputs=True) "
             "makes them constants and removes them from the inputs")
-    names = rewrite.NameRegistry(model_names(model))
+    source = _ModelNames(model)
+    names = rewrite.NameRegistry(source)  # read on the first name asked for
     reader = TensorReader(base_dir, sink)
-    for graph in _graphs(model.graph):
-        _fuse_graph(graph, opset, [RULES[r] for r in chosen], names, report, reader, sink,
-                    {"allow_densify": allow_densify}, model if graph is model.graph else None)
-    report.after = ModelStats.of(model)
+    memo = Memo()
+    rewritten = False
+    for graph in _graphs(model.graph):  # subgraphs are found in the rewritten graph
+        main = graph is model.graph
+        rewritten |= _fuse_graph(graph, opset, [RULES[r] for r in chosen], names, report, reader, sink,
+                                 {"allow_densify": allow_densify}, model if main else None, memo,
+                                 source if main else None)
+        source.view = None
+    before = report.before
+    assert before is not None
+    report.after = ModelStats.of(model) if rewritten else ModelStats(dict(before.op_counts), before.nodes, before.params)
     return model, report
+
+
+class _ModelNames:
+    """model_names(model), for the NameRegistry: read from the main graph's first index when
+    there is one (the names are asked for before the model changes)."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        self.view: GraphView | None = None
+
+    def __call__(self) -> set[str]:
+        return model_names(self.model, self.view)
+
+
+def _stats(model: onnx.ModelProto, view: GraphView) -> ModelStats:
+    """ModelStats.of(model), with the op counts read from the main graph's index."""
+    params = 0
+    for tensor in model.graph.initializer:
+        params += math.prod(tensor.dims)
+    return ModelStats({op: len(indices) for op, indices in view.by_op.items()}, len(view.nodes), params)
 
 
 def _initializer_inputs(graph: onnx.GraphProto) -> set[str]:
@@ -101,84 +157,184 @@ def _remove_inputs(model: onnx.ModelProto, names: set[str]) -> None:
         model.ir_version = 4
 
 
-def _view_with_shapes(graph: onnx.GraphProto, opset: int, reader: TensorReader,
-                      model: onnx.ModelProto | None) -> GraphView:
+def _view_with_shapes(graph: onnx.GraphProto, opset: int, reader: TensorReader, model: onnx.ModelProto | None,
+                      memo: Memo, base: GraphView | None = None) -> GraphView:
     """Index the graph, with the static shapes that make exporters' shape arithmetic constant.
 
     onnx shape inference stops at ops whose parameters are computed; the view carries shapes
     through data-movement ops whose parameters it can evaluate, and inference is run again
-    with those as hints, until nothing new is learned. Graphs with no Shape node skip this."""
-    if model is None:
-        return GraphView(graph, opset, reader.base_dir, reader=reader)
-    shapes = infer_static_shapes(model, graph=graph)
-    view = GraphView(graph, opset, reader.base_dir, shapes, reader=reader)
+    with those as hints, until nothing new is learned. `base`, a view of the same graph
+    without shapes, lends its index (producers, consumers) to the new view."""
+    if model is None:  # a subgraph: declared shapes only
+        return GraphView(graph, opset, reader.base_dir, reader=reader, memo=memo)
+    if base is None:
+        base = GraphView(graph, opset, reader.base_dir, reader=reader, memo=memo, shapes_pending=True)
+    view = base.with_shapes(infer_static_shapes(model, graph=graph))
+    hints: dict[str, tuple[int, ...]] = {}
     for _ in range(16):
-        if view.static_shapes == shapes:
+        if not view.learned:
             break
-        shapes = infer_static_shapes(model, hints=view.static_shapes, graph=graph)
-        view = GraphView(graph, opset, reader.base_dir, shapes, reader=reader)
+        hints.update(view.learned)  # every shape carried so far, as the view now has it
+        hints = {name: view.static_shapes[name] for name in hints}
+        view.release()
+        view = None  # type: ignore[assignment]  # one view (and one inference's shapes) at a time
+        view = base.with_shapes(infer_static_shapes(model, hints=hints, graph=graph))
     return view
+
+
+class _Round:
+    """What one round has done so far: the rewrites, the nodes they take, the skips."""
+
+    def __init__(self) -> None:
+        self.replacements: list = []
+        self.claimed: set[int] = set()
+        self.skips: list[BlockRecord] = []
+        self.handled: list[str] = []  # anchors of the candidates handled, in order
+
+
+def _run_round(view: GraphView, rules, opset: int, options: dict, names: rewrite.NameRegistry,
+               report: Report, sink, state: _Round) -> bool:
+    """Handle every candidate of `rules` on `view`, in order, skipping the ones `state` has
+    handled already (on a view without shapes that had asked no shape question by then: the
+    same candidates, the same decisions). False when `view` (shapes pending) asked a question
+    that inferred shapes could answer differently: the round must go on with shapes."""
+    done = len(state.handled)
+    count = 0
+    for rule in rules:
+        for candidate in rule.find(view, opset, options):
+            if view.shape_questions:
+                return False  # this candidate, or one the rule passed over, read a shape
+            if count < done:
+                if candidate.anchor != state.handled[count]:
+                    raise RuntimeError(f"internal error: candidate {count} is '{candidate.anchor}' with static shapes, "
+                                       f"'{state.handled[count]}' without")
+                count += 1
+                continue
+            mark = names.mark()
+            outcome = _handle(candidate, rule, view, names, report, sink, state)
+            if view.shape_questions:  # materializing read a shape: this candidate is redone with shapes
+                names.rollback(mark)  # nothing else of it was kept: _commit did not run
+                return False
+            state.handled.append(candidate.anchor)
+            count += 1
+            _commit(outcome, report, sink, state)
+    return not view.shape_questions
+
+
+def _handle(candidate, rule, view: GraphView, names: rewrite.NameRegistry, report: Report, sink, state: _Round):
+    """Materialize one candidate: (record, Rewrite or None), or None when it overlaps a block
+    fused this round (it is matched again next round)."""
+    near = candidate.near_miss if candidate.near_miss is not None else getattr(rule, "NEAR_MISS", True)
+    record = BlockRecord(anchor=candidate.anchor, branches=candidate.branch_labels,
+                         status="skipped" if near else "not_applicable", group=candidate.group,
+                         strides=list(candidate.strides) if candidate.strides else None)
+    block = candidate.block
+    if block is None:
+        record.reason_code, record.reason = candidate.reason.code, candidate.reason.message
+        return record, None, None
+    if state.claimed.intersection(block.removed_nodes):
+        return None
+    try:
+        change = rule.materialize(block, view, names)
+    except CastError as err:  # a value the model's dtype cannot hold
+        record.reason_code, record.reason = err.code, str(err)
+        return record, None, None
+    candidate.block = None  # free the float64 terms now
+    return record, change, block.removed_nodes
+
+
+def _commit(outcome, report: Report, sink, state: _Round) -> None:
+    if outcome is None:
+        return
+    record, change, removed = outcome
+    if change is None:
+        state.skips.append(record)
+        return
+    state.claimed.update(removed)
+    rewrite.spill(change, sink)
+    state.replacements.append(change)
+    record.status = "fused"
+    record.fused_node = change.fused_node
+    report.blocks.append(record)
 
 
 def _graphs(graph: onnx.GraphProto):
     yield graph
     for node in graph.node:
-        for sub in subgraphs_of(node):
-            yield from _graphs(sub)
+        if node.op_type in _CONTROL_FLOW or node.domain not in ("", "ai.onnx"):
+            for sub in subgraphs_of(node):
+                yield from _graphs(sub)
+
+
+_CONTROL_FLOW = frozenset({"If", "Loop", "Scan"})
 
 
 def _fuse_graph(graph: onnx.GraphProto, opset: int, rules, names: rewrite.NameRegistry,
                 report: Report, reader: TensorReader, sink, options: dict,
-                model: onnx.ModelProto | None) -> None:
+                model: onnx.ModelProto | None, memo: Memo, source: _ModelNames | None = None) -> bool:
+    """Fuse one graph to its fixed point; True if it was rewritten.
+
+    Each round first runs on a view without inferred shapes (onnx shape inference costs
+    about as much as reading the model); only when a rule asks a question inferred shapes
+    could answer differently does the round go on with them (see _run_round), and every
+    later round of the graph then has them from the start."""
     last_skips: list[BlockRecord] = []
     early = [r for r in rules if not getattr(r, "LATE", False)]
     late = [r for r in rules if getattr(r, "LATE", False)]
     active = early
+    with_shapes = False  # once a round of this graph needed static shapes, every round has them
+    rewritten = False
+    view: GraphView | None = None
+    state = _Round()
     for _ in range(MAX_ROUNDS):
-        view = _view_with_shapes(graph, opset, reader, model)
-        replacements = []
-        claimed: set[int] = set()
-        skips: list[BlockRecord] = []
-        for rule in active:
-            for candidate in rule.find(view, opset, options):
-                near = candidate.near_miss if candidate.near_miss is not None else getattr(rule, "NEAR_MISS", True)
-                record = BlockRecord(anchor=candidate.anchor, branches=candidate.branch_labels,
-                                     status="skipped" if near else "not_applicable", group=candidate.group,
-                                     strides=list(candidate.strides) if candidate.strides else None)
-                block = candidate.block
-                if block is None:
-                    record.reason_code, record.reason = candidate.reason.code, candidate.reason.message
-                    skips.append(record)
-                    continue
-                if claimed.intersection(block.removed_nodes):
-                    continue  # overlaps a block fused this round; it is matched again next round
-                try:
-                    change = rule.materialize(block, view, names)
-                except CastError as err:  # a value the model's dtype cannot hold
-                    record.reason_code, record.reason = err.code, str(err)
-                    skips.append(record)
-                    continue
-                claimed.update(block.removed_nodes)
-                rewrite.spill(change, sink)
-                replacements.append(change)
-                candidate.block = block = None  # free the float64 terms now
-                record.status = "fused"
-                record.fused_node = change.fused_node
-                report.blocks.append(record)
+        if view is None:
+            if with_shapes:
+                view = _view_with_shapes(graph, opset, reader, model, memo)
+            else:
+                view = GraphView(graph, opset, reader.base_dir, reader=reader, memo=memo,
+                                 shapes_pending=model is not None)
+            if source is not None and not rewritten:
+                source.view = view  # the graph as it was: its index holds the model's names
+            if model is not None and report.before is None:
+                report.before = _stats(model, view)
+        state = _Round()
+        if not _run_round(view, active, opset, options, names, report, sink, state):
+            with_shapes = True
+            view.release()
+            view = _view_with_shapes(graph, opset, reader, model, memo, base=view)
+            if not _run_round(view, active, opset, options, names, report, sink, state):
+                raise RuntimeError("internal error: a view with static shapes asked for them")
         report.rounds += 1
-        if not replacements:
+        if not state.replacements:
             if active is early and late:
-                active = early + late  # the others are done: now the late rules may run
+                active = early + late  # the others are done: now the late rules may run (same graph, same view)
                 continue
-            last_skips = skips
+            last_skips = state.skips
             break
-        last_skips = skips
-        rewrite.apply(graph, view, replacements, sink)
+        last_skips = state.skips
+        names.ensure()  # every name of the model as it was, before it changes
+        if source is not None:
+            source.view = None
+        rewrite.apply(graph, view, state.replacements, sink)
+        rewritten = True
+        view.release()
+        view = None
     report.blocks.extend(last_skips)
-    if replacements:  # the rounds ran out right after a rewrite: index the final graph
-        view = _view_with_shapes(graph, opset, reader, model)
-    for near in bn_audit.unrecorded(view, opset, {record.anchor for record in last_skips}):
+    if view is None:  # the rounds ran out right after a rewrite: index the final graph
+        view = _view_with_shapes(graph, opset, reader, model, memo) if with_shapes else \
+            GraphView(graph, opset, reader.base_dir, reader=reader, memo=memo, shapes_pending=model is not None)
+    recorded = {record.anchor for record in last_skips}
+    audit = bn_audit.unrecorded(view, opset, recorded)
+    if view.shape_questions:  # the audit read a shape: ask again with static shapes
+        view.release()
+        view = _view_with_shapes(graph, opset, reader, model, memo, base=view)
+        audit = bn_audit.unrecorded(view, opset, recorded)
+    for near in audit:
         if near.reason is not None:
             report.blocks.append(BlockRecord(anchor=near.anchor, branches=near.branch_labels, status="skipped",
                                              reason_code=near.reason.code, reason=near.reason.message))
-    rewrite.drop_stale_value_info(graph)
+    if rewrite.stale_value_info(graph):
+        names.ensure()
+        rewrite.drop_stale_value_info(graph)
+        rewritten = True
+    return rewritten

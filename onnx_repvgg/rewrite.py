@@ -22,19 +22,46 @@ from .storage import wire
 
 
 class NameRegistry:
-    """Hands out names that collide with nothing in the model."""
+    """Hands out names that collide with nothing in the model.
 
-    def __init__(self, taken: set[str]):
-        self.taken = set(taken)
+    `taken` is a set of names, or a function that returns it: it is then called on the first
+    name asked for (or on ensure(), which the pass calls before it changes the model), so a
+    model with nothing to fuse never has its names collected."""
+
+    def __init__(self, taken):
+        self._source = taken if callable(taken) else None
+        self._taken: set[str] | None = None if callable(taken) else set(taken)
+        self._journal: list[str] = []
+
+    @property
+    def taken(self) -> set[str]:
+        if self._taken is None:
+            self._taken = set(self._source())  # type: ignore[misc]
+            self._source = None
+        return self._taken
+
+    def ensure(self) -> None:
+        """Collect the names now (before the model changes)."""
+        _ = self.taken
 
     def fresh(self, base: str) -> str:
         base = base or "repvgg"
+        taken = self.taken
         name, n = base, 1
-        while name in self.taken:
+        while name in taken:
             name = f"{base}_{n}"
             n += 1
-        self.taken.add(name)
+        taken.add(name)
+        self._journal.append(name)
         return name
+
+    def mark(self) -> int:
+        """A point to roll back to: names handed out after it can be handed out again."""
+        return len(self._journal)
+
+    def rollback(self, mark: int) -> None:
+        while len(self._journal) > mark:
+            self.taken.discard(self._journal.pop())
 
 
 def _little_endian(array: np.ndarray) -> np.ndarray:
@@ -128,12 +155,28 @@ def fused_nodes(block: Block, weight: np.ndarray, bias: np.ndarray, names: NameR
     bias_name = names.fresh(f"{stem}.fused_bias")
     g = block.geometry
     conv_out = fused_output(block, names)
-    conv = helper.make_node(
-        "Conv", [block.input, weight_name, bias_name], [conv_out], name=block.name_hint or names.fresh(stem),
-        kernel_shape=list(g.kernel_shape), strides=list(g.strides), dilations=list(g.dilations),
-        pads=list(g.pads), group=g.group)
+    conv = conv_node([block.input, weight_name, bias_name], conv_out, block.name_hint or names.fresh(stem), g)
     rest, extra = rest_of_sum(block, conv_out, names)
     return [conv] + rest, [(weight_name, weight), (bias_name, bias)] + extra
+
+
+def conv_node(inputs: list[str], output: str, name: str, g) -> onnx.NodeProto:
+    """The Conv of geometry `g` (a block.ConvGeometry), as helper.make_node writes it (attributes
+    in sorted order: dilations, group, kernel_shape, pads, strides), built field by field."""
+    node = onnx.NodeProto(op_type="Conv", input=inputs, output=[output])
+    if name:
+        node.name = name
+    for key, value in (("dilations", g.dilations), ("group", g.group), ("kernel_shape", g.kernel_shape),
+                       ("pads", g.pads), ("strides", g.strides)):
+        attr = node.attribute.add()
+        attr.name = key
+        if key == "group":
+            attr.i = int(value)
+            attr.type = onnx.AttributeProto.INT
+        else:
+            attr.ints.extend(int(v) for v in value)
+            attr.type = onnx.AttributeProto.INTS
+    return node
 
 
 def branch_sum_rewrite(block: Block, weight: np.ndarray, bias: np.ndarray, view: GraphView,
@@ -154,10 +197,11 @@ def apply(graph: onnx.GraphProto, view: GraphView, rewrites: list[Rewrite], sink
     New initializers go to `sink` (external data) when one is given."""
     removed: set[int] = set()
     inserted: dict[int, list[onnx.NodeProto]] = defaultdict(list)
-    uses = {name: len(c) for name, c in view.consumers.items()}
+    consumers, inputs_of = view.consumers, view.inputs_of
+    change: dict[str, int] = defaultdict(int)  # uses gained or lost, by value name
 
-    def drop_use(name: str) -> None:
-        uses[name] = uses.get(name, 0) - 1
+    def uses(name: str) -> int:
+        return len(consumers.get(name, ())) + change.get(name, 0)
 
     pending: list[tuple[str, object]] = []
 
@@ -166,34 +210,36 @@ def apply(graph: onnx.GraphProto, view: GraphView, rewrites: list[Rewrite], sink
             inserted[index].extend(nodes)
             for node in nodes:
                 for name in node.input:
-                    uses[name] = uses.get(name, 0) + 1
+                    change[name] += 1
         removed.update(rw.removed_nodes)
         for index in rw.removed_nodes:
-            for name in view.nodes[index].input:
+            for name in inputs_of[index]:
                 if name:
-                    drop_use(name)
+                    change[name] -= 1
         pending.extend(rw.initializers)
 
     # Values that lost their last use: the nodes that computed them (constants, and default-domain
-    # nodes without subgraphs, e.g. a Slice read only for its shape), then initializers.
+    # nodes without subgraphs, e.g. a Slice read only for its shape), then initializers. Only a
+    # value whose uses changed can have none left (every other one has a consumer).
     dead_initializers: set[str] = set()
-    frontier = [name for name, count in uses.items() if count <= 0]
+    frontier = [name for name, delta in change.items() if len(consumers.get(name, ())) + delta <= 0]
+    graph_outputs = view.graph_outputs
     while frontier:
         name = frontier.pop()
-        if uses.get(name, 0) > 0 or name in view.graph_outputs:
+        if name in graph_outputs or len(consumers.get(name, ())) + change.get(name, 0) > 0:
             continue
         producer = view.producer.get(name)
         if producer is not None:
             node = view.nodes[producer]
             if producer in removed or not _removable(node):
                 continue
-            if any(uses.get(out, 0) > 0 or out in view.graph_outputs for out in node.output if out):
+            if any(uses(out) > 0 or out in view.graph_outputs for out in view.outputs_of[producer] if out):
                 continue
             removed.add(producer)
-            for inp in node.input:
+            for inp in inputs_of[producer]:
                 if inp:
-                    drop_use(inp)
-                    if uses[inp] <= 0:
+                    change[inp] -= 1
+                    if uses(inp) <= 0:
                         frontier.append(inp)
         elif name in view.initializers and name not in view.graph_inputs:
             dead_initializers.add(name)
@@ -201,27 +247,38 @@ def apply(graph: onnx.GraphProto, view: GraphView, rewrites: list[Rewrite], sink
     # New initializers, once dead code is gone: a constant that stood in for a removed node's
     # output (see the sequential rule) is kept only if something still reads it.
     for name, value in pending:
-        if uses.get(name, 0) > 0:
+        if uses(name) > 0:
             add_initializer(graph, name, value, sink)
 
     new_nodes: list[onnx.NodeProto] = []
     for index, node in enumerate(view.nodes):
-        new_nodes.extend(inserted.get(index, ()))
+        if index in inserted:
+            new_nodes.extend(inserted[index])
         if index not in removed:
             new_nodes.append(node)
     del graph.node[:]
     graph.node.extend(new_nodes)
 
-    if dead_initializers:
-        for index in range(len(graph.initializer) - 1, -1, -1):
-            if graph.initializer[index].name in dead_initializers:
-                del graph.initializer[index]
+    if dead_initializers:  # deleted run by run, from the end
+        dead = [i for i, t in enumerate(graph.initializer) if t.name in dead_initializers]
+        while dead:
+            stop = dead.pop()
+            start = stop
+            while dead and dead[-1] == start - 1:
+                start = dead.pop()
+            del graph.initializer[start:stop + 1]
     return len(removed)
+
+
+def stale_value_info(graph: onnx.GraphProto) -> list[int]:
+    """Indices of the value_info entries of tensors that no node produces any more."""
+    if not len(graph.value_info):
+        return []
+    produced = {out for node in graph.node for out in node.output}
+    return [i for i, v in enumerate(graph.value_info) if v.name not in produced]
 
 
 def drop_stale_value_info(graph: onnx.GraphProto) -> None:
     """Remove value_info entries of tensors that no node produces any more."""
-    produced = {out for node in graph.node for out in node.output}
-    stale = [i for i, v in enumerate(graph.value_info) if v.name not in produced]
-    for index in reversed(stale):
+    for index in reversed(stale_value_info(graph)):
         del graph.value_info[index]

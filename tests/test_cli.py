@@ -328,7 +328,7 @@ def test_failed_write_keeps_previous_output(tmp_path, capsys, monkeypatch, failu
     from onnx_repvgg.storage import io as rio
     from onnx_repvgg.storage import staging
 
-    def failing_write(self, model, external, source_dir=None, memory=None):
+    def failing_write(self, model, external, source_dir=None, memory=None, nested=True):
         with open(self.model_path, "wb") as f:
             f.write(b"half a model")
         if isinstance(failure, OSError):

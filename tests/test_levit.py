@@ -191,28 +191,40 @@ def test_bn_before_two_token_matmuls():
     assert op_counts(fused) == {"Reshape": 2, "MatMul": 2, "Add": 2}
 
 
-def test_bn_through_identity_into_conv_needs_no_shapes():
-    """An Identity (paddle2onnx writes them) keeps the shape: no static shape is needed."""
-    b = tokens((2, 4, 5, 5))
+@pytest.mark.parametrize("shape", [(2, 4, 5, 5), ("N", 4, "H", "W")], ids=["static", "dynamic"])
+def test_bn_through_identity_into_conv_needs_no_shapes(shape):
+    """An Identity (paddle2onnx writes them) keeps the shape: no static shape is needed for the
+    fold. Where shapes are known (inferred when a rule asks) the Identity goes too: the conv
+    then reads the tensor it copies."""
+    b = tokens(shape)
     out = b.conv(b.op("Identity", [b.bn(b.op("Relu", [b.x]), 4)]), 4, 6, 1, pads=[0] * 4)
     fused, _ = fuse_and_compare(b.model([out]))
-    assert op_counts(fused) == {"Relu": 1, "Identity": 1, "Conv": 1}
+    kept = {"Identity": 1} if shape[0] == "N" else {}
+    assert op_counts(fused) == {"Relu": 1, **kept, "Conv": 1}
 
 
 @pytest.mark.parametrize("with_matmul", [True, False])
 def test_bn1d_unsqueezed_into_conv(with_matmul):
     """BatchNorm1d over [B, C, L], unsqueezed to [B, C, L, 1] for a 1x1 Conv2d: axis 1 both.
-    The proof needs static shapes, which the pass infers only for graphs with a Shape or
-    MatMul node (graph.infer_static_shapes); without them the BN stays, with its reason."""
+    The proof needs static shapes, which the pass infers when a rule asks for one (in any
+    graph: with a MatMul node or not)."""
     b = tokens((2, 4, 5))
     t = b.bn(b.op("Relu", [b.x]), 4)
     out = b.conv(b.op("Unsqueeze", [t, b.constant(np.array([3], np.int64), "axes")]), 4, 6, 1, pads=[0] * 4)
     outputs = [out, matmul(b, b.x, 5, 3)] if with_matmul else [out]
     fused, report = fuse_and_compare(b.model(outputs))
-    if with_matmul:
-        assert op_counts(fused) == {"Relu": 1, "Unsqueeze": 1, "Conv": 1, "MatMul": 1}
-    else:
-        assert [r.reason_code for r in report.blocks] == ["shape_unknown"]
+    assert op_counts(fused) == {"Relu": 1, "Unsqueeze": 1, "Conv": 1, **({"MatMul": 1} if with_matmul else {})}
+    assert [r.status for r in report.blocks] == ["fused"]
+
+
+def test_bn1d_unsqueezed_into_conv_of_unknown_length():
+    """The same with a dynamic length L: the BN's channel axis cannot be matched to the conv's
+    without L, so the BN stays, with its reason."""
+    b = tokens((2, 4, "L"))
+    t = b.bn(b.op("Relu", [b.x]), 4)
+    out = b.conv(b.op("Unsqueeze", [t, b.constant(np.array([3], np.int64), "axes")]), 4, 6, 1, pads=[0] * 4)
+    _, report = fuse_and_compare(b.model([out]))
+    assert [r.reason_code for r in report.blocks] == ["shape_unknown"]
 
 
 # -- near misses ---------------------------------------------------------------------------

@@ -123,9 +123,9 @@ def _conv_change(view: GraphView, index: int, tree: LinearTree, x: str) -> Consu
 
 def _dense_change(view: GraphView, index: int, tree: LinearTree, x: str) -> ConsumerChange:
     node = view.nodes[index]
-    w = const(view, node.input[1], "weight", node) if len(node.input) > 1 else None
+    w = view.constant(node.input[1]) if len(node.input) > 1 else None
     if w is None or w.dtype not in FLOAT_DTYPES or w.ndim != 2:
-        raise NotWorthIt()  # attention products and batched matmuls are not layers
+        raise NotWorthIt()  # attention products (two activations) and batched matmuls are not layers
     transposed = node.op_type == "Gemm" and int(attribute(node, "transB", 0)) == 1
     if node.op_type == "Gemm" and int(attribute(node, "transA", 0)) != 0:
         raise Skip("gemm_transA", f"Gemm '{node.name}' transposes its input (transA=1)")

@@ -106,7 +106,8 @@ def _consumer_reason(view: GraphView, index: int, opset: int) -> Reason | None:
 def unrecorded(view: GraphView, opset: int, recorded: set[str]) -> list[Candidate]:
     """A skipped Candidate, with its reason, for each BN beside a layer that no record names."""
     candidates = []
-    for index, node in enumerate(view.nodes):
+    for index in view.of_type("BatchNormalization"):
+        node = view.nodes[index]
         if not is_op(node, "BatchNormalization") or not node.input or not node.output:
             continue
         anchor = node.name or node.output[0]

@@ -246,7 +246,8 @@ def analyze(view: GraphView, index: int, opset: int) -> ConsumerFold:
 
 def find(view: GraphView, opset: int, options: dict | None = None) -> list[Candidate]:
     candidates = []
-    for index, node in enumerate(view.nodes):
+    for index in view.of_type("BatchNormalization"):
+        node = view.nodes[index]
         if not is_op(node, "BatchNormalization") or not node.input or not node.output:
             continue
         try:

@@ -106,7 +106,8 @@ class BnAsConv:
 
 
 def find(view: GraphView, opset: int, options: dict | None = None):
-    for index, node in enumerate(view.nodes):
+    for index in view.of_type("BatchNormalization"):
+        node = view.nodes[index]
         if not is_op(node, "BatchNormalization") or not node.input:
             continue
         candidate = Candidate(anchor=node.name or node.output[0], branch_labels=["bn", "->conv1x1"])

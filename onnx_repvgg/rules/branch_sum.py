@@ -46,7 +46,7 @@ from ..block import Block, Candidate, ConvGeometry, Rewrite, Term
 from ..graph import GraphView
 from .common import ConvParams, NotWorthIt, Skip, conv_params, is_op, pool_params
 from .dense import DenseBlock, build_dense_block
-from .linear_tree import Addend, LinearIndex, LinearTree, addend_scale, channel_vector, constant_bias
+from .linear_tree import Addend, LinearIndex, LinearTree, addend_scale, channel_vector, constant_bias, linear_index
 
 NAME = "branch_sum"
 LEAF_OPS = ("Conv", "Gemm", "MatMul")  # a branch of X is one of these applied to X (or X itself)
@@ -221,7 +221,7 @@ def build_block(view: GraphView, index: LinearIndex, tree: LinearTree, x: str,
         wide = {p.dilations[axis] for _, p in convs if p.kernel[axis] > 1}
         wide |= {1 for _, pp in pools if pp.kernel[axis] > 1}
         dilations.append(math.gcd(*wide) if wide else 1)
-    branch_taps = sum(int(np.prod(p.kernel)) for _, p in convs)
+    branch_taps = sum(math.prod(p.kernel) for _, p in convs)
     dilated = sorted({p.dilations for _, p in convs
                       if any(k > 1 and d != dilations[a] for a, (k, d) in enumerate(zip(p.kernel, p.dilations)))})
     if dilated:
@@ -262,15 +262,15 @@ def build_block(view: GraphView, index: LinearIndex, tree: LinearTree, x: str,
         pad_end.append(end)
         offsets_by_axis.append(offsets)
     branch_offsets = [tuple(offsets_by_axis[a][i] for a in range(n)) for i in range(len(extents))]
-    if dilated and int(np.prod(kernel_shape)) > branch_taps and not allow_densify:
+    if dilated and math.prod(kernel_shape) > branch_taps and not allow_densify:
         raise Skip("dilation_mismatch", f"merging dilations {sorted({tuple(dilations)}.union(dilated))} needs one "
-                   f"{_label(kernel_shape)} kernel of dilation {tuple(dilations)}: {int(np.prod(kernel_shape))} taps "
+                   f"{_label(kernel_shape)} kernel of dilation {tuple(dilations)}: {math.prod(kernel_shape)} taps "
                    f"against {branch_taps} in the branches (--allow-densify merges them)")
 
     terms: list[Term] = []
     for b, grid in zip(identities, branch_offsets):
         scale = channel_vector(b.addend.factors, rank, cout, f"identity branch '{x}'")
-        kernel = algebra.identity_kernel(cout, group, (1,) * n, (0,) * n)
+        kernel = _identity_kernel(cout, group, n)
         terms.append(Term(kernel, np.zeros(cout), grid, scale))
     for (b, pp), grid in zip(pools, branch_offsets[len(identities):]):
         if any(d != 1 for d, k in zip(dilations, pp.kernel) if k > 1):
@@ -293,7 +293,7 @@ def build_block(view: GraphView, index: LinearIndex, tree: LinearTree, x: str,
 
     removed = list(tree.nodes) + [b.node for b, _ in convs] + [b.node for b, _ in pools]
     removed += _dead_copies(view, index, x, removed, branches)
-    main = max(convs, key=lambda c: int(np.prod(c[1].kernel)))[1]
+    main = max(convs, key=lambda c: math.prod(c[1].kernel))[1]
     geometry = ConvGeometry(tuple(kernel_shape), tuple(strides), tuple(dilations),
                             tuple(pad_begin) + tuple(pad_end), group)
     root = view.nodes[tree.root]
@@ -301,6 +301,20 @@ def build_block(view: GraphView, index: LinearIndex, tree: LinearTree, x: str,
                  geometry=geometry, dtype=first.weight.dtype, removed_nodes=removed,
                  other_leaves=other_names, other_scales=other_scales, name_hint=main.node_name,
                  constant_bias=bias_from_constants)
+
+
+_IDENTITY_KERNELS: dict[tuple[int, int, int], np.ndarray] = {}
+
+
+def _identity_kernel(channels: int, group: int, n: int) -> np.ndarray:
+    """algebra.identity_kernel of a 1x..x1 kernel, made once per (channels, group, rank) and
+    shared: read-only."""
+    key = (channels, group, n)
+    if key not in _IDENTITY_KERNELS:
+        kernel = algebra.identity_kernel(channels, group, (1,) * n, (0,) * n)
+        kernel.flags.writeable = False
+        _IDENTITY_KERNELS[key] = kernel
+    return _IDENTITY_KERNELS[key]
 
 
 def _dead_copies(view: GraphView, index: LinearIndex, x: str, removed: list[int], branches: list[Branch]) -> list[int]:
@@ -351,7 +365,7 @@ def _describe(view: GraphView, branches: list[Branch]) -> list[str]:
 
     def key(label: str) -> tuple[int, int]:  # widest kernels first, identities last: 3x3+1x1+bn
         if label[0].isdigit():
-            return (0, -int(np.prod([int(v) for v in label.split("x")])))
+            return (0, -math.prod(int(v) for v in label.split("x")))
         return (1, 0)
     return sorted(labels, key=key)
 
@@ -359,7 +373,7 @@ def _describe(view: GraphView, branches: list[Branch]) -> list[str]:
 def find(view: GraphView, opset: int, options: dict | None = None):
     """Every linear tree over branches of one tensor, as a Block or a Reason (a generator:
     each Block's float64 terms live only until the pipeline materializes it)."""
-    index = LinearIndex(view, opset)
+    index = linear_index(view, opset)
     for root in index.roots():
         tree = index.tree(root)
         if tree.passthrough_only:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
@@ -9,7 +10,7 @@ import onnx
 
 from .. import algebra
 from ..block import Reason
-from ..graph import GraphView, attribute
+from ..graph import GraphView, attribute, attributes
 
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
@@ -94,18 +95,19 @@ def conv_params(view: GraphView, node: onnx.NodeProto) -> ConvParams:
             raise Skip("malformed", f"Conv '{node.name}' bias shape {bias.shape} != ({weight.shape[0]},)")
     n = weight.ndim - 2
     kernel = tuple(weight.shape[2:])
-    declared = attribute(node, "kernel_shape")
+    attrs = attributes(node)
+    declared = attrs.get("kernel_shape")
     if declared is not None and tuple(declared) != kernel:
         raise Skip("malformed", f"Conv '{node.name}' kernel_shape {tuple(declared)} != weight {kernel}")
-    strides = tuple(attribute(node, "strides", [1] * n))
-    dilations = tuple(attribute(node, "dilations", [1] * n))
-    group = int(attribute(node, "group", 1))
+    strides = tuple(attrs.get("strides", [1] * n))
+    dilations = tuple(attrs.get("dilations", [1] * n))
+    group = int(attrs.get("group", 1))
     if len(strides) != n or len(dilations) != n:
         raise Skip("malformed", f"Conv '{node.name}' strides/dilations do not match {n} spatial axes")
-    auto_pad = attribute(node, "auto_pad", b"NOTSET")
+    auto_pad = attrs.get("auto_pad", b"NOTSET")
     auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
     if auto_pad == "NOTSET":
-        pads = tuple(attribute(node, "pads", [0] * (2 * n)))
+        pads = tuple(attrs.get("pads", [0] * (2 * n)))
         if len(pads) != 2 * n:
             raise Skip("malformed", f"Conv '{node.name}' has {len(pads)} pads for {n} axes")
         begin, end = pads[:n], pads[n:]
@@ -126,7 +128,7 @@ def conv_params(view: GraphView, node: onnx.NodeProto) -> ConvParams:
     return ConvParams(node.name, weight, bias, strides, dilations, tuple(begin), tuple(end), group)
 
 
-def bn_training_reason(view: GraphView, node: onnx.NodeProto, opset: int) -> str | None:
+def bn_training_reason(view: GraphView, node: onnx.NodeProto, opset: int, attrs: dict | None = None) -> str | None:
     """Why a BatchNormalization runs in training mode (batch statistics), by its opset's own
     definition, or None when it normalizes with its running statistics:
 
@@ -145,7 +147,7 @@ def bn_training_reason(view: GraphView, node: onnx.NodeProto, opset: int) -> str
             return (f"declares {len(extras)} training output(s) ({', '.join(extras)}): from opset 7 to 13 "
                     "that selects training mode (batch statistics), used or not")
         return None
-    elif int(attribute(node, "training_mode", 0)) != 0:
+    elif int((attrs if attrs is not None else attributes(node)).get("training_mode", 0)) != 0:
         return "has training_mode=1"
     used = [name for name in extras if view.use_count(name)]
     if used:
@@ -153,24 +155,62 @@ def bn_training_reason(view: GraphView, node: onnx.NodeProto, opset: int) -> str
     return None
 
 
-def bn_affine(view: GraphView, node: onnx.NodeProto, opset: int) -> tuple[np.ndarray, np.ndarray]:
-    """An inference-mode BN as per-channel (scale, shift) in float64, or Skip."""
-    reason = bn_training_reason(view, node, opset)
+def bn_parameters(view: GraphView, node: onnx.NodeProto, opset: int):
+    """An inference-mode BN's (gamma, beta, mean, var) constants, checked to be per-channel
+    vectors, and its epsilon; or Skip (every check of bn_affine but the variance's)."""
+    attrs = attributes(node)
+    reason = bn_training_reason(view, node, opset, attrs)
     if reason:
         raise Skip("bn_training", f"BatchNormalization '{node.name}' {reason}")
-    if opset < 9 and int(attribute(node, "spatial", 1)) != 1:
+    if opset < 9 and int(attrs.get("spatial", 1)) != 1:
         raise Skip("bn_spatial", f"BatchNormalization '{node.name}' has spatial=0 (per-element statistics)")
-    if len(node.input) != 5:
-        raise Skip("malformed", f"BatchNormalization '{node.name}' has {len(node.input)} inputs")
+    inputs = node.input
+    if len(inputs) != 5:
+        raise Skip("malformed", f"BatchNormalization '{node.name}' has {len(inputs)} inputs")
     gamma, beta, mean, var = (const(view, name, what, node) for name, what in
-                              zip(node.input[1:], ("scale", "bias", "mean", "var")))
+                              zip(inputs[1:], ("scale", "bias", "mean", "var")))
     channels = gamma.shape
-    if len(channels) != 1 or any(p.shape != channels for p in (beta, mean, var)):
+    if len(channels) != 1 or beta.shape != channels or mean.shape != channels or var.shape != channels:
         raise Skip("malformed", f"BatchNormalization '{node.name}' parameters are not per-channel vectors")
-    eps = float(attribute(node, "epsilon", 1e-5))
-    if np.any(np.asarray(var, dtype=np.float64) + eps <= 0):
-        raise Skip("bn_variance", f"BatchNormalization '{node.name}' has var + eps <= 0")
-    return algebra.bn_scale_shift(gamma, beta, mean, var, eps)
+    return (gamma, beta, mean, var), float(attrs.get("epsilon", 1e-5))
+
+
+def _bad_variance(node: onnx.NodeProto) -> Skip:
+    return Skip("bn_variance", f"BatchNormalization '{node.name}' has var + eps <= 0")
+
+
+def bn_affine(view: GraphView, node: onnx.NodeProto, opset: int) -> tuple[np.ndarray, np.ndarray]:
+    """An inference-mode BN as per-channel (scale, shift) in float64, or Skip."""
+    parameters, eps = bn_parameters(view, node, opset)
+    params = np.array(parameters, dtype=np.float64)  # one conversion: the shapes are equal
+    if (params[3] + eps <= 0).any():
+        raise _bad_variance(node)
+    return algebra.bn_scale_shift(params[0], params[1], params[2], params[3], eps)
+
+
+def bn_affines(view: GraphView, nodes: list[onnx.NodeProto], opset: int) -> list:
+    """bn_affine of each node, as (scale, shift) or the Skip it raises: the arithmetic of the
+    BNs of C channels done in one numpy call per C (the same float64 operations, element by
+    element; the vectors handed out are read-only rows of one array)."""
+    results: list = [None] * len(nodes)
+    groups: dict[int, list] = defaultdict(list)
+    for position, node in enumerate(nodes):
+        try:
+            parameters, eps = bn_parameters(view, node, opset)
+        except Skip as skip:
+            results[position] = skip
+            continue
+        groups[parameters[0].shape[0]].append((position, parameters, eps))
+    for members in groups.values():
+        params = np.array([m[1] for m in members], dtype=np.float64)  # (BNs, 4, C)
+        eps = np.array([m[2] for m in members])[:, None]
+        bad = (params[:, 3] + eps <= 0).any(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):  # only in rows refused below
+            scale, shift = algebra.bn_scale_shift(params[:, 0], params[:, 1], params[:, 2], params[:, 3], eps)
+        scale.flags.writeable = shift.flags.writeable = False
+        for row, (position, _, _) in enumerate(members):
+            results[position] = _bad_variance(nodes[position]) if bad[row] else (scale[row], shift[row])
+    return results
 
 
 @dataclass

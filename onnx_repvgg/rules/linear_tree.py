@@ -36,10 +36,11 @@ import onnx
 
 from ..block import Reason
 from ..graph import GraphView
-from .common import Skip, bn_affine, is_op
-from .passthrough import passthrough_input
+from .common import Skip, bn_affine, bn_affines
+from .passthrough import PASSTHROUGH_OPS, passthrough_input
 
 LINEAR_OPS = ("Add", "Sum", "Sub", "Neg", "Mul", "Div", "BatchNormalization")
+_LINEAR = frozenset(LINEAR_OPS)
 NEG_ONE = np.array(-1.0)
 
 
@@ -80,14 +81,15 @@ class LinearTree:
     passthrough_only: bool = False   # every node is value-preserving: nothing to fuse
 
 
-def expand(view: GraphView, node: onnx.NodeProto, opset: int) -> Expansion | None:
-    """The node as a linear combination, or None if it is not a linear node."""
+def expand(view: GraphView, node: onnx.NodeProto, opset: int, affine=None) -> Expansion | None:
+    """The node as a linear combination, or None if it is not a linear node. `affine`: for a
+    BatchNormalization, its bn_affine already computed (common.bn_affines: the pair, or the Skip)."""
     source = passthrough_input(view, node, opset)
     if source is not None:
         return Expansion([(source, ())], passthrough=True)
-    if not is_op(node, *LINEAR_OPS) or len(node.output) < 1:
-        return None
     op = node.op_type
+    if op not in _LINEAR or node.domain not in ("", "ai.onnx") or len(node.output) < 1:
+        return None
     inputs = list(node.input)
     if op in ("Add", "Sum"):
         return Expansion([(name, ()) for name in inputs if name]) if all(inputs) else None
@@ -115,7 +117,9 @@ def expand(view: GraphView, node: onnx.NodeProto, opset: int) -> Expansion | Non
         return Expansion([(inputs[0], (Factor(1.0 / divisor.astype(np.float64), False),))])
     if op == "BatchNormalization" and inputs:
         try:
-            scale, shift = bn_affine(view, node, opset)
+            if isinstance(affine, Skip):
+                raise affine
+            scale, shift = bn_affine(view, node, opset) if affine is None else affine
         except Skip as skip:
             return Expansion(problem=skip.reason)
         return Expansion([(inputs[0], (Factor(scale, True),))], offsets=[Factor(shift, True)])
@@ -123,18 +127,57 @@ def expand(view: GraphView, node: onnx.NodeProto, opset: int) -> Expansion | Non
 
 
 class LinearIndex:
-    """Expansions of every linear node of a graph, and which of them are tree roots."""
+    """Expansions of the linear nodes of a graph, and which of them are tree roots.
 
-    def __init__(self, view: GraphView, opset: int):
+    One per view and opset: LinearIndex(view, opset) (or linear_index(view, opset)) builds
+    it on first use and hands every later caller, every rule of the round, the same index.
+    A node is expanded when first asked for: the linear ops when the roots are listed,
+    a value-preserving node only when a tree or a root reaches it (its proof may read a
+    static shape, which the pass then has to infer). Trees are kept once built; neither
+    the index nor its trees may be changed by their readers."""
+
+    def __new__(cls, view: GraphView, opset: int):
+        return view.cached(f"linear_index/{opset}", lambda: super(LinearIndex, cls).__new__(cls)._build(view, opset))
+
+    def _build(self, view: GraphView, opset: int) -> LinearIndex:
         self.view = view
-        self.expansions: dict[int, Expansion] = {}
-        for index, node in enumerate(view.nodes):
-            exp = expand(view, node, opset)
-            if exp is not None and not (exp.passthrough and index in view.constant_nodes):
-                self.expansions[index] = exp
+        self.opset = opset
+        self._cache: dict[int, Expansion | None] = {}
+        self._trees: dict[int, LinearTree] = {}
+        self._roots: list[int] | None = None
+        self._bns_done = False
+        self.expansions = Expansions(self)
+        return self
+
+    def expansion(self, index: int) -> Expansion | None:
+        """The node's expansion, or None if it is not a usable-looking linear node."""
+        cache = self._cache
+        if index in cache:
+            return cache[index]
+        view = self.view
+        exp = None
+        if not self._bns_done and view.nodes[index].op_type == "BatchNormalization":
+            self._expand_bns()
+            return cache[index]
+        if view.nodes[index].op_type in _EXPANDABLE:
+            exp = expand(view, view.nodes[index], self.opset)
+            if exp is not None and exp.passthrough and view.is_constant_node(index):
+                exp = None
+        cache[index] = exp
+        return exp
+
+    def _expand_bns(self) -> None:
+        """Every BatchNormalization's expansion at once: their arithmetic is one numpy call
+        per channel count (common.bn_affines) instead of one per node."""
+        self._bns_done = True
+        view = self.view
+        indices = [i for i in view.of_type("BatchNormalization") if i not in self._cache]
+        affines = bn_affines(view, [view.nodes[i] for i in indices], self.opset)
+        for index, affine in zip(indices, affines):
+            self._cache[index] = expand(view, view.nodes[index], self.opset, affine)
 
     def is_passthrough(self, index: int | None) -> bool:
-        exp = self.expansions.get(index) if index is not None else None
+        exp = self.expansion(index) if index is not None else None
         return exp is not None and exp.passthrough
 
     def origin(self, name: str) -> str:
@@ -145,7 +188,7 @@ class LinearIndex:
             producer = self.view.producer.get(name)
             if producer is None or not self.is_passthrough(producer):
                 break
-            name = self.expansions[producer].children[0][0]
+            name = self.expansion(producer).children[0][0]  # type: ignore[union-attr]
         return name
 
     def dead_chain(self, name: str, stop: str, removed: set[int]) -> list[int]:
@@ -161,11 +204,11 @@ class LinearIndex:
             if not uses or any(i not in removed and i not in chain for i, _ in uses):
                 break
             chain.append(producer)
-            name = self.expansions[producer].children[0][0]
+            name = self.expansion(producer).children[0][0]  # type: ignore[union-attr]
         return chain
 
     def usable(self, index: int | None) -> bool:
-        exp = self.expansions.get(index) if index is not None else None
+        exp = self.expansion(index) if index is not None else None
         return exp is not None and exp.usable
 
     def _absorbed(self, name: str) -> bool:
@@ -173,17 +216,39 @@ class LinearIndex:
         if not self.view.is_private(name):
             return False
         consumer, _ = self.view.consumers[name][0]
-        if not self.usable(consumer):
+        exp = self.expansion(consumer)
+        if exp is None or not exp.usable:
             return False
-        return any(child == name for child, _ in self.expansions[consumer].children)
+        return any(child == name for child, _ in exp.children)
 
-    def roots(self):
-        for index in self.expansions:
-            node = self.view.nodes[index]
-            if self.usable(index) and not self._absorbed(node.output[0]):
-                yield index
+    def roots(self) -> list[int]:
+        """The roots of the trees that hold a linear node other than a value-preserving one, in
+        graph order: from each such node, up through the nodes that absorb it (a tree of
+        value-preserving nodes only is nothing to fuse, and is not listed)."""
+        if self._roots is None:
+            view = self.view
+            top: dict[int, int] = {}  # node -> the root above it (each path is climbed once)
+            for index in view.of_type(*LINEAR_OPS):
+                if view.shape_questions:
+                    break  # a view without shapes read one: its round is redone with shapes, this ends it
+                exp = self.expansion(index)
+                if exp is None or not exp.usable or exp.passthrough or index in top:
+                    continue
+                path = [index]
+                while path[-1] not in top and self._absorbed(view.outputs_of[path[-1]][0]):
+                    path.append(view.consumers[view.outputs_of[path[-1]][0]][0][0])
+                root = top.get(path[-1], path[-1])
+                for node in path:
+                    top[node] = root
+            self._roots = sorted(set(top.values()))
+        return self._roots
 
     def tree(self, root: int) -> LinearTree:
+        if root not in self._trees:
+            self._trees[root] = self._tree(root)
+        return self._trees[root]
+
+    def _tree(self, root: int) -> LinearTree:
         view = self.view
         nodes, leaves, constants = [root], [], []
         # (kind, node or name, factors, parent): a leaf's parent is the nearest node above it
@@ -193,7 +258,8 @@ class LinearIndex:
             item = stack.pop()
             if item[0] == "node":
                 _, index, outer, above = item
-                exp = self.expansions[index]
+                exp = self.expansion(index)
+                assert exp is not None
                 parent = above if exp.passthrough else index
                 for offset in exp.offsets:
                     constants.append(Addend("", (offset,) + outer, index, constant=True))
@@ -218,8 +284,46 @@ class LinearIndex:
         return LinearTree(root, nodes, leaves, constants, all(self.is_passthrough(n) for n in nodes))
 
 
+class Expansions:
+    """LinearIndex.expansions, read as a mapping {node index: Expansion} and filled on demand.
+    Iterating it lists the linear ops' expansions (LINEAR_OPS); a value-preserving node of
+    another type is expanded when asked for by index."""
+
+    def __init__(self, index: LinearIndex):
+        self._index = index
+
+    def get(self, index: int | None, default=None):
+        exp = self._index.expansion(index) if index is not None else None
+        return default if exp is None else exp
+
+    def __getitem__(self, index: int) -> Expansion:
+        exp = self._index.expansion(index)
+        if exp is None:
+            raise KeyError(index)
+        return exp
+
+    def __contains__(self, index: object) -> bool:
+        return isinstance(index, int) and self._index.expansion(index) is not None
+
+    def items(self):
+        for i in self._index.view.of_type(*LINEAR_OPS):
+            exp = self._index.expansion(i)
+            if exp is not None:
+                yield i, exp
+
+
+_EXPANDABLE = frozenset(LINEAR_OPS) | frozenset(PASSTHROUGH_OPS)
+
+
+def linear_index(view: GraphView, opset: int) -> LinearIndex:
+    """The view's LinearIndex, built on first use and shared by every rule of the round."""
+    return LinearIndex(view, opset)
+
+
 def channel_vector(factors: tuple[Factor, ...], rank: int, channels: int, what: str) -> np.ndarray:
     """Multiply factors into one (channels,) vector for a tensor of `rank`, or Skip."""
+    if len(factors) == 1 and factors[0].per_channel and factors[0].value.shape == (channels,):
+        return factors[0].value.astype(np.float64)  # = ones * value, elementwise exact (a new array)
     vec = np.ones(channels)
     for f in factors:
         value = np.asarray(f.value, dtype=np.float64)

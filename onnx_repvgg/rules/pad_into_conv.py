@@ -75,7 +75,8 @@ def _pad_amounts(view: GraphView, node: onnx.NodeProto, opset: int) -> list[int]
 
 
 def find(view: GraphView, opset: int, options: dict | None = None):
-    for index, node in enumerate(view.nodes):
+    for index in view.of_type("Pad"):
+        node = view.nodes[index]
         if not is_op(node, "Pad"):
             continue
         users = data_consumers(view, node, "Conv")

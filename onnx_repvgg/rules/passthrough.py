@@ -37,11 +37,11 @@ import numpy as np
 import onnx
 
 from ..graph import GraphView, attribute
-from .common import is_op
 
 PASSTHROUGH_OPS = ("Identity", "Dropout", "Cast", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Expand", "Pad",
                    "Concat", "Sum", "Mul", "Div", "Add", "Sub")
 _NEUTRAL = {"Mul": 1.0, "Div": 1.0, "Add": 0.0, "Sub": 0.0}
+_PASSTHROUGH = frozenset(PASSTHROUGH_OPS)
 
 # Ops whose first output has the element type of their first input (for Cast's proof when a
 # value's type is not declared).
@@ -60,7 +60,7 @@ def elem_type(view: GraphView, name: str) -> int | None:
         declared = view.elem_type(name)
         if declared:
             return declared
-        if name in view.constant_names:
+        if view.is_constant(name):
             dtype = view.constant_dtype(name)
             return None if dtype is None else onnx.helper.np_dtype_to_tensor_dtype(dtype)
         node = view.producer_of(name)
@@ -78,7 +78,8 @@ def elem_type(view: GraphView, name: str) -> int | None:
 
 
 def _extra_outputs_unused(view: GraphView, node: onnx.NodeProto) -> bool:
-    return all(not out or not view.use_count(out) for out in node.output[1:])
+    outputs = node.output
+    return len(outputs) < 2 or all(not out or not view.use_count(out) for out in outputs[1:])
 
 
 def _constant_ints(view: GraphView, name: str) -> list[int] | None:
@@ -149,10 +150,13 @@ def _neutral_operand(view: GraphView, node: onnx.NodeProto) -> str | None:
 
 def passthrough_input(view: GraphView, node: onnx.NodeProto, opset: int) -> str | None:
     """The input that `node` copies unchanged to its first output, or None if that is not proven."""
-    if not is_op(node, *PASSTHROUGH_OPS) or not node.input or not node.input[0] or not node.output \
-            or not node.output[0] or not _extra_outputs_unused(view, node):
+    op = node.op_type
+    if op not in _PASSTHROUGH or node.domain not in ("", "ai.onnx"):
         return None
-    op, data = node.op_type, node.input[0]
+    inputs, outputs = node.input, node.output
+    if not inputs or not inputs[0] or not outputs or not outputs[0] or not _extra_outputs_unused(view, node):
+        return None
+    data = inputs[0]
     if op in _NEUTRAL:
         return _neutral_operand(view, node)
     if op in ("Concat", "Sum"):
@@ -171,23 +175,29 @@ def passthrough_input(view: GraphView, node: onnx.NodeProto, opset: int) -> str 
         else:
             pads = _constant_ints(view, node.input[1]) if len(node.input) > 1 else None
         return data if pads is not None and not any(pads) else None
-    shape = view.shape(data)
-    if shape is None:
-        return None
+    # The shape is read last: only a node whose other conditions hold asks for it.
     if op == "Reshape":
         target = list(attribute(node, "shape", [])) if opset < 5 else (
             _constant_ints(view, node.input[1]) if len(node.input) > 1 else None)
+        if target is None:
+            return None
         allowzero = opset >= 14 and int(attribute(node, "allowzero", 0)) != 0
-        return data if target is not None and reshape_keeps_shape(shape, target, allowzero) else None
+        shape = view.shape(data)
+        return data if shape is not None and reshape_keeps_shape(shape, target, allowzero) else None
     if op == "Flatten":
-        return data if flatten_keeps_shape(shape, int(attribute(node, "axis", 1))) else None
+        shape = view.shape(data)
+        return data if shape is not None and flatten_keeps_shape(shape, int(attribute(node, "axis", 1))) else None
     if op == "Squeeze":
         axes = attribute(node, "axes") if opset < 13 else (
             _constant_ints(view, node.input[1]) if len(node.input) > 1 and node.input[1] else None)
         if (axes is not None and len(axes)) or (opset >= 13 and len(node.input) > 1 and node.input[1] and axes is None):
             return None  # listed axes are removed (or the axes are computed at run time)
-        return data if all(d >= 0 and d != 1 for d in shape) else None
+        shape = view.shape(data)
+        return data if shape is not None and all(d >= 0 and d != 1 for d in shape) else None
     if op == "Expand":
         target = _constant_ints(view, node.input[1]) if len(node.input) > 1 else None
-        return data if target is not None and expand_keeps_shape(shape, target) else None
+        if target is None:
+            return None
+        shape = view.shape(data)
+        return data if shape is not None and expand_keeps_shape(shape, target) else None
     return None  # Unsqueeze always adds a dim

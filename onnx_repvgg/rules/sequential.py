@@ -75,13 +75,13 @@ def _shape_only(view: GraphView, index: int) -> bool:
     shaped tensor or a CastLike to its type (see GraphView); a node whose every output feeds
     only such constant nodes (TorchScript slices a tensor to shape a fill) reads it for that too.
     """
-    if index in view.constant_nodes:
+    if view.is_constant_node(index):
         return True
     node = view.nodes[index]
     if any(out in view.graph_outputs for out in node.output if out):
         return False
     readers = [i for out in node.output if out for i, _ in view.consumers.get(out, [])]
-    return bool(readers) and all(i in view.constant_nodes for i in readers)
+    return bool(readers) and all(view.is_constant_node(i) for i in readers)
 
 
 def _with_meta_readers(view: GraphView, side: list[int]) -> list[int]:
@@ -89,7 +89,7 @@ def _with_meta_readers(view: GraphView, side: list[int]) -> list[int]:
     all of them go with the chain, their constant outputs standing in where still read."""
     out = list(side)
     for i in side:
-        if i not in view.constant_nodes:
+        if not view.is_constant_node(i):
             out += [j for o in view.nodes[i].output if o for j, _ in view.consumers.get(o, [])]
     return out
 
@@ -179,7 +179,10 @@ def fill_geometry(view: GraphView, chain: list[int], t: str, shape: tuple[int, .
 
 
 def find(view: GraphView, opset: int, options: dict | None = None):
-    for index, node in enumerate(view.nodes):
+    if not any(view.of_type(op) for op in CHAIN_OPS):
+        return  # no fill chain anywhere: nothing for _chain_to to find
+    for index in view.of_type("Conv", "AveragePool"):
+        node = view.nodes[index]
         if not (is_op(node, "Conv") or is_op(node, "AveragePool")) or not node.input:
             continue
         found = _chain_to(view, node.input[0])
@@ -265,7 +268,7 @@ def find(view: GraphView, opset: int, options: dict | None = None):
         else:
             side = sorted(set(side))
             # Shapes read off the removed tensors stay available as constants to whatever else reads them.
-            stand_ins = [(out, value) for i in side if i in view.constant_nodes
+            stand_ins = [(out, value) for i in side if view.is_constant_node(i)
                          for out in view.nodes[i].output if out
                          for value in [view.constant(out)] if value is not None]
             candidate.block = SequentialMatch(candidate.anchor, conv1.input[0], node.output[0], weight, bias,

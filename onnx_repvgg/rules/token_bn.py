@@ -151,8 +151,11 @@ def analyze(view: GraphView, index: int, opset: int) -> MatMulBNFold | None:
 
 
 def find(view: GraphView, opset: int, options: dict | None = None) -> list[Candidate]:
-    candidates = []
-    for index, node in enumerate(view.nodes):
+    candidates: list[Candidate] = []
+    if not view.of_type("MatMul"):
+        return candidates  # no MatMul for a BN to fold into
+    for index in view.of_type("BatchNormalization"):
+        node = view.nodes[index]
         if not is_op(node, "BatchNormalization") or not node.input or not node.output:
             continue
         found = producing_matmul(view, node)

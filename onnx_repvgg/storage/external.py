@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -13,14 +14,25 @@ def external_info(tensor: onnx.TensorProto) -> dict[str, str]:
     return {e.key: e.value for e in tensor.external_data}
 
 
+_ITEMSIZE: dict[int, int | None] = {}
+
+
+def _itemsize(data_type: int) -> int | None:
+    if data_type not in _ITEMSIZE:
+        try:
+            _ITEMSIZE[data_type] = onnx.helper.tensor_dtype_to_np_dtype(data_type).itemsize
+        except (KeyError, ValueError, TypeError):
+            _ITEMSIZE[data_type] = None
+    return _ITEMSIZE[data_type]
+
+
 def tensor_nbytes(tensor: onnx.TensorProto) -> int | None:
     """The bytes a tensor's data takes from its shape and type (None for strings and
     unknown types, or a negative dim)."""
     if tensor.data_type == onnx.TensorProto.STRING:
         return None
-    try:
-        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-    except (KeyError, ValueError, TypeError):
+    itemsize = _itemsize(tensor.data_type)
+    if itemsize is None:
         return None
     count = 1
     for d in tensor.dims:
@@ -77,9 +89,9 @@ def _graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
     yield from tensors_in_nodes(graph.node)
 
 
-def tensors_in_nodes(nodes) -> Iterator[onnx.TensorProto]:
+def tensors_in_nodes(nodes, subgraphs: list | None = None) -> Iterator[onnx.TensorProto]:
     """Tensors held by node attributes (Constant values, sparse ones too), and subgraphs'
-    initializers and attribute tensors."""
+    initializers and attribute tensors. Subgraphs met are appended to `subgraphs` if given."""
     for node in nodes:
         for attr in node.attribute:
             kind = attr.type
@@ -92,9 +104,13 @@ def tensors_in_nodes(nodes) -> Iterator[onnx.TensorProto]:
             elif kind == onnx.AttributeProto.SPARSE_TENSORS:
                 yield from _sparse_parts(attr.sparse_tensors)
             elif kind == onnx.AttributeProto.GRAPH:
+                if subgraphs is not None:
+                    subgraphs.append(attr.g)
                 yield from _graph_tensors(attr.g)
             elif kind == onnx.AttributeProto.GRAPHS:
                 for sub in attr.graphs:
+                    if subgraphs is not None:
+                        subgraphs.append(sub)
                     yield from _graph_tensors(sub)
 
 
@@ -105,3 +121,54 @@ def all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
     yield from _graph_tensors(model.graph)
     for function in model.functions:
         yield from tensors_in_nodes(function.node)
+
+
+@dataclass
+class TensorSurvey:
+    """What the loader, the size check and the writer need to know of a model's tensors,
+    from one walk over them (node attributes included: a graph of 10^5 nodes is walked once)."""
+
+    external: list[onnx.TensorProto]  # tensors whose data is in an external-data reference
+    nbytes: int                      # bytes of all tensors, from their shapes
+    nested: bool                     # tensors outside the main graph's initializers may point outside
+                                     # (some do now, or subgraphs a fusion may give new weights exist)
+
+
+def survey(model: onnx.ModelProto) -> TensorSurvey:
+    external: list[onnx.TensorProto] = []
+    nbytes = 0
+    graph = model.graph
+    for tensor in graph.initializer:  # most tensors of most models: tensor_nbytes, inlined
+        if tensor.data_location == _EXTERNAL:
+            external.append(tensor)
+        data_type = tensor.data_type
+        itemsize = _ITEMSIZE[data_type] if data_type in _ITEMSIZE else _itemsize(data_type)
+        if itemsize is None or data_type == _STRING:
+            continue
+        count = 1
+        for d in tensor.dims:
+            if d < 0:
+                count = -1
+                break
+            count *= d
+        if count >= 0:
+            nbytes += (count + 1) // 2 if data_type in _FOUR_BIT else count * itemsize
+    main_external = len(external)
+    subgraphs: list = []
+    walk = _chain(_sparse_parts(graph.sparse_initializer), tensors_in_nodes(graph.node, subgraphs),
+                  *(tensors_in_nodes(function.node, subgraphs) for function in model.functions))
+    for tensor in walk:
+        if tensor.data_location == _EXTERNAL:
+            external.append(tensor)
+        nbytes += tensor_nbytes(tensor) or 0
+    return TensorSurvey(external, nbytes, len(external) > main_external or bool(subgraphs))
+
+
+_EXTERNAL = onnx.TensorProto.EXTERNAL
+_STRING = onnx.TensorProto.STRING
+_FOUR_BIT = (onnx.TensorProto.INT4, onnx.TensorProto.UINT4)
+
+
+def _chain(*parts) -> Iterator[onnx.TensorProto]:
+    for part in parts:
+        yield from part

@@ -11,7 +11,7 @@ from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
 from . import skeleton
-from .external import all_tensors, external_info, external_range, tensor_nbytes
+from .external import all_tensors, external_info, external_range, survey, tensor_nbytes
 from .wire import WireError
 
 MIN_OPSET = 7  # BatchNormalization lost `is_test`/`consumed_inputs` at opset 7
@@ -30,11 +30,8 @@ class LoadedModel:
     used_external_data: bool
     base_dir: str = ""      # the model's folder, where its external data lives
     data_files: frozenset[str] = frozenset()  # the external data files it reads (real paths)
-
-
-def _external_tensors(model: onnx.ModelProto):
-    return [t for t in all_tensors(model)
-            if external_data_helper.uses_external_data(t)]
+    tensor_bytes: int = 0   # bytes of all its tensors, from their shapes (tensor_bytes(model) at load)
+    nested_tensors: bool = True  # tensors outside the main graph's initializers may use external data
 
 
 def _check_external_location(tensor: onnx.TensorProto, base_dir: str) -> str:
@@ -88,7 +85,8 @@ def load(path: str, load_external_data: bool = True) -> LoadedModel:
     _check_opset(model, path)
     base_dir = os.path.dirname(os.path.abspath(path))
     own_name = os.path.basename(path) if left_in_file else None
-    external = _external_tensors(model)
+    tensors = survey(model)  # one walk over every tensor, node attributes included
+    external = tensors.external
     data_files = set()
     for tensor in external:
         if external_info(tensor).get("location") == own_name:
@@ -106,7 +104,8 @@ def load(path: str, load_external_data: bool = True) -> LoadedModel:
         except (OSError, ValueError) as err:
             raise BadInput(f"cannot read external data of {path}: {_one_line(err)}") from None
     size += sum(os.path.getsize(f) for f in data_files)
-    return LoadedModel(model, path, size, bool(data_files), base_dir, frozenset(data_files))
+    return LoadedModel(model, path, size, bool(data_files), base_dir, frozenset(data_files), tensors.nbytes,
+                       tensors.nested)
 
 
 _TORCH_EXTENSIONS = (".pt", ".pth", ".ckpt", ".bin", ".tar")

@@ -55,17 +55,16 @@ def read(path: str, min_bytes: int | None = None) -> tuple[onnx.ModelProto, int]
         pieces = []
         cursor = graph.value_start
         moved = 0
-        for field in wire.fields(buf, graph.value_start, graph.end):
-            if (field.number != wire.GRAPH_INITIALIZER or field.wire_type != LENGTH_DELIMITED
-                    or field.end - field.value_start < min_bytes):
+        for number, wire_type, start, value_start, end in wire.spans(buf, graph.value_start, graph.end):
+            if number != wire.GRAPH_INITIALIZER or wire_type != LENGTH_DELIMITED or end - value_start < min_bytes:
                 continue
-            header = _external_header(buf, field.value_start, field.end, location, min_bytes)
+            header = _external_header(buf, value_start, end, location, min_bytes)
             if header is None:
                 continue
-            pieces.append(buf[cursor:field.start])
+            pieces.append(buf[cursor:start])
             pieces.append(wire.length_delimited(wire.GRAPH_INITIALIZER, len(header)))
             pieces.append(header)
-            cursor = field.end
+            cursor = end
             moved += 1
         if not moved:
             return onnx.ModelProto.FromString(buf[:size]), 0

@@ -48,18 +48,20 @@ class Staging:
         return self._sink
 
     def write(self, model: onnx.ModelProto, external_data: bool, source_dir: str | None = None,
-              memory: MemorySink | None = None) -> None:
+              memory: MemorySink | None = None, nested: bool = True) -> None:
         """Write the model. With external_data, every tensor of INLINE_LIMIT bytes or more goes
         to <name>.data; otherwise everything goes into the one .onnx file. Tensors still in the
         source model's files (under `source_dir`) are copied range by range, never loaded;
-        `memory` holds the arrays of tensors that point into it. The model's tensors are
-        changed on the way: don't use `model` afterwards."""
+        `memory` holds the arrays of tensors that point into it. `nested=False` says no tensor
+        outside the main graph's initializers can point outside (io.LoadedModel.nested_tensors),
+        so they are not walked. The model's tensors are changed on the way: don't use `model`
+        afterwards."""
         payloads = Payloads(source_dir or "", memory)
         try:
             if external_data:
                 self._write_external(model, payloads)
             else:
-                write_inline(model, self.model_path, payloads)
+                write_inline(model, self.model_path, payloads, nested)
         except OSError as err:
             target = os.path.join(self.out_dir, self.name)
             raise BadInput(f"cannot write {target}: {err.strerror or err}") from None
@@ -131,13 +133,14 @@ class Payloads:
         return external_range(tensor, self.source_dir)
 
 
-def write_inline(model: onnx.ModelProto, path: str, payloads: Payloads) -> None:
+def write_inline(model: onnx.ModelProto, path: str, payloads: Payloads, nested: bool = True) -> None:
     """Write `model` as one .onnx file, splicing in the bytes of its external-data tensors.
 
     The main graph's initializers are written field by field after the graph's other fields
     are serialized; tensors elsewhere (subgraphs, Constant nodes) that still point outside are
     loaded into their messages first (there are few, and small)."""
-    _load_nested_external(model, payloads)
+    if nested:
+        _load_nested_external(model, payloads)
     graph = model.graph
     # per initializer: (bytes before the payload, the payload (an array or a file range) or None, bytes after)
     entries: list[tuple[bytes, np.ndarray | tuple[str, int, int] | None, bytes]] = []

@@ -53,22 +53,36 @@ def read_varint(buf, pos: int, end: int) -> tuple[int, int]:
 
 def fields(buf, start: int = 0, end: int | None = None) -> Iterator[Field]:
     """The top-level fields of the message in buf[start:end], in file order."""
+    for span in spans(buf, start, end):
+        yield Field(*span)
+
+
+def spans(buf, start: int = 0, end: int | None = None) -> Iterator[tuple[int, int, int, int, int]]:
+    """fields() as plain tuples (number, wire_type, start, value_start, end): the walk of a
+    graph of 10^5 nodes, with one-byte tags and lengths read in place."""
     end = len(buf) if end is None else end
     pos = start
     while pos < end:
         field_start = pos
-        key, pos = read_varint(buf, pos, end)
+        key = buf[pos]
+        if key < 0x80:
+            pos += 1
+        else:
+            key, pos = read_varint(buf, pos, end)
         number, wire_type = key >> 3, key & 7
         if number == 0:
             raise WireError("field number 0")
-        if wire_type == VARINT:
+        if wire_type == LENGTH_DELIMITED:
+            if pos < end and buf[pos] < 0x80:
+                length, value_start = buf[pos], pos + 1
+            else:
+                length, value_start = read_varint(buf, pos, end)
+            pos = value_start + length
+        elif wire_type == VARINT:
             value_start = pos
             _, pos = read_varint(buf, pos, end)
-            yield Field(number, wire_type, field_start, value_start, pos)
+            yield number, wire_type, field_start, value_start, pos
             continue
-        if wire_type == LENGTH_DELIMITED:
-            length, value_start = read_varint(buf, pos, end)
-            pos = value_start + length
         elif wire_type == FIXED64:
             value_start, pos = pos, pos + 8
         elif wire_type == FIXED32:
@@ -77,7 +91,7 @@ def fields(buf, start: int = 0, end: int | None = None) -> Iterator[Field]:
             raise WireError(f"unsupported wire type {wire_type}")
         if pos > end:
             raise WireError("field runs past the end of its message")
-        yield Field(number, wire_type, field_start, value_start, pos)
+        yield number, wire_type, field_start, value_start, pos
 
 
 def encode_varint(value: int) -> bytes:
