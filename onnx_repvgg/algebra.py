@@ -26,34 +26,12 @@ def bn_scale_shift(gamma, beta, mean, var, eps) -> tuple[np.ndarray, np.ndarray]
     return scale, beta - mean * scale
 
 
-def fold_bn(weight, bias, gamma, beta, mean, var, eps: float) -> tuple[np.ndarray, np.ndarray]:
-    """Fold BN(conv(x, W) + b) into one conv: W' = W*scale, b' = (b - mean)*scale + beta."""
-    weight = np.asarray(weight, dtype=np.float64)
-    cout = weight.shape[0]
-    bias = np.zeros(cout) if bias is None else np.asarray(bias, dtype=np.float64)
-    scale, shift = bn_scale_shift(gamma, beta, mean, var, eps)
-    folded_weight = weight * scale.reshape((cout,) + (1,) * (weight.ndim - 1))
-    return folded_weight, bias * scale + shift
-
-
 def _window(kernel_shape, spatial_shape, offsets) -> tuple[slice, ...]:
     """The slices of a kernel placed at `offsets` in a grid of `spatial_shape`; checks it fits."""
     for k, size, off in zip(kernel_shape, spatial_shape, offsets):
         if off < 0 or off + k > size:
             raise ValueError(f"kernel of size {k} at offset {off} does not fit in {size}")
     return tuple(slice(int(o), int(o) + k) for o, k in zip(offsets, kernel_shape))
-
-
-def embed_kernel(kernel, spatial_shape: Sequence[int], offsets: Sequence[int]) -> np.ndarray:
-    """Zero-pad a kernel into a larger spatial grid, its first tap at `offsets` per axis."""
-    kernel = np.asarray(kernel, dtype=np.float64)
-    spatial_shape = tuple(int(s) for s in spatial_shape)
-    offsets = tuple(int(o) for o in offsets)
-    if len(spatial_shape) != kernel.ndim - 2 or len(offsets) != kernel.ndim - 2:
-        raise ValueError("spatial_shape and offsets need one entry per spatial axis")
-    out = np.zeros(kernel.shape[:2] + spatial_shape, dtype=np.float64)
-    out[(slice(None), slice(None)) + _window(kernel.shape[2:], spatial_shape, offsets)] = kernel
-    return out
 
 
 def dilate_kernel(kernel, rates: Sequence[int]) -> np.ndarray:
@@ -116,17 +94,6 @@ def regroup_kernel(kernel, groups_from: int, groups_to: int) -> np.ndarray:
     for i in range(cpg_from):
         out[o, start + i] = kernel[o, i]
     return out
-
-
-def scale_output_channels(weight, bias, scale, shift=None) -> tuple[np.ndarray, np.ndarray]:
-    """The affine branch (W, b) followed by y*scale + shift, per output channel."""
-    weight = np.asarray(weight, dtype=np.float64)
-    scale = np.asarray(scale, dtype=np.float64)
-    out_w = weight * scale.reshape((-1,) + (1,) * (weight.ndim - 1))
-    out_b = np.asarray(bias, dtype=np.float64) * scale
-    if shift is not None:
-        out_b = out_b + np.asarray(shift, dtype=np.float64)
-    return out_w, out_b
 
 
 def sum_branches(branches: Sequence[tuple], spatial_shape: Sequence[int], out_dtype=None,

@@ -13,39 +13,47 @@ def random_bn(c):
     return (rng.uniform(0.5, 1.5, c), rng.uniform(-1, 1, c), rng.uniform(-1, 1, c), rng.uniform(0.2, 2, c))
 
 
+def bn_folded(w, b, gamma, beta, mean, var, eps):
+    """A conv followed by BN, as the pass writes it: one branch of sum_branches, scaled per
+    output channel by BN's scale, its shift in the bias."""
+    scale, shift = algebra.bn_scale_shift(gamma, beta, mean, var, eps)
+    bias = np.zeros(w.shape[0]) if b is None else b
+    kernel, fused_bias = algebra.sum_branches([(w, bias, (0,) * (w.ndim - 2), scale)], w.shape[2:])
+    return kernel, fused_bias + shift
+
+
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_fold_bn_equals_bn_after_conv(with_bias):
+def test_bn_fold_equals_bn_after_conv(with_bias):
     x = rng.standard_normal((2, 4, 7, 7))
     w = rng.standard_normal((6, 4, 3, 3))
     b = rng.standard_normal(6) if with_bias else None
     gamma, beta, mean, var = random_bn(6)
     expected = batchnorm(conv(x, w, b, pads=[1, 1, 1, 1]), gamma, beta, mean, var, 1e-3)
-    fw, fb = algebra.fold_bn(w, b, gamma, beta, mean, var, 1e-3)
+    fw, fb = bn_folded(w, b, gamma, beta, mean, var, 1e-3)
     np.testing.assert_allclose(conv(x, fw, fb, pads=[1, 1, 1, 1]), expected, rtol=1e-12, atol=1e-12)
 
 
-def test_fold_bn_uses_epsilon():
-    w = np.ones((1, 1, 1, 1))
-    fw, fb = algebra.fold_bn(w, None, [1.0], [0.0], [0.0], [0.0], 0.25)
-    assert fw.item() == pytest.approx(2.0)
-    assert fb.item() == 0.0
+def test_bn_scale_uses_epsilon():
+    scale, shift = algebra.bn_scale_shift([1.0], [0.0], [0.0], [0.0], 0.25)
+    assert scale.item() == pytest.approx(2.0)
+    assert shift.item() == 0.0
 
 
-def test_embed_kernel_places_taps_and_rejects_misfit():
+def test_sum_branches_places_taps_and_rejects_misfit():
     k = rng.standard_normal((2, 3, 1, 3))
-    placed = algebra.embed_kernel(k, (3, 3), (1, 0))
+    placed, _ = algebra.sum_branches([(k, np.zeros(2), (1, 0))], (3, 3))
     assert placed.shape == (2, 3, 3, 3)
     np.testing.assert_array_equal(placed[:, :, 1, :], k[:, :, 0, :])
     assert np.count_nonzero(placed[:, :, [0, 2], :]) == 0
     with pytest.raises(ValueError):
-        algebra.embed_kernel(k, (3, 3), (0, 1))
+        algebra.sum_branches([(k, np.zeros(2), (0, 1))], (3, 3))
 
 
 def test_embedded_1x1_equals_1x1_conv_with_matching_pad():
     x = rng.standard_normal((1, 5, 9, 9))
     w1 = rng.standard_normal((5, 5, 1, 1))
     expected = conv(x, w1, strides=[2, 2])
-    w3 = algebra.embed_kernel(w1, (3, 3), (1, 1))
+    w3, _ = algebra.sum_branches([(w1, np.zeros(5), (1, 1))], (3, 3))
     np.testing.assert_allclose(conv(x, w3, strides=[2, 2], pads=[1, 1, 1, 1]), expected, atol=1e-12)
 
 
@@ -78,11 +86,14 @@ def test_repvgg_block_sum_equals_three_branches():
     expected = (batchnorm(conv(x, w3, pads=[1] * 4, group=g), *bn3, 1e-5)
                 + batchnorm(conv(x, w1, group=g), *bn1, 1e-5)
                 + batchnorm(x, *bni, 1e-5))
-    k3, b3 = algebra.fold_bn(w3, None, *bn3, 1e-5)
-    k1, b1 = algebra.fold_bn(w1, None, *bn1, 1e-5)
-    scale, shift = algebra.bn_scale_shift(*bni, 1e-5)
-    ki, bi = algebra.scale_output_channels(algebra.identity_kernel(c, g, (1, 1), (0, 0)), np.zeros(c), scale, shift)
-    kernel, bias = algebra.sum_branches([(k3, b3, (0, 0)), (k1, b1, (1, 1)), (ki, bi, (1, 1))], (3, 3))
+    s3, h3 = algebra.bn_scale_shift(*bn3, 1e-5)
+    s1, h1 = algebra.bn_scale_shift(*bn1, 1e-5)
+    si, hi = algebra.bn_scale_shift(*bni, 1e-5)
+    identity = algebra.identity_kernel(c, g, (1, 1), (0, 0))
+    zero = np.zeros(c)
+    kernel, bias = algebra.sum_branches([(w3, zero, (0, 0), s3), (w1, zero, (1, 1), s1), (identity, zero, (1, 1), si)],
+                                        (3, 3))
+    bias = bias + h3 + h1 + hi
     np.testing.assert_allclose(conv(x, kernel, bias, pads=[1] * 4, group=g), expected, rtol=1e-10, atol=1e-10)
 
 
@@ -146,3 +157,25 @@ def test_dilated_kernel_written_without_dilation(rates):
     assert dense.shape[2:] == tuple(2 * r + 1 for r in rates)
     np.testing.assert_allclose(conv(x, dense, pads=pads), expected, rtol=1e-12, atol=1e-12)
     assert np.count_nonzero(dense) == np.count_nonzero(w)
+
+
+@pytest.mark.parametrize("groups", [1, 2, 4])
+@pytest.mark.parametrize("padded", [False, True])
+def test_input_affine_folds_into_a_conv(groups, padded):
+    """conv(s*x + t) == conv'(x): exact without padding; with padding only for t = 0."""
+    x = rng.standard_normal((2, 4, 6, 6))
+    w = rng.standard_normal((8, 4 // groups, 3, 3))
+    b = rng.standard_normal(8)
+    s, t = rng.uniform(0.5, 1.5, 4), (np.zeros(4) if padded else rng.standard_normal(4))
+    pads = [1] * 4 if padded else [0] * 4
+    expected = conv(x * s.reshape(1, 4, 1, 1) + t.reshape(1, 4, 1, 1), w, b, pads=pads, group=groups)
+    fw, fb = algebra.fold_input_affine_conv(w, b, groups, s, t)
+    np.testing.assert_allclose(conv(x, fw, fb, pads=pads, group=groups), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_input_affine_folds_into_a_dense_layer():
+    x = rng.standard_normal((5, 3, 4))
+    w, b = rng.standard_normal((4, 6)), rng.standard_normal(6)
+    s, t = rng.uniform(0.5, 1.5, 4), rng.standard_normal(4)
+    fw, fb = algebra.fold_input_affine_dense(w, b, s, t)
+    np.testing.assert_allclose(x @ fw + fb, (x * s + t) @ w + b, rtol=1e-12, atol=1e-12)

@@ -27,8 +27,8 @@ from onnx import helper
 
 from .. import algebra
 from ..block import Candidate, Rewrite
-from ..graph import GraphView, attribute
-from .common import FLOAT_DTYPES, NotWorthIt, Skip, const, conv_params, data_consumers, is_op, tensor_rank
+from ..graph import GraphView
+from .common import FLOAT_DTYPES, NotWorthIt, Skip, conv_params, data_consumers, gemm_params, is_op, tensor_rank
 from .linear_tree import Factor, LinearIndex, LinearTree, channel_vector
 
 NAME = "affine_into_consumer"
@@ -123,14 +123,15 @@ def _conv_change(view: GraphView, index: int, tree: LinearTree, x: str) -> Consu
 
 def _dense_change(view: GraphView, index: int, tree: LinearTree, x: str) -> ConsumerChange:
     node = view.nodes[index]
-    w = view.constant(node.input[1]) if len(node.input) > 1 else None
-    if w is None or w.dtype not in FLOAT_DTYPES or w.ndim != 2:
-        raise NotWorthIt()  # attention products (two activations) and batched matmuls are not layers
-    transposed = node.op_type == "Gemm" and int(attribute(node, "transB", 0)) == 1
-    if node.op_type == "Gemm" and int(attribute(node, "transA", 0)) != 0:
-        raise Skip("gemm_transA", f"Gemm '{node.name}' transposes its input (transA=1)")
-    w_eff = (w.T if transposed else w).astype(np.float64)  # (in, out)
-    features, outputs = w_eff.shape
+    if node.op_type == "Gemm":
+        p = gemm_params(view, node)
+        w_eff, dtype = p.weight, p.dtype
+    else:
+        w = view.constant(node.input[1]) if len(node.input) > 1 else None
+        if w is None or w.dtype not in FLOAT_DTYPES or w.ndim != 2:
+            raise NotWorthIt()  # attention products (two activations) and batched matmuls are not layers
+        w_eff, dtype = w.astype(np.float64), w.dtype
+    features = w_eff.shape[0]
     scale = feature_vector(tree.leaves[0].factors, features, f"scale of '{x}'")
     shift = np.zeros(features)
     for c in tree.constants:
@@ -139,21 +140,9 @@ def _dense_change(view: GraphView, index: int, tree: LinearTree, x: str) -> Cons
     if node.op_type == "MatMul":
         weight, bias = algebra.fold_input_affine_dense(w_eff, None, scale, shift)
         as_gemm = shifted and tensor_rank(view, x) == 2
-        return ConsumerChange(index, weight, bias if shifted else None, w.dtype, as_gemm)
-    alpha = float(attribute(node, "alpha", 1.0))
-    beta = float(attribute(node, "beta", 1.0))
-    gemm_c = np.zeros(outputs)
-    if len(node.input) > 2 and node.input[2]:
-        value = const(view, node.input[2], "bias", node).astype(np.float64)
-        if value.size == 1:
-            gemm_c = np.full(outputs, value.reshape(-1)[0])
-        elif value.shape in ((outputs,), (1, outputs)):
-            gemm_c = value.reshape(-1)
-        else:
-            raise Skip("not_per_channel", f"Gemm '{node.name}' bias of shape {value.shape} is not per output")
-    weight, bias = algebra.fold_input_affine_dense(w_eff, beta * gemm_c, scale, alpha * shift)
-    has_bias = len(node.input) > 2 and bool(node.input[2])
-    return ConsumerChange(index, weight.T if transposed else weight, bias if has_bias or shifted else None, w.dtype)
+        return ConsumerChange(index, weight, bias if shifted else None, dtype, as_gemm)
+    weight, bias = algebra.fold_input_affine_dense(w_eff, p.beta * p.bias, scale, p.alpha * shift)
+    return ConsumerChange(index, weight.T if p.trans_b else weight, bias if p.has_bias or shifted else None, dtype)
 
 
 def _matched(view: GraphView, index: LinearIndex, root: int) -> tuple[LinearTree, list[int]] | None:

@@ -35,7 +35,7 @@ from onnx import helper
 from .. import algebra
 from ..block import Candidate, Rewrite
 from ..graph import GraphView, attribute
-from .common import FLOAT_DTYPES, Skip, bn_affine, const, conv_params, is_op, tensor_rank
+from .common import FLOAT_DTYPES, Skip, bn_affine, const, conv_params, gemm_params, is_op, tensor_rank
 from .layout import chain_up, check_bn_axis, is_layout, order_only_reshape, same_shape
 
 NAME = "bn_into_consumer"
@@ -103,44 +103,20 @@ def _fold_into_conv(view: GraphView, index: int, scale, shift):
     p = conv_params(view, node)
     if any(p.pads_begin) or any(p.pads_end):
         raise Skip("consumer_padding", f"Conv '{node.name}' pads its input: the border would read 0, not the BN's shift")
-    cout, cpg = p.weight.shape[:2]
-    if cpg * p.group != scale.shape[0]:
-        raise Skip("channel_mismatch", f"Conv '{node.name}' reads {cpg * p.group} channels, the BN has {scale.shape[0]}")
-    w = p.weight.astype(np.float64)
-    outs_per_group = cout // p.group
-    # channel of (o, i) is group(o)*cpg + i
-    channel = (np.arange(cout)[:, None] // outs_per_group) * cpg + np.arange(cpg)[None, :]
-    shape = (cout, cpg) + (1,) * (w.ndim - 2)
-    new_w = w * scale[channel].reshape(shape)
-    bias = np.zeros(cout) if p.bias is None else p.bias.astype(np.float64)
-    new_b = bias + (w * shift[channel].reshape(shape)).reshape(cout, -1).sum(axis=1)
-    return new_w, new_b
+    cin = p.weight.shape[1] * p.group
+    if cin != scale.shape[0]:
+        raise Skip("channel_mismatch", f"Conv '{node.name}' reads {cin} channels, the BN has {scale.shape[0]}")
+    return algebra.fold_input_affine_conv(p.weight, p.bias, p.group, scale, shift)
 
 
 def _fold_into_gemm(view: GraphView, index: int, scale, shift):
+    """Gemm(BN(X)) = alpha * X @ (diag(s) W) + (beta * C + alpha * h @ W), beta' = 1."""
     node = view.nodes[index]
-    if int(attribute(node, "transA", 0)) != 0:
-        raise Skip("gemm_transA", f"Gemm '{node.name}' transposes its input (transA=1)")
-    b = const(view, node.input[1], "weight", node).astype(np.float64)
-    trans_b = int(attribute(node, "transB", 0))
-    b_eff = b.T if trans_b else b  # (in, out)
-    if b_eff.shape[0] != scale.shape[0]:
-        raise Skip("channel_mismatch", f"Gemm '{node.name}' reads {b_eff.shape[0]} features, the BN has {scale.shape[0]}")
-    out = b_eff.shape[1]
-    alpha = float(attribute(node, "alpha", 1.0))
-    beta = float(attribute(node, "beta", 1.0))
-    c = np.zeros(out)
-    if len(node.input) > 2 and node.input[2]:
-        value = const(view, node.input[2], "bias", node).astype(np.float64)
-        if value.size == 1:
-            c = np.full(out, value.reshape(-1)[0])
-        elif value.shape in ((out,), (1, out)):
-            c = value.reshape(-1)
-        else:
-            raise Skip("not_per_channel", f"Gemm '{node.name}' bias of shape {value.shape} is not per-output")
-    new_eff = b_eff * scale[:, None]
-    new_c = beta * c + alpha * (shift @ b_eff)
-    return (new_eff.T if trans_b else new_eff), new_c
+    p = gemm_params(view, node)
+    if p.weight.shape[0] != scale.shape[0]:
+        raise Skip("channel_mismatch", f"Gemm '{node.name}' reads {p.weight.shape[0]} features, the BN has {scale.shape[0]}")
+    weight, bias = algebra.fold_input_affine_dense(p.weight, p.beta * p.bias, scale, p.alpha * shift)
+    return (weight.T if p.trans_b else weight), bias
 
 
 def _fold_into_matmul(view: GraphView, index: int, scale, shift):
@@ -151,10 +127,9 @@ def _fold_into_matmul(view: GraphView, index: int, scale, shift):
         raise Skip("dtype", f"MatMul '{node.name}' weight dtype {b.dtype} is not float16/32/64")
     if b.ndim != 2:
         raise Skip("weight_rank", f"MatMul '{node.name}' multiplies by a rank-{b.ndim} tensor; a BN folds only into a matrix")
-    b = b.astype(np.float64)  # (in, out)
     if b.shape[0] != scale.shape[0]:
         raise Skip("channel_mismatch", f"MatMul '{node.name}' reads {b.shape[0]} features, the BN has {scale.shape[0]}")
-    return b * scale[:, None], shift @ b
+    return algebra.fold_input_affine_dense(b, None, scale, shift)
 
 
 _FOLDS = {"Conv": _fold_into_conv, "Gemm": _fold_into_gemm, "MatMul": _fold_into_matmul}

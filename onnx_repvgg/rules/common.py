@@ -214,6 +214,46 @@ def bn_affines(view: GraphView, nodes: list[onnx.NodeProto], opset: int) -> list
 
 
 @dataclass
+class GemmParams:
+    """A Gemm as alpha * X @ W + beta * C with W as (in, out) and C per output, float64."""
+
+    weight: np.ndarray          # (in, out): B, or B^T when transB=1
+    bias: np.ndarray            # (out,): C broadcast per output (zeros without C)
+    alpha: float
+    beta: float
+    trans_b: bool
+    has_bias: bool
+    dtype: np.dtype
+
+
+def gemm_params(view: GraphView, node: onnx.NodeProto) -> GemmParams:
+    """A Gemm's constant weight and bias read with checks, or Skip (transA=1, a weight that is
+    not a 2-D float constant, a C that is not per output)."""
+    if int(attribute(node, "transA", 0)) != 0:
+        raise Skip("gemm_transA", f"Gemm '{node.name}' transposes its input (transA=1)")
+    if len(node.input) < 2:
+        raise Skip("malformed", f"Gemm '{node.name}' has no weight")
+    b = const(view, node.input[1], "weight", node)
+    if b.dtype not in FLOAT_DTYPES or b.ndim != 2:
+        raise Skip("dtype", f"Gemm '{node.name}' weight is not a 2-D float tensor")
+    trans_b = int(attribute(node, "transB", 0)) == 1
+    weight = (b.T if trans_b else b).astype(np.float64)
+    out = weight.shape[1]
+    bias = np.zeros(out)
+    has_bias = len(node.input) > 2 and bool(node.input[2])
+    if has_bias:
+        c = const(view, node.input[2], "bias", node).astype(np.float64)
+        if c.size == 1:
+            bias = np.full(out, c.reshape(-1)[0])
+        elif c.shape in ((out,), (1, out)):
+            bias = c.reshape(-1)
+        else:
+            raise Skip("not_per_channel", f"Gemm '{node.name}' bias of shape {c.shape} is not per output")
+    return GemmParams(weight, bias, float(attribute(node, "alpha", 1.0)), float(attribute(node, "beta", 1.0)),
+                      trans_b, has_bias, b.dtype)
+
+
+@dataclass
 class PoolParams:
     kernel: tuple[int, ...]
     strides: tuple[int, ...]

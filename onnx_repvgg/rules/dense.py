@@ -19,8 +19,8 @@ from onnx import helper
 
 from .. import algebra, rewrite
 from ..block import Rewrite
-from ..graph import GraphView, attribute
-from .common import FLOAT_DTYPES, NotWorthIt, Skip, const, tensor_rank
+from ..graph import GraphView
+from .common import FLOAT_DTYPES, NotWorthIt, Skip, gemm_params, tensor_rank
 from .linear_tree import LinearTree, channel_vector, constant_bias
 
 
@@ -57,27 +57,8 @@ def gemm_weight_bias(view: GraphView, index: int) -> tuple[np.ndarray, np.ndarra
         if b is None or b.ndim != 2 or b.dtype not in FLOAT_DTYPES or tensor_rank(view, node.input[0]) != 2:
             raise NotWorthIt()  # attention products, batched matmuls: not a linear layer here
         return b.T.astype(np.float64), np.zeros(b.shape[1])
-    if int(attribute(node, "transA", 0)) != 0:
-        raise Skip("gemm_transA", f"Gemm '{node.name}' transposes its input (transA=1)")
-    if len(node.input) < 2:
-        raise Skip("malformed", f"Gemm '{node.name}' has no weight")
-    b = const(view, node.input[1], "weight", node)
-    if b.dtype not in FLOAT_DTYPES or b.ndim != 2:
-        raise Skip("dtype", f"Gemm '{node.name}' weight is not a 2-D float tensor")
-    alpha = float(attribute(node, "alpha", 1.0))
-    beta = float(attribute(node, "beta", 1.0))
-    w = (b if int(attribute(node, "transB", 0)) else b.T).astype(np.float64) * alpha
-    out = w.shape[0]
-    bias = np.zeros(out)
-    if len(node.input) > 2 and node.input[2]:
-        c = const(view, node.input[2], "bias", node).astype(np.float64)
-        if c.size == 1:
-            bias = np.full(out, c.reshape(-1)[0] * beta)
-        elif c.shape in ((out,), (1, out)):
-            bias = c.reshape(-1) * beta
-        else:
-            raise Skip("not_per_channel", f"Gemm '{node.name}' bias of shape {c.shape} is not per-output")
-    return w, bias
+    p = gemm_params(view, node)
+    return p.weight.T * p.alpha, p.bias * p.beta
 
 
 def build_dense_block(view: GraphView, tree: LinearTree, x: str, branches, others) -> DenseBlock:
