@@ -144,9 +144,12 @@ def install() -> None:
     from onnx_repvgg.rules import linear_tree
     linear_tree.LinearIndex.roots = timed("fuse/round/find: LinearIndex roots (expansions)", linear_tree.LinearIndex.roots)
     linear_tree.LinearIndex.tree = timed("fuse/round/find: LinearIndex trees", linear_tree.LinearIndex.tree)
+    from onnx_repvgg.cheap_shapes import CheapShapes
+    CheapShapes._get = timed("fuse/round/find: cheap shapes (ranks read from the graph)", CheapShapes._get)
     for rule_name, module in RULES.items():
         patch(module, "find", f"fuse/round/find: {rule_name}")
         patch(module, "materialize", f"fuse/round/materialize: {rule_name}")
+        patch(module, "materialize_many", f"fuse/round/materialize: {rule_name} (batches)")
     patch(bn_audit, "unrecorded", "fuse: bn_audit")
     patch(rewrite, "spill", "fuse/round: rewrite.spill")
     patch(rewrite, "apply", "fuse/round: rewrite.apply")
@@ -160,7 +163,8 @@ def install() -> None:
 CATEGORIES = [
     ("parse", ("load/parse", "load/survey (tensors)", "load", "load/check: weights as inputs copy")),
     ("check", ("load/check",)),
-    ("shape inference", ("fuse/round/shapes: infer_static_shapes",)),
+    ("shape inference", ("fuse/round/shapes: infer_static_shapes",  # onnx's, and the cheap reading
+                         "fuse/round/find: cheap shapes (ranks read from the graph)")),
     ("indexing", ("fuse/round: index (GraphView producers, consumers)", "fuse/round: constants (GraphView)",
                   "evaluate.output_shape (per node, memoized)", "evaluate.fold (per node, memoized)",
                   "fuse/round/find: LinearIndex roots (expansions)", "fuse/round/find: LinearIndex trees",
@@ -179,7 +183,7 @@ def breakdown(total_cpu: float) -> None:
     rows = []
     for category, names in CATEGORIES:
         chosen = [n for n in PHASES.order if n in names or (category == "matching" and n.startswith("fuse/round/find: ")
-                                                            and "LinearIndex" not in n)
+                                                            and "LinearIndex" not in n and "cheap shapes" not in n)
                   or (category == "fusing" and n.startswith("fuse/round/materialize: "))]
         seen.update(chosen)
         rows.append((category, sum(PHASES.self_cpu[n] for n in chosen)))

@@ -7,8 +7,9 @@
 
 __version__ = "0.1.0"
 
-from .pipeline import fuse  # noqa: E402
+from .pipeline import UnsupportedModel, fuse  # noqa: E402
+from .proof.runtime import ValidationError  # noqa: E402
 from .report import Report  # noqa: E402
 from .validate import validate  # noqa: E402
 
-__all__ = ["fuse", "validate", "Report", "__version__"]
+__all__ = ["fuse", "validate", "Report", "UnsupportedModel", "ValidationError", "__version__"]

@@ -179,6 +179,14 @@ def _cast_into(out: np.ndarray, values: np.ndarray) -> tuple[float, float]:
     """out[...] = values cast to out's dtype. Refuses inf or nan that was not in `values`
     (FusedOverflow); returns the largest finite magnitude and the largest magnitude flushed
     to 0, for the underflow test."""
+    if out.dtype.kind == "f" and out.dtype != values.dtype:
+        largest = float(np.abs(values).max(initial=0.0))
+        if largest <= _float_max(out.dtype):  # finite, and no value rounds past the largest: no inf or nan
+            np.copyto(out, values, casting="unsafe")
+            if np.count_nonzero(out) == np.count_nonzero(values):
+                return largest, 0.0  # nothing flushed to 0
+            lost = (out == 0) & (values != 0)
+            return largest, float(np.abs(values[lost]).max(initial=0.0))
     with np.errstate(over="ignore", under="ignore", invalid="ignore"):
         np.copyto(out, values, casting="unsafe")
     if out.dtype.kind != "f" or out.dtype == values.dtype:  # kind "f": np.issubdtype(., np.floating)
@@ -196,6 +204,15 @@ def _cast_into(out: np.ndarray, values: np.ndarray) -> tuple[float, float]:
     magnitude = np.abs(values)
     lost = (out == 0) & (values != 0)
     return float(magnitude.max(initial=0.0)), float(magnitude[lost].max(initial=0.0))
+
+
+_FLOAT_MAX: dict[np.dtype, float] = {}
+
+
+def _float_max(dtype: np.dtype) -> float:
+    if dtype not in _FLOAT_MAX:
+        _FLOAT_MAX[dtype] = float(np.finfo(dtype).max)
+    return _FLOAT_MAX[dtype]
 
 
 def _refuse_underflow(largest: float, flushed: float, dtype: np.dtype) -> None:
@@ -365,3 +382,120 @@ def fold_input_affine_dense(weight, bias, scale, shift) -> tuple[np.ndarray, np.
     shift = np.broadcast_to(np.asarray(shift, dtype=np.float64).reshape(-1), (features,))
     bias = np.zeros(weight.shape[1]) if bias is None else np.asarray(bias, dtype=np.float64)
     return weight * scale[:, None], bias + shift @ weight
+
+
+# -- many blocks at once ---------------------------------------------------------------------
+# A model of many small blocks spends more on numpy's per-call overhead than on arithmetic.
+# sum_branches_many sums blocks of one structure (the same branch shapes, offsets, dtypes)
+# stacked into one array: every element goes through the same float64 operations, in the same
+# order, as in sum_branches, so the results are the same bits; a block whose cast needs a
+# refusal (overflow, underflow) is summed again on its own, which raises as sum_branches does.
+
+_BATCH_BYTES = 1 << 25  # float64 accumulator bytes per stacked group
+
+
+def sum_branches_many(items: Sequence[tuple], chunk_bytes: int = 1 << 21) -> list:
+    """sum_branches(branches, spatial_shape, out_dtype) for each (branches, spatial_shape,
+    out_dtype) in `items`: a list of (kernel, bias), or the CastError that block raises."""
+    results: list = [None] * len(items)
+    groups: dict[tuple, list[int]] = {}
+    for position, (branches, spatial_shape, out_dtype) in enumerate(items):
+        try:  # what blocks summed together share: kernel shapes, offsets, which have scales
+            key = (tuple(spatial_shape), np.dtype(np.float64 if out_dtype is None else out_dtype),
+                   tuple((b[0].shape, tuple(b[2]), len(b) > 3 and b[3] is not None) for b in branches))
+        except AttributeError:  # not arrays: sum_branches converts them
+            key = None
+        if key is None or not branches:
+            results[position] = _summed(branches, spatial_shape, out_dtype, chunk_bytes)
+        else:
+            groups.setdefault(key, []).append(position)
+    for key, members in groups.items():
+        per_block = max(1, 8 * sum(math.prod(shape) for shape, _, _ in key[2]))
+        step = max(1, _BATCH_BYTES // per_block)
+        for start in range(0, len(members), step):
+            chunk = members[start:start + step]
+            stacked = _stacked_sum([items[p][0] for p in chunk], key) if len(chunk) > 1 else None
+            for k, position in enumerate(chunk):
+                result = stacked[k] if stacked is not None else None
+                if result is None:  # alone: a cast that must refuse raises what sum_branches raises
+                    branches, spatial_shape, out_dtype = items[position]
+                    result = _summed(branches, spatial_shape, out_dtype, chunk_bytes)
+                results[position] = result
+    return results
+
+
+def _summed(branches, spatial_shape, out_dtype, chunk_bytes: int):
+    try:
+        return sum_branches(branches, spatial_shape, out_dtype=out_dtype, chunk_bytes=chunk_bytes)
+    except CastError as err:
+        return err
+
+
+def _stacked_sum(blocks: list, key: tuple) -> list | None:
+    """sum_branches of blocks of one structure, stacked: (kernel, bias) per block, or None for
+    a block whose cast is refused (overflow, non-finite values, underflow); None for all when
+    the structure is not one sum_branches takes as it is (it then checks, or broadcasts)."""
+    spatial, dtype, terms = key
+    n = len(blocks)
+    if dtype.kind != "f" or not terms or len(terms[0][0]) != 2 + len(spatial):
+        return None
+    cout, cin = terms[0][0][:2]
+    extra = (1,) * (len(spatial) + 1)
+    bias_sum = np.zeros((n, cout), dtype=np.float64)
+    prepared = []
+    for t, (shape, offsets, scaled) in enumerate(terms):
+        if len(shape) != 2 + len(spatial) or shape[:2] != (cout, cin) or len(offsets) != len(spatial):
+            return None
+        if math.prod(shape) and any(o < 0 or o + k > size for o, k, size in zip(offsets, shape[2:], spatial)):
+            return None
+        try:
+            bias = np.array([b[t][1] for b in blocks], dtype=np.float64)  # (n, cout)
+            scale = np.array([b[t][3] for b in blocks], dtype=np.float64) if scaled else None
+        except ValueError:  # shapes that differ between blocks
+            return None
+        if bias.shape != (n, cout) or (scale is not None and scale.shape != (n, cout)):
+            return None
+        if scale is not None:
+            bias = bias * scale
+        bias_sum += bias
+        if math.prod(shape):
+            window = (slice(None), slice(None), slice(None)) + tuple(slice(o, o + k) for o, k in zip(offsets, shape[2:]))
+            prepared.append((np.stack([b[t][0] for b in blocks]), window,
+                             None if scale is None else scale.reshape((n, cout) + extra), shape[2:] == spatial))
+    prepared.sort(key=lambda p: not p[3])  # a full-size branch first, as sum_branches orders them
+    acc = np.empty((n, cout, cin) + spatial, dtype=np.float64)
+    covers = bool(prepared) and prepared[0][3]
+    if covers:
+        first, _, first_scale, _ = prepared[0]
+        if first_scale is None:
+            np.copyto(acc, first)
+        else:
+            np.multiply(first, first_scale, out=acc)
+    else:
+        acc.fill(0.0)
+    for kernel, window, scale, _ in prepared[1:] if covers else prepared:
+        if scale is None:
+            acc[window] += kernel
+        else:
+            acc[window] += kernel * scale
+    kernels, kernel_ok = _stacked_cast(acc.reshape(n, -1), dtype)
+    biases, bias_ok = _stacked_cast(bias_sum, dtype)
+    kernels = kernels.reshape(acc.shape)
+    return [(kernels[i], biases[i]) if kernel_ok[i] and bias_ok[i] else None for i in range(n)]
+
+
+def _stacked_cast(values: np.ndarray, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of float64 `values` cast to `dtype` (a float type), and which rows cast_like would
+    pass: finite, no value past the type's range, no value flushed to 0 that is not negligible."""
+    out = np.empty(values.shape, dtype=dtype)
+    if dtype == values.dtype:
+        np.copyto(out, values)
+        return out, np.ones(len(values), dtype=bool)
+    largest = np.abs(values).max(axis=1, initial=0.0)
+    ok = largest <= _float_max(dtype)  # False for nan and inf too
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):  # only in rows not ok
+        np.copyto(out, values, casting="unsafe")
+    if np.count_nonzero(out) != np.count_nonzero(values):  # some value was flushed to 0
+        flushed = np.where((out == 0) & (values != 0), np.abs(values), 0.0).max(axis=1, initial=0.0)
+        ok &= ~((flushed != 0) & (flushed > float(np.finfo(dtype).eps) * largest))
+    return out, ok

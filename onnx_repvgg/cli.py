@@ -20,7 +20,7 @@ from .validate import DEFAULT_ATOL, DEFAULT_RTOL, ValidationError, validate
 
 EXIT_OK = 0
 EXIT_VALIDATION_FAILED = 1
-EXIT_WOULD_FUSE = 1  # --dry-run --exit-code: there is something to fuse
+EXIT_WOULD_FUSE = 1  # --dry-run --exit-code: not in deploy form (something to fuse, or a near miss)
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 3
 EXIT_INTERRUPTED = 130
@@ -28,11 +28,14 @@ EXIT_INTERRUPTED = 130
 EPILOG = """\
 exit codes:
   0  success, including "nothing to fuse" (the model is re-saved unchanged)
-  1  validation failed or could not run on the fused model; no output is written
-     (with --dry-run --exit-code: at least one block would be fused)
-  2  bad usage or bad input (missing, unreadable or invalid model, bad output path)
+  1  the fused model differs from the original, or onnxruntime cannot run it; nothing written
+     (with --dry-run --exit-code: the model is not in deploy form)
+  2  bad usage or bad input: a missing, empty, truncated or non-ONNX file (a PyTorch checkpoint,
+     ...), missing external data, an unsupported opset, an output or report path that is a
+     file the input reads, an input name the model lacks, a shape onnxruntime refuses, an
+     original model onnxruntime cannot run (use --no-check); or out of memory
   3  internal error (a bug: please report it; ONNX_REPVGG_DEBUG=1 shows the traceback)
-  130 interrupted; no output is written
+  130 interrupted; nothing written
 """
 
 
@@ -47,8 +50,8 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="onnx-repvgg",
-                description="Fuse re-parameterizable multi-branch blocks (RepVGG and kin) of an ONNX "
-                            "model into single convolutions, and prove the result with onnxruntime.",
+                description="Fuse re-parameterizable blocks (RepVGG and kin) of an ONNX model into\n"
+                            "single convolutions, and prove the result with onnxruntime.",
                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("input", nargs="?", help="ONNX model to read (external data is loaded from beside it)")
     p.add_argument("output", nargs="?", help="where to write the fused model (not needed with --dry-run)")
@@ -60,8 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--atol", type=float, default=None,
                    help=f"absolute tolerance (default {DEFAULT_ATOL:g}; 1e-3 for float16 outputs)")
     p.add_argument("--input-shape", action="append", default=[], metavar="NAME:D0,D1,...",
-                   help="shape for an input with dynamic dims during validation (repeatable); "
-                        "dynamic dims default to 1")
+                   help="an input's shape during validation (repeatable); dynamic dims are otherwise "
+                        "chosen: batch 1, others large enough that every conv window meets data")
     p.add_argument("--input-data", action="append", default=[], metavar="NAME:FILE.npy",
                    help="real data for an input during validation (repeatable; .npy, no pickles)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random validation inputs (default 0)")
@@ -78,14 +81,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list-patterns", action="store_true", help="list the rules and exit")
     p.add_argument("--dry-run", action="store_true", help="find and report blocks; write nothing")
     p.add_argument("--exit-code", action="store_true",
-                   help="with --dry-run: exit 1 when at least one block would be fused, 0 when none would "
-                        "(a CI gate: is this export already in deploy form?)")
+                   help="with --dry-run: exit 1 when the model is not in deploy form (a block would be "
+                        "fused, or one was found that cannot be: a near miss), 0 when it is (a CI gate)")
     p.add_argument("--overwrite", action="store_true", help="allow the output to be the input file")
     p.add_argument("--json", metavar="REPORT.json", help="also write the report as JSON")
     p.add_argument("-v", "--verbose", action="store_true", help="list every block")
     p.add_argument("-q", "--quiet", action="store_true", help="print errors only")
     p.add_argument("--version", action="version", version=f"onnx-repvgg {__version__}")
     return p
+
+
+def emit(*parts) -> None:
+    """print() to stdout; when its reader has gone (| head), the rest goes nowhere and the run
+    goes on: the exit code stays the run's own."""
+    try:
+        print(*parts, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def parse_shapes(specs: list[str]) -> dict[str, list[int]]:
@@ -98,8 +110,8 @@ def parse_shapes(specs: list[str]) -> dict[str, list[int]]:
             shapes[name] = [int(d) for d in dims.split(",") if d.strip()]
         except ValueError:
             raise UsageError(f"--input-shape {spec!r}: dims must be integers") from None
-        if any(d < 0 for d in shapes[name]):
-            raise UsageError(f"--input-shape {spec!r}: dims must be >= 0")
+        if not shapes[name] or any(d < 1 for d in shapes[name]):
+            raise UsageError(f"--input-shape {spec!r}: dims must be >= 1 (a dim of 0 would compare nothing)")
     return shapes
 
 
@@ -158,14 +170,14 @@ def main(argv: list[str] | None = None) -> int:
         except SystemExit as exit_:  # --help / --version
             return int(exit_.code or 0)
         if args.list_patterns:
-            print("rules:")
+            emit("rules:")
             for name in RULES:
                 default = "" if name in DEFAULT_RULES else " (opt-in)"
-                print(f"  {name}{default}: {describe(name)}")
-            print("patterns:")
+                emit(f"  {name}{default}: {describe(name)}")
+            emit("patterns:")
             width = max(len(family) for family, _, _ in PATTERNS)
             for family, diagram, rule in PATTERNS:
-                print(f"  {family:<{width}}  {diagram}   [{rule}]")
+                emit(f"  {family:<{width}}  {diagram}   [{rule}]")
             return EXIT_OK
         if args.input is None:
             raise UsageError("an input model is required")
@@ -175,6 +187,11 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError("--exit-code goes with --dry-run (it reports whether anything would be fused)")
         if args.check < 1:
             raise UsageError("--check needs at least 1 input set")
+        for flag, value in (("--rtol", args.rtol), ("--atol", args.atol)):
+            if value is not None and not value >= 0:
+                raise UsageError(f"{flag} must be >= 0, got {value}")
+        if args.verbose and args.quiet:
+            raise UsageError("-v and -q contradict each other")
         shapes = parse_shapes(args.input_shape)
         args.rules = choose_rules(args)
         args.feeds = load_input_data(args.input_data)
@@ -188,9 +205,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("onnx-repvgg: interrupted; nothing written", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except BrokenPipeError:  # the report piped into `head` or the like: its reader has gone
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_OK
     except MemoryError:
         print("onnx-repvgg: error: out of memory; nothing written", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -247,6 +261,19 @@ def _check_outputs_spare_inputs(args, loaded) -> None:
         for read in reads:
             if _same_file(read, path):
                 raise UsageError(f"the {what} {path} would overwrite {read}, which the input reads")
+
+
+def _declared_inputs(model) -> str:
+    """The model's real inputs with their declared shapes, e.g. "x [N, 3, 224, 224]"."""
+    initializers = {t.name for t in model.graph.initializer}
+    described = []
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        dims = [d.dim_param or (str(d.dim_value) if d.HasField("dim_value") else "?")
+                for d in value.type.tensor_type.shape.dim]
+        described.append(f"{value.name} [{', '.join(dims)}]")
+    return ", ".join(described) or "(none)"
 
 
 def _check_input_names(args, shapes, model) -> None:
@@ -306,7 +333,7 @@ def _use_color() -> bool:
 
 
 def _run_staged(args, shapes) -> int:
-    say = (lambda *a: None) if args.quiet else print
+    say = (lambda *a: None) if args.quiet else emit
     args.color = _use_color()
     timings: dict[str, float] = {}
     progress = Progress(not args.quiet and sys.stderr.isatty())
@@ -320,6 +347,7 @@ def _run_staged(args, shapes) -> int:
         timings["load"] = time.perf_counter() - t
         _check_outputs_spare_inputs(args, loaded)
         _check_input_names(args, shapes, loaded.model)
+        args.declared = _declared_inputs(loaded.model)
         staging = None if args.dry_run else Staging(args.output)
         return _phases(args, shapes, loaded, staging, say, timings, progress)
     finally:
@@ -347,9 +375,9 @@ def _phases(args, shapes, loaded, staging, say, timings, progress) -> int:
     if staging is None:
         progress.done()
         say(f"onnx-repvgg {__version__}: {args.input} (dry run, nothing written)")
-        say(report.to_text(verbose=args.verbose, color=args.color))
+        say(report.to_text(verbose=args.verbose, color=args.color, dry_run=True))
         _write_json(args, report)
-        if args.exit_code and report.fused:
+        if args.exit_code and (report.fused or report.skipped):
             return EXIT_WOULD_FUSE
         return EXIT_OK
 
@@ -372,11 +400,15 @@ def _phases(args, shapes, loaded, staging, say, timings, progress) -> int:
             progress.done()
             timings["validate"] = time.perf_counter() - t
             report.validation = Validation(passed=False, input_sets=args.check, error=str(err))
-            advice = {"input": "Give the model's input shapes with --input-shape NAME:D0,D1,...",
+            given = args.input_shape or args.input_data
+            advice = {"input": (f"Check --input-shape/--input-data against the model's inputs: {args.declared}"
+                                if given else f"Give its input shapes with --input-shape NAME:D0,D1,... "
+                                f"(the model's inputs: {args.declared})"),
                       "original": "The original model does not run in onnxruntime; --no-check writes the "
                                   "fused model unvalidated",
                       "fused": "Nothing written"}[err.side]
-            print(f"onnx-repvgg: error: validation could not run: {err}. {advice}.", file=sys.stderr)
+            print(f"onnx-repvgg: error: validation could not run: {str(err).rstrip('. ')}. {advice}.",
+                  file=sys.stderr)
             _write_json_after_failure(args, report)
             return EXIT_VALIDATION_FAILED if err.side == "fused" else EXIT_BAD_INPUT
         timings["validate"] = time.perf_counter() - t

@@ -396,6 +396,18 @@ class GraphView:
             self._scan_declared()
         return self._elem_types.get(name) if self._elem_types is not None else None
 
+    def declared_shape(self, name: str) -> tuple[int, ...] | None:
+        """The shape the model itself declares for a value (graph inputs, outputs, value_info):
+        no shape question, the same with or without inferred shapes."""
+        if self._elem_types is None:
+            self._scan_declared()
+        return self._declared_shapes.get(name)
+
+    def may_be_constant(self, name: str) -> bool:
+        """Is `name` a constant, or a value inferred shapes could make one? Not a question: the
+        answer is the same with or without inferred shapes (a superset of the constants)."""
+        return name in self.constant_names or name in self.tainted
+
     def shape(self, name: str) -> tuple[int, ...] | None:
         """The known shape of a value (-1 for an unknown dim): inferred, else declared."""
         if self.shapes_pending:
@@ -409,6 +421,23 @@ class GraphView:
         if self._elem_types is None:
             self._scan_declared()
         return self._declared_shapes.get(name)
+
+    def raw_vector(self, name: str) -> tuple[bytes, np.dtype, int] | None:
+        """(raw bytes, dtype, length) of a constant that is a 1-D initializer held inline as the
+        raw data of a plain numeric type (what tensor_array reads with np.frombuffer), else
+        None: for reading many small vectors in one numpy call."""
+        tensor = self.initializers.get(name)
+        if tensor is None or name in self.graph_inputs or not _LITTLE_ENDIAN:
+            return None
+        dtype = _RAW_DTYPES.get(tensor.data_type)
+        if dtype is None or tensor.data_location == _EXTERNAL or tensor.HasField("segment"):
+            return None
+        dims = tensor.dims
+        if len(dims) != 1:
+            return None
+        # No raw_data field reads as b"": right only for a tensor of no elements, which has no data.
+        raw, length = tensor.raw_data, dims[0]
+        return (raw, dtype, length) if len(raw) == length * dtype.itemsize else None
 
     def constant_shape(self, name: str) -> tuple[int, ...] | None:
         """The shape of a constant, without converting an initializer to numpy."""

@@ -201,8 +201,11 @@ def _run_round(view: GraphView, rules, opset: int, options: dict, names: rewrite
     done = len(state.handled)
     count = 0
     for rule in rules:
+        batch = _Batch(rule, view, names, report, sink, state) if hasattr(rule, "materialize_many") else None
         for candidate in rule.find(view, opset, options):
             if view.shape_questions:
+                if batch is not None:
+                    batch.flush()  # its candidates were handled without a question: they stand
                 return False  # this candidate, or one the rule passed over, read a shape
             if count < done:
                 if candidate.anchor != state.handled[count]:
@@ -210,6 +213,12 @@ def _run_round(view: GraphView, rules, opset: int, options: dict, names: rewrite
                                        f"'{state.handled[count]}' without")
                 count += 1
                 continue
+            if batch is not None and batch.takes(candidate):
+                state.handled.append(candidate.anchor)
+                count += 1
+                continue
+            if batch is not None:
+                batch.flush()  # every candidate before this one is done, in order
             mark = names.mark()
             outcome = _handle(candidate, rule, view, names, report, sink, state)
             if view.shape_questions:  # materializing read a shape: this candidate is redone with shapes
@@ -218,16 +227,70 @@ def _run_round(view: GraphView, rules, opset: int, options: dict, names: rewrite
             state.handled.append(candidate.anchor)
             count += 1
             _commit(outcome, report, sink, state)
+        if batch is not None:
+            batch.flush()
     return not view.shape_questions
+
+
+class _Batch:
+    """Matches of one rule whose materialization is done together (the rule's materialize_many
+    does the numpy work of many small blocks in one call), each then committed in the order the
+    rule found them, as _handle and _commit would have one by one: the same names, records and
+    claimed nodes. A match joins only when it overlaps no block fused or waiting; any other
+    candidate first flushes the ones waiting. A rule with materialize_many says which of its
+    matches can wait (batchable)."""
+
+    MAX_BLOCKS = 512
+    MAX_BYTES = 1 << 24  # of the matches' float64 terms, held until the flush
+
+    def __init__(self, rule, view: GraphView, names: rewrite.NameRegistry, report: Report, sink, state: _Round):
+        self.rule, self.view, self.names, self.report, self.sink, self.state = rule, view, names, report, sink, state
+        self.waiting: list = []  # (candidate, record)
+        self.nodes: set[int] = set()
+        self.bytes = 0
+
+    def takes(self, candidate) -> bool:
+        block = candidate.block
+        if block is None or not self.rule.batchable(block):
+            return False
+        removed = block.removed_nodes
+        if self.state.claimed.intersection(removed) or self.nodes.intersection(removed):
+            return False
+        self.waiting.append((candidate, _record(candidate, self.rule)))
+        self.nodes.update(removed)
+        self.bytes += self.rule.batch_bytes(block)
+        if len(self.waiting) >= self.MAX_BLOCKS or self.bytes >= self.MAX_BYTES:
+            self.flush()
+        return True
+
+    def flush(self) -> None:
+        if not self.waiting:
+            return
+        asked = self.view.shape_questions
+        results = self.rule.materialize_many([c.block for c, _ in self.waiting], self.view, self.names)
+        if self.view.shape_questions != asked:
+            raise RuntimeError("internal error: a batched materialize read a shape")
+        for (candidate, record), result in zip(self.waiting, results):
+            if isinstance(result, CastError):  # a value the model's dtype cannot hold
+                record.reason_code, record.reason = result.code, str(result)
+                _commit((record, None, None), self.report, self.sink, self.state)
+                continue
+            _commit((record, result, candidate.block.removed_nodes), self.report, self.sink, self.state)
+            candidate.block = None  # free the float64 terms now
+        self.waiting, self.nodes, self.bytes = [], set(), 0
+
+
+def _record(candidate, rule) -> BlockRecord:
+    near = candidate.near_miss if candidate.near_miss is not None else getattr(rule, "NEAR_MISS", True)
+    return BlockRecord(anchor=candidate.anchor, branches=candidate.branch_labels,
+                       status="skipped" if near else "not_applicable", group=candidate.group,
+                       strides=list(candidate.strides) if candidate.strides else None)
 
 
 def _handle(candidate, rule, view: GraphView, names: rewrite.NameRegistry, report: Report, sink, state: _Round):
     """Materialize one candidate: (record, Rewrite or None), or None when it overlaps a block
     fused this round (it is matched again next round)."""
-    near = candidate.near_miss if candidate.near_miss is not None else getattr(rule, "NEAR_MISS", True)
-    record = BlockRecord(anchor=candidate.anchor, branches=candidate.branch_labels,
-                         status="skipped" if near else "not_applicable", group=candidate.group,
-                         strides=list(candidate.strides) if candidate.strides else None)
+    record = _record(candidate, rule)
     block = candidate.block
     if block is None:
         record.reason_code, record.reason = candidate.reason.code, candidate.reason.message

@@ -75,6 +75,7 @@ class Validation:
     kernels_covered: bool | None = None  # the chosen sizes let every window meet data (None: unknown)
     notes: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)  # seconds: "end_to_end", "blocks"
+    given_inputs: list[str] = field(default_factory=list)  # inputs with real data (input_data)
 
     @property
     def compared(self) -> list[OutputCheck]:
@@ -148,12 +149,17 @@ class Report:
                            "not_applicable": len(self.not_applicable)}
         return data
 
-    def to_text(self, verbose: bool = False, max_rows: int = 30, color: bool = False) -> str:
-        """The terminal report; `color` adds ANSI colours (the CLI asks only for a terminal)."""
+    def to_text(self, verbose: bool = False, max_rows: int = 30, color: bool = False, dry_run: bool = False) -> str:
+        """The terminal report; `color` adds ANSI colours (the CLI asks only for a terminal);
+        `dry_run` words it as what would be done."""
         paint = _painter(color)
-        lines = [f"blocks: {len(self.fused)} fused, {len(self.skipped)} skipped"]
-        if not self.fused:
-            lines.append(NOTHING_TO_FUSE + (" (the skipped blocks below say why they were not)" if self.skipped else ""))
+        fused_word = "would be fused" if dry_run else "fused"
+        lines = [f"blocks: {len(self.fused)} {fused_word}, {len(self.skipped)} skipped"]
+        if not self.fused and not self.skipped:
+            lines.append(NOTHING_TO_FUSE)
+        elif not self.fused:
+            lines.append(f"nothing fused: {len(self.skipped)} block{'s' if len(self.skipped) != 1 else ''} found, none "
+                         "of them safe to fuse (the reasons below); the model is not in deploy form")
         shown = [b for b in self.blocks if b.status != "not_applicable"]
         rows = shown if len(shown) <= max_rows else self.skipped
         if verbose:
@@ -246,18 +252,25 @@ def _validation_text(v: Validation, paint=_PLAIN) -> str:
     if v.error:
         return f"validation: {paint('could not run', 'red')}: {v.error}"
     head = paint("passed", "green") if v.passed else paint("FAILED", "red")
-    lines = [f"validation: {head} ({v.input_sets} random input set{'s' if v.input_sets != 1 else ''}, "
-             f"onnxruntime, optimizations disabled): max abs diff {v.max_abs_diff:.3g}, "
-             f"max rel diff {v.max_rel_diff:.3g}"]
+    plural = "s" if v.input_sets != 1 else ""
+    sets = (f"{v.input_sets} input set{plural}: {', '.join(v.given_inputs)} given, the rest random" if v.given_inputs
+            else f"{v.input_sets} random input set{plural}")
+    lines = [f"validation: {head} ({sets}; onnxruntime, optimizations disabled)"]
     checked = [b for b in v.blocks if b.checked]
     if v.blocks:
         worst = max((b.max_rel_diff for b in checked), default=0.0)
         whole = " with every kernel tap on data" if checked and not any(b.note for b in checked) else ""
-        lines.append(f"  blocks: {len(checked)} of {len(v.blocks)} checked alone{whole} (max rel diff {worst:.3g})")
+        lines.append(f"  blocks: {len(checked)} of {len(v.blocks)} checked alone{whole}: max rel diff {worst:.3g}")
     compared = v.compared
     outputs = [o for o in v.outputs if o.comparable]
-    lines.append(f"  end to end: {len(outputs)} of {len(v.outputs)} outputs and "
-                 f"{len([t for t in v.tensors if t.comparable])} block tensors compared")
+    tensors = [t for t in v.tensors if t.comparable]
+    end = (f"  end to end: {len(outputs)} of {len(v.outputs)} outputs (max abs diff "
+           f"{max((o.max_abs_diff for o in outputs), default=0.0):.3g}, max rel diff "
+           f"{max((o.max_rel_diff for o in outputs), default=0.0):.3g})")
+    if v.tensors:
+        end += (f" and {len(tensors)} block tensors (max rel diff "
+                f"{max((t.max_rel_diff for t in tensors), default=0.0):.3g})")
+    lines.append(end + " compared")
     if v.defaulted_dims:
         chosen = ", ".join(f"{d}={_dim_value(v, d)}" for d in v.defaulted_dims)
         covered = {True: " (every kernel meets data)", False: " (some kernels are larger than their input)",
@@ -274,7 +287,9 @@ def _validation_text(v: Validation, paint=_PLAIN) -> str:
         elif b.note:
             lines.append(f"  block '{b.nodes[0]}': {b.note}")
     for o in compared:
-        if not o.passed:
+        if not o.passed and o.reason:
+            lines.append(f"  {o.role} '{o.name}': {o.reason}")
+        elif not o.passed:
             lines.append(f"  {o.role} '{o.name}': max abs diff {o.max_abs_diff:.3g}, max rel diff "
                          f"{o.max_rel_diff:.3g} exceed rtol {o.rtol:g}, atol {o.atol:g}")
     lines.extend(f"  note: {note}" for note in v.notes)

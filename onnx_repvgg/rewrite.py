@@ -9,7 +9,7 @@ initializers are never modified.
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 import numpy as np
 import onnx
@@ -162,21 +162,37 @@ def fused_nodes(block: Block, weight: np.ndarray, bias: np.ndarray, names: NameR
 
 def conv_node(inputs: list[str], output: str, name: str, g) -> onnx.NodeProto:
     """The Conv of geometry `g` (a block.ConvGeometry), as helper.make_node writes it (attributes
-    in sorted order: dilations, group, kernel_shape, pads, strides), built field by field."""
-    node = onnx.NodeProto(op_type="Conv", input=inputs, output=[output])
+    in sorted order: dilations, group, kernel_shape, pads, strides): a copy of the geometry's
+    attributes, made once, with this node's inputs, output and name."""
+    key: tuple[tuple[int, ...], int, tuple[int, ...], tuple[int, ...], tuple[int, ...]] = (
+        tuple(int(v) for v in g.dilations), int(g.group), tuple(int(v) for v in g.kernel_shape),
+        tuple(int(v) for v in g.pads), tuple(int(v) for v in g.strides))
+    template = _CONV_ATTRIBUTES.get(key)
+    if template is None:
+        template = onnx.NodeProto(op_type="Conv")
+        dilations, group, kernel_shape, pads, strides = key
+        for attr_name, value in (("dilations", dilations), ("group", group), ("kernel_shape", kernel_shape),
+                                 ("pads", pads), ("strides", strides)):
+            attr = template.attribute.add()
+            attr.name = attr_name
+            if isinstance(value, int):
+                attr.i = value
+                attr.type = onnx.AttributeProto.INT
+            else:
+                attr.ints.extend(value)
+                attr.type = onnx.AttributeProto.INTS
+        if len(_CONV_ATTRIBUTES) < 256:
+            _CONV_ATTRIBUTES[key] = template
+    node = onnx.NodeProto()
+    node.CopyFrom(template)
+    node.input.extend(inputs)
+    node.output.append(output)
     if name:
         node.name = name
-    for key, value in (("dilations", g.dilations), ("group", g.group), ("kernel_shape", g.kernel_shape),
-                       ("pads", g.pads), ("strides", g.strides)):
-        attr = node.attribute.add()
-        attr.name = key
-        if key == "group":
-            attr.i = int(value)
-            attr.type = onnx.AttributeProto.INT
-        else:
-            attr.ints.extend(int(v) for v in value)
-            attr.type = onnx.AttributeProto.INTS
     return node
+
+
+_CONV_ATTRIBUTES: dict[tuple, onnx.NodeProto] = {}  # geometry -> a Conv holding its attributes only
 
 
 def branch_sum_rewrite(block: Block, weight: np.ndarray, bias: np.ndarray, view: GraphView,
@@ -198,10 +214,11 @@ def apply(graph: onnx.GraphProto, view: GraphView, rewrites: list[Rewrite], sink
     removed: set[int] = set()
     inserted: dict[int, list[onnx.NodeProto]] = defaultdict(list)
     consumers, inputs_of = view.consumers, view.inputs_of
-    change: dict[str, int] = defaultdict(int)  # uses gained or lost, by value name
+    gained: Counter[str] = Counter()  # uses gained and lost, by value name
+    lost: Counter[str] = Counter()
 
     def uses(name: str) -> int:
-        return len(consumers.get(name, ())) + change.get(name, 0)
+        return len(consumers.get(name, ())) + gained.get(name, 0) - lost.get(name, 0)
 
     pending: list[tuple[str, object]] = []
 
@@ -209,36 +226,36 @@ def apply(graph: onnx.GraphProto, view: GraphView, rewrites: list[Rewrite], sink
         for index, nodes in rw.insertions:
             inserted[index].extend(nodes)
             for node in nodes:
-                for name in node.input:
-                    change[name] += 1
+                gained.update(node.input)
         removed.update(rw.removed_nodes)
         for index in rw.removed_nodes:
-            for name in inputs_of[index]:
-                if name:
-                    change[name] -= 1
+            lost.update(inputs_of[index])
         pending.extend(rw.initializers)
+    lost.pop("", None)
 
     # Values that lost their last use: the nodes that computed them (constants, and default-domain
     # nodes without subgraphs, e.g. a Slice read only for its shape), then initializers. Only a
-    # value whose uses changed can have none left (every other one has a consumer).
+    # value whose uses went down can have none left (every other one has a consumer).
     dead_initializers: set[str] = set()
-    frontier = [name for name, delta in change.items() if len(consumers.get(name, ())) + delta <= 0]
+    frontier = [name for name in lost if uses(name) <= 0]
     graph_outputs = view.graph_outputs
     while frontier:
         name = frontier.pop()
-        if name in graph_outputs or len(consumers.get(name, ())) + change.get(name, 0) > 0:
-            continue
         producer = view.producer.get(name)
+        if producer is not None and producer in removed:
+            continue  # computed by a removed node: it goes with it
+        if name in graph_outputs or uses(name) > 0:
+            continue
         if producer is not None:
             node = view.nodes[producer]
-            if producer in removed or not _removable(node):
+            if not _removable(node):
                 continue
             if any(uses(out) > 0 or out in view.graph_outputs for out in view.outputs_of[producer] if out):
                 continue
             removed.add(producer)
             for inp in inputs_of[producer]:
                 if inp:
-                    change[inp] -= 1
+                    lost[inp] += 1
                     if uses(inp) <= 0:
                         frontier.append(inp)
         elif name in view.initializers and name not in view.graph_inputs:

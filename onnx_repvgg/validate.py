@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import onnx
 
-from .proof.blocks import check_regions
+from .proof.blocks import WINDOW_OPS, check_regions
 from .proof.changes import find_regions
 from .proof.compare import DEFAULT_ATOL, DEFAULT_RTOL, HALF_ATOL, HALF_RTOL, compare, tolerances
 from .proof.continuity import not_comparable
@@ -37,32 +37,37 @@ __all__ = ["validate", "compare", "ValidationError", "DEFAULT_RTOL", "DEFAULT_AT
 # window meeting data, then the rest, then smaller ones for models that need them.
 SIZES = (32, 64, 128, 224, 256, 320, 512, 640)
 SMALL_SIZES = (16, 8, 4, 2, 1)
-_WINDOW_OPS = ("Conv", "ConvTranspose", "AveragePool", "MaxPool", "LpPool")
 
 
 def validate(original, fused, *, input_sets: int = 1, rtol: float | None = None, atol: float | None = None,
              input_shapes: Mapping[str, Sequence[int]] | None = None, seed: int = 0,
-             input_data: Mapping[str, np.ndarray] | None = None) -> Validation:
+             input_data: Mapping[str, np.ndarray] | None = None, base_dir: str | None = None) -> Validation:
     """Prove `fused` equal to `original` (ModelProtos or paths): each changed block alone, then
     both models end to end.
 
     rtol/atol default to 1e-4/1e-5, and to 1e-2/1e-3 for float16 tensors. `input_data` gives
     real arrays for some inputs (used in every input set); the rest are random. Dynamic dims
-    not given by `input_shapes` are chosen (see SIZES). Raises ValidationError if onnxruntime
-    cannot run a model, or if `input_shapes`/`input_data` name an input the model lacks.
+    not given by `input_shapes` are chosen (see SIZES). `base_dir` is where the external data
+    of ModelProtos given without it loaded lies (the original's folder, for fuse()'s output).
+    Raises ValidationError if onnxruntime cannot run a model, or if `input_shapes`/`input_data`
+    name an input the model lacks or do not fit it.
     """
     start = time.perf_counter()
-    a, b = open_model(original, "original"), open_model(fused, "fused")
+    a, b = open_model(original, "original", base_dir), open_model(fused, "fused", base_dir)
     real_inputs = _inputs(a.model.graph)
     data = dict(input_data or {})
     overrides = {name: [int(d) for d in dims] for name, dims in (input_shapes or {}).items()}
-    for flag, names in (("--input-shape", overrides), ("--input-data", data)):
+    for flag, names in (("input_shapes (--input-shape)", overrides), ("input_data (--input-data)", data)):
         unknown = [name for name in names if name not in real_inputs]
         if unknown:
             raise ValidationError(f"{flag} names {', '.join(repr(n) for n in unknown)}, which is not an input of "
                                   f"the model (its inputs: {', '.join(real_inputs)})", "input")
     for name, array in data.items():
         overrides.setdefault(name, list(np.shape(array)))
+    empty = [name for name, dims in overrides.items() if any(d <= 0 for d in dims)]
+    if empty:
+        raise ValidationError(f"input '{empty[0]}' would have a dim of 0 ({overrides[empty[0]]}): nothing would be "
+                              "compared", "input")
 
     regions = find_regions(a.model.graph, b.model.graph)
     block_outputs = list(dict.fromkeys(o for r in regions for o in r.outputs))
@@ -105,13 +110,20 @@ def validate(original, fused, *, input_sets: int = 1, rtol: float | None = None,
                         tensors=[worst[n] for n in fused_fetch if n not in graph_outputs],
                         blocks=blocks, input_shapes=shapes, defaulted_dims=defaulted,
                         kernels_covered=covered if defaulted else None,
-                        timings={"end_to_end": end_to_end, "blocks": time.perf_counter() - start - end_to_end})
-    unproven = [blk for blk in blocks if not blk.checked]
+                        timings={"end_to_end": end_to_end, "blocks": time.perf_counter() - start - end_to_end},
+                        given_inputs=sorted(data))
     result.passed = all(o.passed for o in result.compared) and all(blk.passed for blk in blocks if blk.checked)
-    if unproven and not any(o.comparable for o in result.outputs):
+    # A block that could not be checked alone is proven only by its own outputs, compared end
+    # to end: another output that happens to be comparable says nothing about it.
+    compared = {o.name for o in result.outputs + result.tensors if o.comparable}
+    for blk in blocks:
+        if not blk.checked and not all(name in compared for name in blk.outputs):
+            result.passed = False
+            result.notes.append(f"block '{blk.nodes[0]}' could not be checked alone and its outputs are not "
+                                "comparable end to end: nothing proves it")
+    if not any(np.size(o) for o in [captured.get(n) for n in result.input_shapes] if o is not None):
         result.passed = False
-        result.notes.append(f"{len(unproven)} changed block(s) could not be checked alone and no output after "
-                            "them is comparable: nothing proves them")
+        result.notes.append("every input is empty: nothing was compared")
     return result
 
 
@@ -199,7 +211,7 @@ def _windows_covered(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> bo
     weights = {t.name: list(t.dims) for t in model.graph.initializer}
     seen = False
     for node in model.graph.node:
-        if node.op_type not in _WINDOW_OPS or not node.input or node.input[0] not in known:
+        if node.op_type not in WINDOW_OPS or not node.input or node.input[0] not in known:
             continue
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         kernel = attrs.get("kernel_shape") or (weights.get(node.input[1], [])[2:] if len(node.input) > 1 else [])

@@ -32,7 +32,7 @@ def test_exit_code_gate(tmp_path, capsys):
     _block_model(tmp_path / "train.onnx")
     _deploy_model(tmp_path / "deploy.onnx")
     assert main([str(tmp_path / "train.onnx"), "--dry-run", "--exit-code"]) == 1
-    assert "blocks: 1 fused" in capsys.readouterr().out
+    assert "blocks: 1 would be fused" in capsys.readouterr().out
     assert main([str(tmp_path / "deploy.onnx"), "--dry-run", "--exit-code", "-q"]) == 0
     assert sorted(os.listdir(tmp_path)) == ["deploy.onnx", "train.onnx"]
     assert main([str(tmp_path / "train.onnx"), "--dry-run"]) == 0  # without the flag: success
@@ -41,10 +41,33 @@ def test_exit_code_gate(tmp_path, capsys):
     assert "--exit-code goes with --dry-run" in capsys.readouterr().err
 
 
+def test_exit_code_gate_fails_a_model_whose_blocks_cannot_be_fused(tmp_path, capsys):
+    """An export left in training mode (BN with training_mode=1) has blocks that cannot be fused:
+    it is not in deploy form either, and the gate says so."""
+    b = GraphBuilder()
+    x = b.x
+    skipped = b.add(b.add(b.conv(x, 4, 4, 3), b.conv(x, 4, 4, 1, pads=[0] * 4)), b.bn(x, 4, training_mode=1))
+    onnx.save(b.model([skipped]), str(tmp_path / "train_mode.onnx"))
+    assert main([str(tmp_path / "train_mode.onnx"), "--dry-run", "--exit-code", "-q"]) == 1
+
+
+def test_the_gate_keeps_its_exit_code_when_stdout_goes_away(tmp_path):
+    """`... --dry-run --exit-code | head -1` (pipefail): the reader leaves early, the code stays."""
+    import subprocess
+    import sys
+
+    _block_model(tmp_path / "train.onnx")
+    proc = subprocess.Popen([sys.executable, "-m", "onnx_repvgg", str(tmp_path / "train.onnx"), "--dry-run",
+                             "--exit-code", "-v"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before the report is printed
+    assert proc.wait(timeout=120) == 1
+    assert b"internal error" not in proc.stderr.read()
+
+
 def test_help_documents_the_gate(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    assert "--exit-code" in out and "at least one block would be fused" in out
+    assert "--exit-code" in out and "not in deploy form" in out and "near miss" in out
 
 
 def test_nothing_to_fuse_says_what_that_means(tmp_path, capsys):
@@ -122,7 +145,7 @@ def test_single_branch_folds_that_do_not_apply_are_not_near_misses(tmp_path, cap
     onnx.save(_gelu_on_conv_model(), str(tmp_path / "in.onnx"))
     assert main([str(tmp_path / "in.onnx"), "--dry-run", "--json", str(tmp_path / "r.json")]) == 0
     out = capsys.readouterr().out
-    assert "blocks: 0 fused, 0 skipped" in out
+    assert "blocks: 0 would be fused, 0 skipped" in out
     assert "1 single-branch fold not applicable (-v lists it)" in out
     assert "intermediate_shared" not in out and "has 2 uses" not in out
     data = json.loads((tmp_path / "r.json").read_text())
@@ -141,4 +164,5 @@ def test_a_bn_that_cannot_fold_is_a_near_miss(tmp_path, capsys):
     onnx.save(model, str(tmp_path / "in.onnx"))
     assert main([str(tmp_path / "in.onnx"), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "blocks: 0 fused, 1 skipped" in out and "not applicable" not in out
+    assert "blocks: 0 would be fused, 1 skipped" in out and "not applicable" not in out
+    assert "nothing fused: 1 block found" in out and "not in deploy form" in out

@@ -26,7 +26,7 @@ from .runtime import ModelSource, ValidationError, one_line, random_value, sessi
 
 CHUNK_BYTES = 1 << 28      # weights per pair of models
 CHUNK_REGIONS = 1000
-_WINDOW_OPS = ("Conv", "ConvTranspose", "AveragePool", "MaxPool", "LpPool")
+WINDOW_OPS = ("Conv", "ConvTranspose", "AveragePool", "MaxPool", "LpPool")  # ops with a kernel window
 
 
 @dataclass
@@ -78,7 +78,7 @@ def _needed_extent(b: ModelSource, region: Region) -> int:
     shapes = {t.name: list(t.dims) for t in graph.initializer}
     for i in region.fused_nodes:
         node = graph.node[i]
-        if node.op_type not in _WINDOW_OPS:
+        if node.op_type not in WINDOW_OPS:
             continue
         kernel = attribute(node, "kernel_shape")
         if kernel is None and len(node.input) > 1 and node.input[1] in shapes:

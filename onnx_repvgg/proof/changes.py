@@ -106,12 +106,15 @@ def _node_keys(graph: onnx.GraphProto) -> dict[bytes, int]:
 
 def find_regions(original: onnx.GraphProto, fused: onnx.GraphProto) -> list[Region]:
     """The regions of new nodes in `fused`, each with its original in `original`."""
-    known = _node_keys(original)
+    unmatched: dict[bytes, list[int]] = defaultdict(list)  # original nodes by content
+    for index, node in enumerate(original.node):
+        unmatched[node.SerializeToString(deterministic=True)].append(index)
     new: list[int] = []
+    kept: dict[int, int] = {}  # fused index -> the same node's index in the original
     for index, node in enumerate(fused.node):
-        key = node.SerializeToString(deterministic=True)
-        if known.get(key, 0) > 0:
-            known[key] -= 1
+        twins = unmatched.get(node.SerializeToString(deterministic=True))
+        if twins:
+            kept[index] = twins.pop(0)
         else:
             new.append(index)
     if not new:
@@ -135,12 +138,24 @@ def find_regions(original: onnx.GraphProto, fused: onnx.GraphProto) -> list[Regi
     groups: dict[int, list[int]] = defaultdict(list)
     for i in new:
         groups[root(i)].append(i)
-    regions = [_describe(sorted(members), fused_index, original_index) for members in groups.values()]
+    pairs = Kept(kept, set(kept.values()))
+    regions = [_describe(sorted(members), fused_index, original_index, pairs) for members in groups.values()]
     regions.sort(key=lambda r: r.fused_nodes[0])
     return regions
 
 
-def _describe(members: list[int], fused: GraphIndex, original: GraphIndex) -> Region:
+@dataclass
+class Kept:
+    """Nodes both graphs have, unchanged: fused index -> original index, and the original ones."""
+
+    fused_to_original: dict[int, int]
+    original: set[int]
+
+
+MAX_BOUNDARY_NODES = 200  # kept nodes a region may take in to reach its original's inputs
+
+
+def _describe(members: list[int], fused: GraphIndex, original: GraphIndex, kept: Kept) -> Region:
     region = Region(members)
     inside = set(members)
     written = {out for i in members for out in fused.graph.node[i].output if out}
@@ -158,24 +173,71 @@ def _describe(members: list[int], fused: GraphIndex, original: GraphIndex) -> Re
         if name not in original.producer and name not in original.graph_inputs:
             region.problem = f"it reads '{name}', which the original does not have"
             return region
-    stops = set(region.inputs)
+    found, boundary, problem = _walk_back(original, region.outputs, set(region.inputs), kept.original)
+    if problem:
+        region.problem = problem
+        return region
+    if boundary:
+        # The original reads tensors the fused block does not (e.g. a second Identity copy of
+        # X that the fusion made dead): both sides start from the same tensors, the fused one
+        # taking in the unchanged nodes that compute its inputs from them.
+        extra, problem = _reach(fused, kept, [n for n in region.inputs if n not in boundary], boundary)
+        if problem:
+            region.problem = (f"the original computes {', '.join(repr(o) for o in region.outputs)} from "
+                              f"'{sorted(boundary)[0]}', which the fused block does not read ({problem})")
+            return region
+        region.fused_nodes = sorted(set(region.fused_nodes) | extra)
+        found |= {kept.fused_to_original[i] for i in extra}
+        region.inputs = sorted(_external_reads(fused, region.fused_nodes) | boundary)
+    region.original_nodes = sorted(found)
+    return region
+
+
+def _walk_back(graph: GraphIndex, outputs: list[str], stops: set[str], kept: set[int]):
+    """The nodes computing `outputs` back to `stops` and constants; a tensor an unchanged node
+    (`kept`) computes, or a graph input, that is not a stop ends the walk as a boundary.
+    Returns (nodes, boundary, problem)."""
     found: set[int] = set()
-    stack = list(region.outputs)
+    boundary: set[str] = set()
+    stack = list(outputs)
     while stack:
         name = stack.pop()
-        if name in stops or name in original.initializers:
+        if name in stops or name in graph.constant or name in boundary:
+            continue  # constants: the block models take in the nodes that compute them
+        index = graph.producer.get(name)
+        if index is None or index in kept:
+            boundary.add(name)
             continue
-        index = original.producer.get(name)
-        if index is None:
-            region.problem = (f"the original computes {', '.join(repr(o) for o in region.outputs)} from "
-                              f"'{name}', which the fused block does not read")
-            return region
         if index in found:
             continue
         found.add(index)
         if len(found) > MAX_ORIGINAL_NODES:
-            region.problem = f"its original spans more than {MAX_ORIGINAL_NODES} nodes"
-            return region
-        stack.extend(original.inputs_of[index])
-    region.original_nodes = sorted(found)
-    return region
+            return found, boundary, f"its original spans more than {MAX_ORIGINAL_NODES} nodes"
+        stack.extend(graph.inputs_of[index])
+    return found, boundary, None
+
+
+def _reach(fused: GraphIndex, kept: Kept, names: list[str], boundary: set[str]) -> tuple[set[int], str | None]:
+    """The unchanged nodes computing `names` from `boundary` (and constants) in the fused graph."""
+    found: set[int] = set()
+    stack = list(names)
+    while stack:
+        name = stack.pop()
+        if name in boundary or name in fused.constant:
+            continue
+        index = fused.producer.get(name)
+        if index is None or index not in kept.fused_to_original:
+            return found, f"'{name}' is not computed from it by unchanged nodes"
+        if index in found:
+            continue
+        found.add(index)
+        if len(found) > MAX_BOUNDARY_NODES:
+            return found, f"more than {MAX_BOUNDARY_NODES} nodes apart"
+        stack.extend(fused.inputs_of[index])
+    return found, None
+
+
+def _external_reads(graph: GraphIndex, nodes: list[int]) -> set[str]:
+    """Non-constant tensors the nodes read that none of them writes."""
+    written = {out for i in nodes for out in graph.graph.node[i].output if out}
+    return {name for i in nodes for name in graph.inputs_of[i] if name not in written and name not in graph.constant}

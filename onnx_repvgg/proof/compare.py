@@ -30,7 +30,9 @@ def compare(name: str, expected: np.ndarray, actual: np.ndarray, rtol: float, at
     expected = np.asarray(expected)
     actual = np.asarray(actual)
     if expected.shape != actual.shape or expected.dtype != actual.dtype:
-        return OutputCheck(name, float("inf"), float("inf"), rtol, atol, False)
+        return OutputCheck(name, float("inf"), float("inf"), rtol, atol, False,
+                           reason=f"the fused model gives {actual.dtype}{list(actual.shape)}, the original "
+                                  f"{expected.dtype}{list(expected.shape)}")
     if not np.issubdtype(expected.dtype, np.floating):
         equal = bool(np.array_equal(expected, actual))
         return OutputCheck(name, 0.0 if equal else float("inf"), 0.0 if equal else float("inf"), rtol, atol, equal)

@@ -49,8 +49,8 @@ class ModelSource:
     label: str             # "original" or "fused"
 
 
-def open_model(model, label: str) -> ModelSource:
-    """A ModelProto, or a path read as a skeleton."""
+def open_model(model, label: str, base_dir: str | None = None) -> ModelSource:
+    """A ModelProto (its external data loaded, or beside `base_dir`), or a path read as a skeleton."""
     if isinstance(model, (str, os.PathLike)):
         path = os.fspath(model)
         try:
@@ -65,10 +65,10 @@ def open_model(model, label: str) -> ModelSource:
             except Exception as err:
                 raise ValidationError(f"cannot read the {label} model {path}: {one_line(err)}", label) from None
         return ModelSource(proto, os.path.dirname(os.path.abspath(path)), label)
-    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in all_tensors(model)):
-        raise ValidationError(f"the {label} model's external data is not loaded: pass its path, or load it "
-                              "with onnx.load(path)", label)
-    return ModelSource(model, None, label)
+    if base_dir is None and any(t.data_location == onnx.TensorProto.EXTERNAL for t in all_tensors(model)):
+        raise ValidationError(f"the {label} model's external data is not loaded: pass its path, its folder "
+                              "(base_dir=), or load it with onnx.load(path)", label)
+    return ModelSource(model, base_dir, label)
 
 
 def one_line(err: BaseException, limit: int = 400) -> str:
@@ -83,7 +83,7 @@ def session(model: onnx.ModelProto, base_dir: str | None, label: str):
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # fatal only: the one-line error carries onnxruntime's message
     if base_dir:
         options.add_session_config_entry(_EXTERNAL_FOLDER, base_dir)
     try:
@@ -120,7 +120,11 @@ def feeds_for(session_inputs, shapes: Mapping[str, Sequence[int]], data: Mapping
             raise ValidationError(f"input '{arg.name}' has type {arg.type}, which random inputs do not cover",
                                   "original")
         if arg.name in data:
-            feeds[arg.name] = np.asarray(data[arg.name], dtype=dtype)
+            given = np.asarray(data[arg.name])
+            if given.dtype.kind != np.dtype(dtype).kind:  # float data for an int input, or the reverse
+                raise ValidationError(f"the data for input '{arg.name}' is {given.dtype}, the model takes {arg.type}",
+                                      "input")
+            feeds[arg.name] = given.astype(dtype, copy=False)
         else:
             feeds[arg.name] = random_value(shapes[arg.name], dtype, rng)
     return feeds

@@ -3,7 +3,9 @@
 Each rule module exposes NAME, find(view, opset) -> Candidates (each a match or a Reason),
 materialize(match, view, names) -> Rewrite, and a one-line description in its docstring.
 A rule with DEFAULT = False runs only when asked for; one with LATE = True runs only once
-the others have reached their fixed point.
+the others have reached their fixed point. A rule may also expose materialize_many(matches,
+view, names) (with batchable(match) and batch_bytes(match)): the pipeline then materializes
+its matches of many small blocks together, each with the result materialize() would give.
 """
 
 from . import (

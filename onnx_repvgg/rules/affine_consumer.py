@@ -28,7 +28,7 @@ from onnx import helper
 from .. import algebra
 from ..block import Candidate, Rewrite
 from ..graph import GraphView
-from .common import FLOAT_DTYPES, NotWorthIt, Skip, conv_params, data_consumers, gemm_params, is_op, tensor_rank
+from .common import FLOAT_DTYPES, NotWorthIt, Skip, conv_params, data_consumers, gemm_params, is_op, rank_ruled_out, tensor_rank
 from .linear_tree import Factor, LinearIndex, LinearTree, channel_vector
 
 NAME = "affine_into_consumer"
@@ -104,11 +104,40 @@ def feature_vector(factors: tuple[Factor, ...], features: int, what: str) -> np.
     return vec
 
 
+def keeps_shape(tree: LinearTree, shape: tuple[int, ...] | None, unknown_rank_limit: int = 1) -> bool:
+    """Whether the tree's factors and constants broadcast into `shape` (-1: an unknown dim)
+    without growing it: right-aligned, each of their dims is 1 or the (known) dim of `shape`.
+    With `shape` None only constants of rank <= unknown_rank_limit pass (a tensor of unknown
+    rank has at least that many axes)."""
+    values = [f.value for f in tree.leaves[0].factors] + [f.value for c in tree.constants for f in c.factors]
+    if shape is None:
+        return all(np.ndim(v) <= unknown_rank_limit for v in values)
+    for value in values:
+        dims = np.shape(value)
+        if len(dims) > len(shape):
+            return False
+        if any(c != 1 and (d < 0 or d != c) for d, c in zip(shape[len(shape) - len(dims):], dims)):
+            return False
+    return True
+
+
+def _known_shape(view: GraphView, x: str, rank: int | None, axis: int, size: int) -> tuple[int, ...] | None:
+    """x's static shape, or what the consumer says of it: its rank, and `size` on `axis`."""
+    shape = view.shape(x)
+    if shape is not None:
+        return shape
+    if rank is None:
+        return None
+    return tuple(size if a == axis % rank else -1 for a in range(rank))
+
+
 def _conv_change(view: GraphView, index: int, tree: LinearTree, x: str) -> ConsumerChange:
     node = view.nodes[index]
     p = conv_params(view, node)
     cin = p.weight.shape[1] * p.group
     rank = p.weight.ndim
+    if not keeps_shape(tree, _known_shape(view, x, rank, 1, cin)):
+        raise NotWorthIt()  # the map would broadcast x into another shape than the Conv reads
     scale = channel_vector(tree.leaves[0].factors, rank, cin, f"scale of '{x}'")
     shift = np.zeros(cin)
     for c in tree.constants:
@@ -132,6 +161,8 @@ def _dense_change(view: GraphView, index: int, tree: LinearTree, x: str) -> Cons
             raise NotWorthIt()  # attention products (two activations) and batched matmuls are not layers
         w_eff, dtype = w.astype(np.float64), w.dtype
     features = w_eff.shape[0]
+    if not keeps_shape(tree, _known_shape(view, x, 2 if node.op_type == "Gemm" else None, -1, features)):
+        raise NotWorthIt()  # the map would broadcast x into another shape than the layer reads
     scale = feature_vector(tree.leaves[0].factors, features, f"scale of '{x}'")
     shift = np.zeros(features)
     for c in tree.constants:
@@ -139,7 +170,7 @@ def _dense_change(view: GraphView, index: int, tree: LinearTree, x: str) -> Cons
     shifted = bool(np.any(shift != 0))
     if node.op_type == "MatMul":
         weight, bias = algebra.fold_input_affine_dense(w_eff, None, scale, shift)
-        as_gemm = shifted and tensor_rank(view, x) == 2
+        as_gemm = shifted and not rank_ruled_out(view, x, 2) and tensor_rank(view, x) == 2
         return ConsumerChange(index, weight, bias if shifted else None, dtype, as_gemm)
     weight, bias = algebra.fold_input_affine_dense(w_eff, p.beta * p.bias, scale, p.alpha * shift)
     return ConsumerChange(index, weight.T if p.trans_b else weight, bias if p.has_bias or shifted else None, dtype)

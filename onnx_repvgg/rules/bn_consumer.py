@@ -35,7 +35,7 @@ from onnx import helper
 from .. import algebra
 from ..block import Candidate, Rewrite
 from ..graph import GraphView, attribute
-from .common import FLOAT_DTYPES, Skip, bn_affine, const, conv_params, gemm_params, is_op, tensor_rank
+from .common import FLOAT_DTYPES, Skip, bn_affine, const, conv_params, gemm_params, is_op, rank_ruled_out, tensor_rank
 from .layout import chain_up, check_bn_axis, is_layout, order_only_reshape, same_shape
 
 NAME = "bn_into_consumer"
@@ -135,14 +135,16 @@ def _fold_into_matmul(view: GraphView, index: int, scale, shift):
 _FOLDS = {"Conv": _fold_into_conv, "Gemm": _fold_into_gemm, "MatMul": _fold_into_matmul}
 
 
-def use_paths(view: GraphView, bn: onnx.NodeProto) -> list[tuple[int, list[int]]]:
+def use_paths(view: GraphView, bn: onnx.NodeProto, quiet: bool = False) -> list[tuple[int, list[int]]] | None:
     """Every use of the BN's output as (consumer node, layout nodes on the way), or Skip
-    when a use, or a tensor on the way, is anything else."""
+    when a use, or a tensor on the way, is anything else (`quiet`: None instead)."""
     paths = []
     stack: list[tuple[str, list[int]]] = [(bn.output[0], [])]
     while stack:
         name, path = stack.pop()
         if name in view.graph_outputs:
+            if quiet:
+                return None
             raise Skip("intermediate_is_output", f"'{name}' after BatchNormalization '{bn.name}' is a graph output")
         for index, slot in view.consumers.get(name, ()):
             node = view.nodes[index]
@@ -150,6 +152,8 @@ def use_paths(view: GraphView, bn: onnx.NodeProto) -> list[tuple[int, list[int]]
                 paths.append((index, path))
             elif slot == 0 and is_layout(node):
                 stack.append((node.output[0], path + [index]))
+            elif quiet:
+                return None
             else:
                 what = f"{node.op_type} '{node.name}'" if slot >= 0 else f"a subgraph of {node.op_type} '{node.name}'"
                 raise Skip("intermediate_shared", f"'{name}' after BatchNormalization '{bn.name}' is also read by {what}")
@@ -213,21 +217,23 @@ def analyze(view: GraphView, index: int, opset: int) -> ConsumerFold:
                 if view.nodes[i].input[0] == bn.output[0]:
                     rewired[i] = bn.input[0]
         removed.append(target)
-        as_gemm = node.op_type == "MatMul" and tensor_rank(view, node.input[0]) == 2
+        as_gemm = node.op_type == "MatMul" and not rank_ruled_out(view, node.input[0], 2) \
+            and tensor_rank(view, node.input[0]) == 2
         folds.append(Fold(target, weight, bias, reads, as_gemm))
     removed += [i for i in rewired if i not in removed]
     return ConsumerFold(bn.name or bn.output[0], index, bn.input[0], folds, removed, rewired)
 
 
 def find(view: GraphView, opset: int, options: dict | None = None) -> list[Candidate]:
-    candidates = []
+    candidates: list[Candidate] = []
+    if not any(view.of_type(op) for op in CONSUMER_OPS):
+        return candidates  # no layer to fold a BN into
     for index in view.of_type("BatchNormalization"):
         node = view.nodes[index]
         if not is_op(node, "BatchNormalization") or not node.input or not node.output:
             continue
-        try:
-            paths = use_paths(view, node)
-        except Skip:
+        paths = use_paths(view, node, quiet=True)
+        if paths is None:
             continue  # some use is not a linear layer: nothing this rule could do
         if not paths or any(view.nodes[i].op_type == "MatMul" and view.constant_shape(view.nodes[i].input[1]) is None
                             for i, _ in paths):

@@ -72,9 +72,10 @@ def _deep_source(view: GraphView, index: LinearIndex, leaf: str) -> Branch | Non
         return Branch(Addend(leaf, (), -1), "conv", node=producer)
     if is_op(node, "AveragePool") and node.input:
         return Branch(Addend(leaf, (), -1), "pool", node=producer)
-    exp = index.expansions.get(producer)
-    if exp is not None and exp.problem is not None and node.input:
-        return Branch(Addend(leaf, (), -1), "problem", node=producer)
+    if is_op(node, "BatchNormalization"):  # the only op whose expansion can carry a problem
+        exp = index.expansions.get(producer)
+        if exp is not None and exp.problem is not None and node.input:
+            return Branch(Addend(leaf, (), -1), "problem", node=producer)
     return None
 
 
@@ -101,6 +102,8 @@ def choose_input(view: GraphView, index: LinearIndex, tree: LinearTree):
         if b is not None:
             b.addend = leaf
         deep.append(b)
+    if not any(b is not None and b.kind in ("conv", "problem") for b in deep):
+        return None, [], list(tree.leaves)  # AveragePool and identity branches alone are not worth a conv
     raw = [(_source_of(view, b, index) if b is not None else None) for b in deep]
     sources = [(index.origin(s) if s is not None else None) for s in raw]
     leaf_sources = [index.origin(leaf.name) for leaf in tree.leaves]
@@ -151,11 +154,12 @@ def build_block(view: GraphView, index: LinearIndex, tree: LinearTree, x: str,
         problem = index.expansions[b.node].problem if b.kind == "problem" else None
         if problem is not None:
             raise Skip(problem.code, problem.message)
-    leaf_counts = Counter(b.addend.name for b in branches if b.kind in ("conv", "pool"))
-    for leaf, count in leaf_counts.items():
-        if count > 1:
-            raise Skip("intermediate_shared", f"branch output '{leaf}' is summed {count} times")
-    ops = sorted({view.nodes[b.node].op_type for b in branches if b.kind == "conv"})
+    summed = [b.addend.name for b in branches if b.kind in ("conv", "pool")]
+    if len(set(summed)) != len(summed):
+        for leaf, count in Counter(summed).items():
+            if count > 1:
+                raise Skip("intermediate_shared", f"branch output '{leaf}' is summed {count} times")
+    ops = sorted({view.ops[b.node] for b in branches if b.kind == "conv"})
     if "MatMul" in ops and not set(ops) <= {"Gemm", "MatMul"}:
         raise NotWorthIt()  # a MatMul beside a Conv is no block
     if len(ops) > 1 and set(ops) != {"Gemm", "MatMul"}:
@@ -404,14 +408,21 @@ def find(view: GraphView, opset: int, options: dict | None = None):
         yield candidate
 
 
-def fused_weights(block: Block) -> tuple[np.ndarray, np.ndarray]:
-    """The block's fused kernel and bias, summed in float64 and cast to the model's dtype."""
+def _summands(block: Block) -> tuple[list[tuple], tuple[int, ...], np.dtype]:
+    """What algebra.sum_branches sums for the block: its terms (and its constants as a bias
+    term), on its kernel grid, cast to its dtype."""
     terms: list[tuple] = [(t.kernel, t.bias, t.offsets, t.scale) for t in block.terms]
     if block.constant_bias is not None:
         cout = block.terms[0].kernel.shape[0]
         empty = np.zeros((cout, block.terms[0].kernel.shape[1]) + (0,) * len(block.geometry.kernel_shape))
         terms.append((empty, block.constant_bias, (0,) * len(block.geometry.kernel_shape), None))
-    return algebra.sum_branches(terms, block.geometry.kernel_shape, out_dtype=block.dtype)
+    return terms, block.geometry.kernel_shape, block.dtype
+
+
+def fused_weights(block: Block) -> tuple[np.ndarray, np.ndarray]:
+    """The block's fused kernel and bias, summed in float64 and cast to the model's dtype."""
+    terms, kernel_shape, dtype = _summands(block)
+    return algebra.sum_branches(terms, kernel_shape, out_dtype=dtype)
 
 
 def materialize(block, view: GraphView, names: rewrite.NameRegistry) -> Rewrite:
@@ -419,3 +430,28 @@ def materialize(block, view: GraphView, names: rewrite.NameRegistry) -> Rewrite:
         return block.materialize(view, names)
     weight, bias = fused_weights(block)
     return rewrite.branch_sum_rewrite(block, weight, bias, view, names)
+
+
+def batchable(block) -> bool:
+    """A conv Block can wait for materialize_many (a Gemm block is made on its own)."""
+    return isinstance(block, Block)
+
+
+def batch_bytes(block: Block) -> int:
+    return sum(t.kernel.nbytes for t in block.terms)
+
+
+def materialize_many(blocks: list[Block], view: GraphView, names: rewrite.NameRegistry) -> list:
+    """materialize() of each block, in order (the same names), with the blocks' sums done
+    together (algebra.sum_branches_many); a block whose values its dtype cannot hold gives
+    the CastError materialize() would raise."""
+    out: list = []
+    for block, summed in zip(blocks, algebra.sum_branches_many([_summands(b) for b in blocks])):
+        if isinstance(summed, algebra.CastError):
+            out.append(summed)
+            continue
+        try:
+            out.append(rewrite.branch_sum_rewrite(block, summed[0], summed[1], view, names))
+        except algebra.CastError as err:
+            out.append(err)
+    return out

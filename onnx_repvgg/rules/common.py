@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import onnx
 
 from .. import algebra
 from ..block import Reason
+from ..cheap_shapes import CheapShapes
 from ..graph import GraphView, attribute, attributes
 
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
@@ -35,6 +37,13 @@ def tensor_rank(view: GraphView, name: str) -> int | None:
     """The rank of a tensor when its shape is known (static shapes or declared types)."""
     shape = view.shape(name)
     return None if shape is None else len(shape)
+
+
+def rank_ruled_out(view: GraphView, name: str, rank: int) -> bool:
+    """Do the cheap shapes (cheap_shapes.py) give `name` a rank other than `rank`? Then a
+    candidate that needs that rank is ruled out without asking onnx; False says nothing."""
+    cheap = CheapShapes.of(view).rank(name)
+    return cheap is not None and cheap != rank
 
 
 def data_consumers(view: GraphView, node: onnx.NodeProto, *ops: str) -> list[int] | None:
@@ -74,7 +83,7 @@ class ConvParams:
     pads_end: tuple[int, ...]
     group: int
 
-    @property
+    @cached_property
     def kernel(self) -> tuple[int, ...]:
         return tuple(self.weight.shape[2:])
 
@@ -155,24 +164,35 @@ def bn_training_reason(view: GraphView, node: onnx.NodeProto, opset: int, attrs:
     return None
 
 
-def bn_parameters(view: GraphView, node: onnx.NodeProto, opset: int):
-    """An inference-mode BN's (gamma, beta, mean, var) constants, checked to be per-channel
-    vectors, and its epsilon; or Skip (every check of bn_affine but the variance's)."""
+def _bn_epsilon(view: GraphView, node: onnx.NodeProto, opset: int) -> float:
+    """The checks of the BN node itself (inference mode, spatial, five inputs), and its epsilon;
+    or Skip."""
     attrs = attributes(node)
     reason = bn_training_reason(view, node, opset, attrs)
     if reason:
         raise Skip("bn_training", f"BatchNormalization '{node.name}' {reason}")
     if opset < 9 and int(attrs.get("spatial", 1)) != 1:
         raise Skip("bn_spatial", f"BatchNormalization '{node.name}' has spatial=0 (per-element statistics)")
+    if len(node.input) != 5:
+        raise Skip("malformed", f"BatchNormalization '{node.name}' has {len(node.input)} inputs")
+    return float(attrs.get("epsilon", 1e-5))
+
+
+def bn_parameters(view: GraphView, node: onnx.NodeProto, opset: int):
+    """An inference-mode BN's (gamma, beta, mean, var) constants, checked to be per-channel
+    vectors, and its epsilon; or Skip (every check of bn_affine but the variance's)."""
+    eps = _bn_epsilon(view, node, opset)
+    return _bn_vectors(view, node), eps
+
+
+def _bn_vectors(view: GraphView, node: onnx.NodeProto) -> tuple[np.ndarray, ...]:
     inputs = node.input
-    if len(inputs) != 5:
-        raise Skip("malformed", f"BatchNormalization '{node.name}' has {len(inputs)} inputs")
     gamma, beta, mean, var = (const(view, name, what, node) for name, what in
                               zip(inputs[1:], ("scale", "bias", "mean", "var")))
     channels = gamma.shape
     if len(channels) != 1 or beta.shape != channels or mean.shape != channels or var.shape != channels:
         raise Skip("malformed", f"BatchNormalization '{node.name}' parameters are not per-channel vectors")
-    return (gamma, beta, mean, var), float(attrs.get("epsilon", 1e-5))
+    return gamma, beta, mean, var
 
 
 def _bad_variance(node: onnx.NodeProto) -> Skip:
@@ -193,20 +213,29 @@ def bn_affines(view: GraphView, nodes: list[onnx.NodeProto], opset: int) -> list
     BNs of C channels done in one numpy call per C (the same float64 operations, element by
     element; the vectors handed out are read-only rows of one array)."""
     results: list = [None] * len(nodes)
-    groups: dict[int, list] = defaultdict(list)
+    groups: dict[int, list] = defaultdict(list)  # C -> (position, parameters, eps): arrays read one by one
+    raw: dict[tuple, list] = defaultdict(list)   # (dtype, C) -> (position, raw bytes of the four, eps)
     for position, node in enumerate(nodes):
         try:
-            parameters, eps = bn_parameters(view, node, opset)
+            eps = _bn_epsilon(view, node, opset)
+            vectors = [view.raw_vector(name) for name in node.input[1:]]
+            if all(v is not None for v in vectors) and len({v[1:] for v in vectors}) == 1:  # type: ignore[index]
+                raw[vectors[0][1:]].append((position, [v[0] for v in vectors], eps))  # type: ignore[index]
+                continue  # four inline vectors of one dtype and length: read below, all at once
+            parameters = _bn_vectors(view, node)
         except Skip as skip:
             results[position] = skip
             continue
         groups[parameters[0].shape[0]].append((position, parameters, eps))
-    for members in groups.values():
-        params = np.array([m[1] for m in members], dtype=np.float64)  # (BNs, 4, C)
-        eps = np.array([m[2] for m in members])[:, None]
-        bad = (params[:, 3] + eps <= 0).any(axis=1)
+    blocks = [(np.array([m[1] for m in members], dtype=np.float64), members) for members in groups.values()]
+    for (dtype, channels), members in raw.items():  # the same float64 values as from the arrays
+        data = np.frombuffer(b"".join(b for m in members for b in m[1]), dtype=dtype)
+        blocks.append((data.reshape(len(members), 4, channels).astype(np.float64), members))
+    for params, members in blocks:  # params: (BNs, 4, C)
+        epsilons = np.array([m[2] for m in members])[:, None]
+        bad = (params[:, 3] + epsilons <= 0).any(axis=1)
         with np.errstate(invalid="ignore", divide="ignore"):  # only in rows refused below
-            scale, shift = algebra.bn_scale_shift(params[:, 0], params[:, 1], params[:, 2], params[:, 3], eps)
+            scale, shift = algebra.bn_scale_shift(params[:, 0], params[:, 1], params[:, 2], params[:, 3], epsilons)
         scale.flags.writeable = shift.flags.writeable = False
         for row, (position, _, _) in enumerate(members):
             results[position] = _bad_variance(nodes[position]) if bad[row] else (scale[row], shift[row])

@@ -210,7 +210,7 @@ def _transposed_leaf(view: GraphView, index: LinearIndex, leaf: Addend) -> tuple
     node = view.nodes[producer]
     if is_op(node, "ConvTranspose") and node.input and node.input[0]:
         return node.input[0], Branch(leaf, producer)
-    exp = index.expansions.get(producer)
+    exp = index.expansions.get(producer) if is_op(node, "BatchNormalization") else None  # only BNs have problems
     if exp is not None and exp.problem is not None and node.input:
         inner = view.producer.get(node.input[0])
         if inner is not None and is_op(view.nodes[inner], "ConvTranspose") and view.nodes[inner].input:
@@ -437,7 +437,8 @@ def _folds_elsewhere(view: GraphView, index: LinearIndex, bn: int) -> bool:
 
 def _before_transpose_candidates(view: GraphView, index: LinearIndex):
     """A scale before ConvTransposes folded into them; a BN before one is a near miss."""
-    for i, node in enumerate(view.nodes):
+    for i in view.of_type("Mul", "Div", "BatchNormalization"):
+        node = view.nodes[i]
         if not is_op(node, "Mul", "Div", "BatchNormalization") or not node.output:
             continue
         uses = view.consumers.get(node.output[0], [])
@@ -480,9 +481,10 @@ def _before_transpose_candidates(view: GraphView, index: LinearIndex):
 
 def _problem_bn_candidates(view: GraphView, index: LinearIndex):
     """ConvTranspose -> BN that is not in inference form (training_mode, ...), alone."""
-    for i, exp in index.expansions.items():
+    for i in view.of_type("BatchNormalization"):
+        exp = index.expansion(i)
         node = view.nodes[i]
-        if exp.problem is None or not is_op(node, "BatchNormalization") or not node.input:
+        if exp is None or exp.problem is None or not is_op(node, "BatchNormalization") or not node.input:
             continue
         if not is_op(view.producer_of(node.input[0]), "ConvTranspose") or _leaf_of_tree(index, node.output[0]):
             continue
@@ -492,6 +494,8 @@ def _problem_bn_candidates(view: GraphView, index: LinearIndex):
 def find(view: GraphView, opset: int, options: dict | None = None):
     """Every linear tree over ConvTranspose branches of one tensor, every scale before a
     ConvTranspose, and the near misses, as Candidates."""
+    if not view.of_type("ConvTranspose"):
+        return  # every candidate here reads or writes a ConvTranspose
     index = LinearIndex(view, opset)
     yield from _tree_candidates(view, index)
     yield from _before_transpose_candidates(view, index)

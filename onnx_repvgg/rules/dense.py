@@ -20,7 +20,7 @@ from onnx import helper
 from .. import algebra, rewrite
 from ..block import Rewrite
 from ..graph import GraphView
-from .common import FLOAT_DTYPES, NotWorthIt, Skip, gemm_params, tensor_rank
+from .common import FLOAT_DTYPES, NotWorthIt, Skip, gemm_params, rank_ruled_out, tensor_rank
 from .linear_tree import LinearTree, channel_vector, constant_bias
 
 
@@ -54,7 +54,8 @@ def gemm_weight_bias(view: GraphView, index: int) -> tuple[np.ndarray, np.ndarra
     node = view.nodes[index]
     if node.op_type == "MatMul":
         b = view.constant(node.input[1]) if len(node.input) > 1 else None
-        if b is None or b.ndim != 2 or b.dtype not in FLOAT_DTYPES or tensor_rank(view, node.input[0]) != 2:
+        if b is None or b.ndim != 2 or b.dtype not in FLOAT_DTYPES or rank_ruled_out(view, node.input[0], 2) \
+                or tensor_rank(view, node.input[0]) != 2:
             raise NotWorthIt()  # attention products, batched matmuls: not a linear layer here
         return b.T.astype(np.float64), np.zeros(b.shape[1])
     p = gemm_params(view, node)

@@ -27,9 +27,10 @@ from onnx import helper
 
 from .. import algebra
 from ..block import Candidate, Rewrite
+from ..cheap_shapes import CheapShapes
 from ..graph import GraphView, attribute
-from .affine_consumer import feature_vector
-from .common import FLOAT_DTYPES, NotWorthIt, Skip, is_op, tensor_rank
+from .affine_consumer import feature_vector, keeps_shape
+from .common import FLOAT_DTYPES, NotWorthIt, Skip, is_op, rank_ruled_out, tensor_rank
 from .linear_tree import Addend, LinearIndex, LinearTree
 
 NAME = "dense_affine"
@@ -84,46 +85,51 @@ class AddendAsC:
 
 
 def _scalar(addend: Addend) -> float | None:
-    """The product of an addend's factors when every one is a scalar, else None."""
+    """The product of an addend's factors when every one is a scalar of rank <= 2 (one that
+    cannot raise the rank of a Gemm's [M, N] output), else None."""
     value = 1.0
     for f in addend.factors:
         array = np.asarray(f.value, dtype=np.float64)
-        if f.per_channel or array.size != 1:
+        if f.per_channel or array.size != 1 or array.ndim > 2:
             return None
         value *= float(array.reshape(-1)[0])
     return value
 
 
-def _private(view: GraphView, name: str) -> bool:
-    return view.is_private(name)
-
-
 def _scaled_matmul(view: GraphView, tree: LinearTree, root: int) -> ScaledMatMul | None:
     leaf = tree.leaves[0]
     producer = view.producer.get(leaf.name)
-    if producer is None or not is_op(view.nodes[producer], "MatMul") or not _private(view, leaf.name):
+    if producer is None or not is_op(view.nodes[producer], "MatMul") or not view.is_private(leaf.name):
         return None
     matmul = view.nodes[producer]
     w = view.constant(matmul.input[1]) if len(matmul.input) > 1 else None
     if w is None or w.dtype not in FLOAT_DTYPES or w.ndim != 2:
         return None
-    rank = tensor_rank(view, matmul.input[0])
-    if rank is not None and rank <= 2:
-        return None  # branch_sum makes one Gemm of it
-    widest = max([np.ndim(f.value) for f in leaf.factors] + [np.ndim(f.value) for c in tree.constants for f in c.factors],
-                 default=0)
-    if rank is None and widest > 2:
-        return None  # a constant of rank > 2 could broadcast the output wider
+    cheap = CheapShapes.of(view).rank(matmul.input[0])
+    if cheap is not None and cheap <= 2:
+        return None  # ruled out: of rank 2 or less (branch_sum's), or unknown (then the shapes stop it)
     if any(f.per_channel for f in leaf.factors) or any(f.per_channel for c in tree.constants for f in c.factors):
         return None
+    # What needs no shape first: a tree this rule would not rewrite asks none.
     features = w.shape[1]
-    scale = feature_vector(leaf.factors, features, f"scale of '{leaf.name}'")
-    shift = np.zeros(features)
-    for c in tree.constants:
-        shift = shift + feature_vector(c.factors, features, f"constant '{c.name}'")
-    shifted = bool(np.any(shift != 0))
-    if len(tree.nodes) <= int(shifted):
+    skip = None
+    try:
+        scale = feature_vector(leaf.factors, features, f"scale of '{leaf.name}'")
+        shift = np.zeros(features)
+        for c in tree.constants:
+            shift = shift + feature_vector(c.factors, features, f"constant '{c.name}'")
+    except Skip as error:
+        skip = error
+    if skip is None and len(tree.nodes) <= int(bool(np.any(shift != 0))):
         raise NotWorthIt()  # MatMul -> Add alone: the deploy form already
+    rank = tensor_rank(view, matmul.input[0]) if cheap is None else None  # a cheap rank >= 3 rules out <= 2
+    if rank is not None and rank <= 2:
+        return None  # branch_sum makes one Gemm of it
+    if not keeps_shape(tree, view.shape(leaf.name)):
+        return None  # a constant that would broadcast the product into another shape
+    if skip is not None:
+        raise skip
+    shifted = bool(np.any(shift != 0))
     root_node = view.nodes[root]
     return ScaledMatMul(root_node.name or root_node.output[0], root_node.output[0], matmul.input[0],
                         w.astype(np.float64) * scale[None, :], shift if shifted else None, w.dtype,
@@ -147,11 +153,11 @@ def _addend_as_c(view: GraphView, tree: LinearTree, root: int) -> AddendAsC | No
             continue
         node = view.nodes[producer]
         a, c = _scalar(layer_leaf), _scalar(other)
-        if a is None or c is None or not _private(view, layer_leaf.name) or view.constant(other.name) is not None:
+        if a is None or c is None or not view.is_private(layer_leaf.name) or view.constant(other.name) is not None:
             continue
         if node.op_type == "Gemm" and (len(node.input) > 2 and node.input[2]):
             continue  # it has a C already
-        if node.op_type == "MatMul" and tensor_rank(view, node.input[0]) != 2:
+        if node.op_type == "MatMul" and (rank_ruled_out(view, node.input[0], 2) or tensor_rank(view, node.input[0]) != 2):
             continue
         a_shape, b_shape = view.shape(node.input[0]), view.shape(node.input[1])
         if a_shape is None or b_shape is None or len(a_shape) != 2 or len(b_shape) != 2:

@@ -30,6 +30,7 @@ rank and channel count are known) or per-channel vectors from BN.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import onnx
@@ -37,15 +38,14 @@ import onnx
 from ..block import Reason
 from ..graph import GraphView
 from .common import Skip, bn_affine, bn_affines
-from .passthrough import PASSTHROUGH_OPS, passthrough_input
+from .passthrough import PASSTHROUGH_OPS, neutral_cheaply, passthrough_input
 
 LINEAR_OPS = ("Add", "Sum", "Sub", "Neg", "Mul", "Div", "BatchNormalization")
 _LINEAR = frozenset(LINEAR_OPS)
 NEG_ONE = np.array(-1.0)
 
 
-@dataclass(frozen=True)
-class Factor:
+class Factor(NamedTuple):
     value: np.ndarray      # float64
     per_channel: bool      # True: a (C,) vector on axis 1; False: an ONNX-broadcast constant
 
@@ -84,10 +84,10 @@ class LinearTree:
 def expand(view: GraphView, node: onnx.NodeProto, opset: int, affine=None) -> Expansion | None:
     """The node as a linear combination, or None if it is not a linear node. `affine`: for a
     BatchNormalization, its bn_affine already computed (common.bn_affines: the pair, or the Skip)."""
-    source = passthrough_input(view, node, opset)
+    op = node.op_type
+    source = passthrough_input(view, node, opset) if op in PASSTHROUGH_OPS else None
     if source is not None:
         return Expansion([(source, ())], passthrough=True)
-    op = node.op_type
     if op not in _LINEAR or node.domain not in ("", "ai.onnx") or len(node.output) < 1:
         return None
     inputs = list(node.input)
@@ -145,6 +145,7 @@ class LinearIndex:
         self._cache: dict[int, Expansion | None] = {}
         self._trees: dict[int, LinearTree] = {}
         self._roots: list[int] | None = None
+        self._relevant: dict[int, bool] = {}  # node -> relevant() of its component
         self._bns_done = False
         self.expansions = Expansions(self)
         return self
@@ -156,10 +157,11 @@ class LinearIndex:
             return cache[index]
         view = self.view
         exp = None
-        if not self._bns_done and view.nodes[index].op_type == "BatchNormalization":
+        op = view.ops[index]
+        if not self._bns_done and op == "BatchNormalization":
             self._expand_bns()
             return cache[index]
-        if view.nodes[index].op_type in _EXPANDABLE:
+        if op in _EXPANDABLE:
             exp = expand(view, view.nodes[index], self.opset)
             if exp is not None and exp.passthrough and view.is_constant_node(index):
                 exp = None
@@ -224,15 +226,24 @@ class LinearIndex:
     def roots(self) -> list[int]:
         """The roots of the trees that hold a linear node other than a value-preserving one, in
         graph order: from each such node, up through the nodes that absorb it (a tree of
-        value-preserving nodes only is nothing to fuse, and is not listed)."""
+        value-preserving nodes only is nothing to fuse, and is not listed).
+
+        Only trees that some rule could match are listed (see relevant()): the linear nodes of
+        shape arithmetic or of an attention score are not even expanded, so their constants,
+        which only inferred shapes could give, are never asked for. A neutral op (x + 0, x * 1)
+        that the cheap shapes (cheap_shapes.py) say keeps x's shape is no root either: with
+        onnx's shapes it is value-preserving, and if onnx could not tell, only the trees it
+        would start are lost (ruled out, not proved: any tree that reaches it asks onnx)."""
         if self._roots is None:
             view = self.view
             top: dict[int, int] = {}  # node -> the root above it (each path is climbed once)
             for index in view.of_type(*LINEAR_OPS):
                 if view.shape_questions:
                     break  # a view without shapes read one: its round is redone with shapes, this ends it
+                if index in top or not self.relevant(index) or neutral_cheaply(view, index):
+                    continue
                 exp = self.expansion(index)
-                if exp is None or not exp.usable or exp.passthrough or index in top:
+                if exp is None or not exp.usable or exp.passthrough:
                     continue
                 path = [index]
                 while path[-1] not in top and self._absorbed(view.outputs_of[path[-1]][0]):
@@ -242,6 +253,71 @@ class LinearIndex:
                     top[node] = root
             self._roots = sorted(set(top.values()))
         return self._roots
+
+    def relevant(self, index: int) -> bool:
+        """Could a tree holding node `index` be matched by some rule? Read from the structure
+        alone (no constant or shape is asked for): the nodes a tree can hold form a component,
+        linked by values with one use that the consumer may read as a tree child (its data
+        input; any input of Add, Sum, Sub, Mul) between ops that may be linear or
+        value-preserving, and every rule needs one of them to be a BatchNormalization, to read a
+        value made by a layer (Conv, ConvTranspose, Gemm, MatMul, AveragePool,
+        BatchNormalization: a branch), or to feed the data input of a Conv, ConvTranspose, Gemm,
+        or MatMul whose weight may be constant (a layer the affine folds into). A component with
+        none of these is skipped."""
+        known = self._relevant.get(index)
+        if known is None:
+            known = self._explore(index)
+        return known
+
+    def _explore(self, start: int) -> bool:
+        """Walk start's component until something makes it relevant; record what was met."""
+        view = self.view
+        ops, inputs_of, outputs_of, producer, consumers = (view.ops, view.inputs_of, view.outputs_of,
+                                                           view.producer, view.consumers)
+        met = [start]
+        seen = {start}
+        relevant = False
+        position = 0
+        while position < len(met) and not relevant:
+            node = met[position]
+            position += 1
+            if ops[node] == "BatchNormalization":
+                relevant = True
+                break
+            any_slot = ops[node] in _ANY_SLOT
+            for slot, name in enumerate(inputs_of[node]):
+                source = producer.get(name) if name else None
+                if source is None:
+                    continue
+                op = ops[source]
+                if op in _BRANCH_OPS:
+                    relevant = True
+                    break
+                if (slot == 0 or any_slot) and op in _TREE_OPS and source not in seen and view.is_private(name):
+                    seen.add(source)
+                    met.append(source)
+            if relevant:
+                break
+            outputs = outputs_of[node]
+            out = outputs[0] if outputs else ""
+            uses = consumers.get(out, ()) if out else ()
+            for user, slot in uses:
+                op = ops[user]
+                if slot == 0 and (op in _FOLDS_INTO or (op == "MatMul" and len(inputs_of[user]) > 1
+                                                       and view.may_be_constant(inputs_of[user][1]))):
+                    relevant = True
+                    break
+            if relevant:
+                break
+            if len(uses) == 1 and out not in view.graph_outputs:
+                user, slot = uses[0]
+                if (slot == 0 or (slot > 0 and ops[user] in _ANY_SLOT)) and ops[user] in _TREE_OPS and user not in seen:
+                    seen.add(user)
+                    met.append(user)
+        # Every node met is in start's component: relevant if it is; otherwise the walk met all of it.
+        for node in met:
+            self._relevant[node] = relevant
+        return relevant
 
     def tree(self, root: int) -> LinearTree:
         if root not in self._trees:
@@ -313,6 +389,13 @@ class Expansions:
 
 
 _EXPANDABLE = frozenset(LINEAR_OPS) | frozenset(PASSTHROUGH_OPS)
+# Ops whose output a rule may read as a branch (a tree leaf), and ops a tree may fold into.
+_BRANCH_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "AveragePool", "BatchNormalization"})
+_FOLDS_INTO = frozenset({"Conv", "ConvTranspose", "Gemm"})
+# Ops a tree can hold (Unsqueeze is never value-preserving), and those whose tree child may be
+# any input (the others' is their data input, input 0).
+_TREE_OPS = _EXPANDABLE - {"Unsqueeze"}
+_ANY_SLOT = frozenset({"Add", "Sum", "Sub", "Mul"})
 
 
 def linear_index(view: GraphView, opset: int) -> LinearIndex:

@@ -36,6 +36,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
+from ..cheap_shapes import CheapShapes
 from ..graph import GraphView, attribute
 
 PASSTHROUGH_OPS = ("Identity", "Dropout", "Cast", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Expand", "Pad",
@@ -134,6 +135,8 @@ def _neutral_operand(view: GraphView, node: onnx.NodeProto) -> str | None:
     """The data input of x * 1, 1 * x, x / 1, x + 0, 0 + x or x - 0 that leaves x's shape as it is."""
     if len(node.input) != 2 or not all(node.input):
         return None
+    if not (view.may_be_constant(node.input[0]) or view.may_be_constant(node.input[1])):
+        return None  # no constant operand (the answer without asking constant() of either)
     slots = (0, 1) if node.op_type in ("Mul", "Add") else (1,)
     for slot in slots:
         value = view.constant(node.input[slot])
@@ -146,6 +149,35 @@ def _neutral_operand(view: GraphView, node: onnx.NodeProto) -> str | None:
         if value.ndim == 0 or (shape is not None and expand_keeps_shape(shape, list(value.shape))):
             return data
     return None
+
+
+def neutral_cheaply(view: GraphView, index: int) -> bool:
+    """Would _neutral_operand prove node `index` value-preserving, given that onnx's shapes agree
+    with the cheap ones (cheap_shapes.py)? For ruling out only (LinearIndex.roots: such a node
+    starts no tree); False whenever the answer would need a constant inferred shapes could
+    change, or no shape at all (then the proof itself is cheap)."""
+    op, inputs = view.ops[index], view.inputs_of[index]
+    if op not in _NEUTRAL or len(inputs) != 2 or not (view.may_be_constant(inputs[0]) or view.may_be_constant(inputs[1])):
+        return False  # (no constant operand: no neutral one)
+    node = view.nodes[index]
+    if node.domain not in ("", "ai.onnx") or not all(node.input):
+        return False
+    if not node.output or not node.output[0] or not _extra_outputs_unused(view, node):
+        return False
+    for slot in (0, 1) if op in ("Mul", "Add") else (1,):
+        operand, data = node.input[slot], node.input[1 - slot]
+        if operand in view.tainted or data in view.tainted:
+            return False
+        value = view.constant(operand)
+        if value is None or view.constant(data) is not None or not np.issubdtype(value.dtype, np.floating):
+            continue
+        if not np.all(value == _NEUTRAL[op]):
+            continue
+        if value.ndim == 0:
+            return False  # proved without a shape
+        shape = CheapShapes.of(view).shape(data)
+        return shape is not None and expand_keeps_shape(shape, list(value.shape))
+    return False
 
 
 def passthrough_input(view: GraphView, node: onnx.NodeProto, opset: int) -> str | None:

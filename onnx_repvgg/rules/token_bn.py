@@ -32,7 +32,7 @@ from onnx import helper
 from .. import algebra
 from ..block import Candidate, Rewrite
 from ..graph import GraphView
-from .common import FLOAT_DTYPES, Skip, bn_affine, const, is_op, tensor_rank
+from .common import FLOAT_DTYPES, Skip, bn_affine, const, is_op, rank_ruled_out, tensor_rank
 from .layout import chain_down, chain_up, check_bn_axis, order_only_reshape, same_shape
 
 NAME = "bn_into_matmul"
@@ -55,17 +55,54 @@ class MatMulBNFold:
         stem = node.name or node.output[0]
         dtype = view.constant_dtype(node.input[1])
         w_name, b_name = names.fresh(f"{stem}.bn_folded_weight"), names.fresh(f"{stem}.bn_folded_bias")
-        matmul = helper.make_node("MatMul", [node.input[0], w_name], [node.output[0]], name=node.name or names.fresh(stem))
+        # X @ (W * s) holds other values than M: it gets a name of its own, and so does every
+        # tensor computed from it before the Add (a name keeps its value across a rewrite)
+        scaled = names.fresh(f"{node.output[0]}.bn_scaled")
+        matmul = helper.make_node("MatMul", [node.input[0], w_name], [scaled], name=node.name or names.fresh(stem))
+        insertions, rewired, rename = _renamed_readers(view, node.output[0], scaled, set(self.removed_nodes), names)
         after = []
         add_out = self.output if self.reshape is None else names.fresh(f"{stem}.biased")
-        after.append(helper.make_node("Add", [self.add_input, b_name], [add_out], name=names.fresh(f"{stem}.bn_bias")))
+        after.append(helper.make_node("Add", [rename.get(self.add_input, self.add_input), b_name], [add_out],
+                                      name=names.fresh(f"{stem}.bn_bias")))
         if self.reshape is not None:
             kept = onnx.NodeProto()
             kept.CopyFrom(view.nodes[self.reshape])
             kept.input[0] = add_out
             after.append(kept)
         tensors = [(w_name, algebra.cast_like(self.weight, dtype)), (b_name, algebra.cast_like(self.bias, dtype))]
-        return Rewrite(self.removed_nodes, [(self.matmul, [matmul]), (self.add_at, after)], tensors, matmul.name)
+        return Rewrite(self.removed_nodes + rewired, [(self.matmul, [matmul])] + insertions + [(self.add_at, after)],
+                       tensors, matmul.name)
+
+
+_SHAPE_ONLY = ("Shape", "Size")  # their outputs depend on a tensor's shape, which the fold keeps
+
+
+def _renamed_readers(view: GraphView, old: str, new: str, removed: set[int], names):
+    """The nodes that read `old` (and, through layout ops, what they compute) and are not
+    removed, copied to read `new`: (insertions, their indices, old name -> new name). A Shape
+    or Size reader keeps its output names, their values unchanged; any other reader writes
+    fresh names, as its values change with the input's."""
+    rename = {old: new}
+    insertions: list[tuple[int, list[onnx.NodeProto]]] = []
+    rewired: list[int] = []
+    stack = [old]
+    while stack:
+        name = stack.pop()
+        for index, _ in view.consumers.get(name, ()):
+            if index in removed or index in rewired:
+                continue
+            copy = onnx.NodeProto()
+            copy.CopyFrom(view.nodes[index])
+            copy.input[:] = [rename.get(n, n) for n in copy.input]
+            if copy.op_type not in _SHAPE_ONLY:
+                for k, out in enumerate(copy.output):
+                    if out:
+                        rename[out] = names.fresh(f"{out}.bn_scaled")
+                        copy.output[k] = rename[out]
+                        stack.append(out)
+            rewired.append(index)
+            insertions.append((index, [copy]))
+    return insertions, rewired, rename
 
 
 def producing_matmul(view: GraphView, bn: onnx.NodeProto) -> tuple[int, list[int]] | None:
@@ -162,7 +199,8 @@ def find(view: GraphView, opset: int, options: dict | None = None) -> list[Candi
         if found is None:
             continue
         mm_index, between = found
-        if not between and tensor_rank(view, view.nodes[mm_index].input[0]) == 2:
+        data = view.nodes[mm_index].input[0]
+        if not between and not rank_ruled_out(view, data, 2) and tensor_rank(view, data) == 2:
             continue  # Linear -> BN1d on 2-D features: branch_sum makes it one Gemm
         candidate = Candidate(anchor=node.name or node.output[0], branch_labels=["matmul", "bn"])
         try:

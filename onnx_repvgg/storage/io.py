@@ -10,7 +10,7 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
-from . import skeleton
+from . import skeleton, wire
 from .external import all_tensors, external_info, external_range, survey, tensor_nbytes
 from .wire import WireError
 
@@ -113,6 +113,23 @@ _TORCH_CHECKPOINT = ("looks like a PyTorch checkpoint, not an ONNX model: export
                      "first (the training-time model as it is; this tool then fuses it)")
 
 
+def _truncation(path: str) -> str | None:
+    """How an ONNX file that starts well (ir_version first) runs past its end, or None."""
+    with open(path, "rb") as f:
+        buf = f.read()
+    try:
+        first = True
+        for number, wire_type, *_ in wire.spans(buf):
+            if first and (number, wire_type) != (1, wire.VARINT):
+                return None  # not the start of a ModelProto
+            first = False
+    except WireError as err:
+        if "past the end" not in str(err) or first:
+            return None
+        return f"its last field runs past the end of the file ({len(buf):,} bytes)"
+    return None
+
+
 def not_onnx_kind(path: str) -> str | None:
     """What a file is when its first bytes say it is a known non-ONNX format, as the rest of
     a one-line error; None when it may be ONNX."""
@@ -156,6 +173,9 @@ def _parse(path: str, binary: bool, weights_on_disk: bool) -> tuple[onnx.ModelPr
     except (DecodeError, RuntimeError, ValueError, UnicodeDecodeError) as err:
         if os.path.splitext(path)[1].lower() in _TORCH_EXTENSIONS:
             raise BadInput(f"{path} {_TORCH_CHECKPOINT}") from None
+        short = _truncation(path)
+        if short:
+            raise BadInput(f"{path} is truncated: {short}") from None
         raise BadInput(f"{path} is not an ONNX model (protobuf parse failed: {_one_line(err)})") from None
     except OSError as err:
         raise BadInput(f"cannot read {path}: {err.strerror or err}") from None

@@ -102,7 +102,7 @@ class MemorySink(_Sink):
     threshold = skeleton.MIN_BYTES
     location = "<onnx_repvgg: in memory>"  # never written out: the writer inlines these tensors
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.arrays: list[np.ndarray] = []
         self.names: set[str] = set()
 
