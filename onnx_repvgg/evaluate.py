@@ -43,13 +43,6 @@ def slice_bounds(dim: int, start: int, end: int, step: int) -> tuple[int, int | 
     return start, (end if end >= 0 else None)
 
 
-def slice_length(dim: int, start: int, end: int, step: int) -> int:
-    begin, stop = slice_bounds(dim, start, end, step)
-    if dim <= 0:
-        return 0
-    return len(range(dim)[slice(begin, stop, step)])
-
-
 def onnx_slice(data: np.ndarray, starts, ends, axes=None, steps=None) -> np.ndarray:
     """ONNX Slice on a numpy array, by the spec (see slice_bounds)."""
     starts = [int(v) for v in np.asarray(starts).reshape(-1)]

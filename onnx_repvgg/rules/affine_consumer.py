@@ -22,13 +22,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import onnx
-from onnx import helper
 
 from .. import algebra
 from ..block import Candidate, Rewrite
 from ..graph import GraphView
 from .common import FLOAT_DTYPES, NotWorthIt, Skip, conv_params, data_consumers, gemm_params, is_op, rank_ruled_out, tensor_rank
+from .consumer_nodes import NewNames, rewritten_consumer
 from .linear_tree import Factor, LinearIndex, LinearTree, channel_vector
 
 NAME = "affine_into_consumer"
@@ -64,31 +63,13 @@ class AffineFold:
             tensors.append((w_name, algebra.cast_like(change.weight, change.dtype)))
             if change.bias is not None:
                 tensors.append((b_name, algebra.cast_like(change.bias, change.dtype)))
-            new = _rewritten(node, self.input, w_name, b_name, name, names, change.as_gemm)
+            split = node.op_type == "MatMul" and bool(b_name) and not change.as_gemm
+            new_names = NewNames(name, w_name, b_name,
+                                 product=names.fresh(f"{name}.product") if split else "",
+                                 bias_node=names.fresh(f"{name}.bias") if split else "")
+            new = rewritten_consumer(node, self.input, new_names, change.as_gemm)
             insertions.append((change.index, new))
         return Rewrite(self.removed_nodes, insertions, tensors, first)
-
-
-def _rewritten(node: onnx.NodeProto, x: str, w_name: str, b_name: str, name: str, names,
-               as_gemm: bool) -> list[onnx.NodeProto]:
-    if node.op_type == "MatMul":
-        if b_name and as_gemm:  # with a bias, a 2-D MatMul is a Gemm
-            return [helper.make_node("Gemm", [x, w_name, b_name], list(node.output), name=name)]
-        if not b_name:
-            return [helper.make_node("MatMul", [x, w_name], list(node.output), name=name)]
-        product = names.fresh(f"{name}.product")
-        return [helper.make_node("MatMul", [x, w_name], [product], name=name),
-                helper.make_node("Add", [product, b_name], list(node.output), name=names.fresh(f"{name}.bias"))]
-    copy = onnx.NodeProto()
-    copy.CopyFrom(node)
-    copy.name = name
-    del copy.input[:]
-    copy.input.extend([x, w_name] + ([b_name] if b_name else []))
-    if node.op_type == "Gemm":  # the new C holds beta * C already
-        for attr in list(copy.attribute):
-            if attr.name == "beta":
-                copy.attribute.remove(attr)
-    return [copy]
 
 
 def feature_vector(factors: tuple[Factor, ...], features: int, what: str) -> np.ndarray:

@@ -30,12 +30,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import helper
 
 from .. import algebra
 from ..block import Candidate, Rewrite
 from ..graph import GraphView, attribute
 from .common import FLOAT_DTYPES, Skip, bn_affine, const, conv_params, gemm_params, is_op, rank_ruled_out, tensor_rank
+from .consumer_nodes import NewNames, rewritten_consumer
 from .layout import chain_up, check_bn_axis, is_layout, order_only_reshape, same_shape
 
 NAME = "bn_into_consumer"
@@ -75,23 +75,11 @@ class ConsumerFold:
             w_name = names.fresh(f"{stem}.bn_folded_weight")
             b_name = names.fresh(f"{stem}.bn_folded_bias")
             name = names.fresh(node.name or node.op_type)
-            if node.op_type == "MatMul" and fold.as_gemm:  # with a bias now, it is a Gemm
-                new = [helper.make_node("Gemm", [fold.reads, w_name, b_name], list(node.output), name=name, transB=0)]
-            elif node.op_type == "MatMul":
-                product = names.fresh(f"{stem}.product")
-                new = [helper.make_node("MatMul", [fold.reads, w_name], [product], name=name),
-                       helper.make_node("Add", [product, b_name], list(node.output), name=names.fresh(f"{stem}.bn_bias"))]
-            else:
-                copy = onnx.NodeProto()
-                copy.CopyFrom(node)
-                del copy.input[:]
-                copy.input.extend([fold.reads, w_name, b_name])
-                if node.op_type == "Gemm":
-                    for attr in list(copy.attribute):
-                        if attr.name == "beta":
-                            copy.attribute.remove(attr)
-                copy.name = name
-                new = [copy]
+            split = node.op_type == "MatMul" and not fold.as_gemm
+            new_names = NewNames(name, w_name, b_name,
+                                 product=names.fresh(f"{stem}.product") if split else "",
+                                 bias_node=names.fresh(f"{stem}.bn_bias") if split else "")
+            new = rewritten_consumer(node, fold.reads, new_names, fold.as_gemm, gemm_attributes={"transB": 0})
             fused = fused or name
             tensors += [(w_name, algebra.cast_like(fold.weight, dtype)), (b_name, algebra.cast_like(fold.bias, dtype))]
             insertions.append((fold.index, new))

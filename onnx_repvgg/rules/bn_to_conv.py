@@ -18,6 +18,7 @@ from .. import algebra
 from ..block import Candidate, Rewrite
 from ..graph import GraphView
 from .common import Skip, bn_affine, is_op, tensor_rank
+from .elem_types import elem_type
 
 NAME = "bn_to_conv"
 LATE = True  # run after the default rules converge
@@ -51,27 +52,10 @@ def inferred_rank(view: GraphView, name: str, depth: int = 0) -> int | None:
     return None
 
 
-def inferred_elem_type(view: GraphView, name: str, depth: int = 0) -> int | None:
-    """The element type of a tensor: declared, else that of the data input of the ops that
-    keep it (the same walk as inferred_rank), else a Cast's target."""
-    declared = view.elem_type(name)
-    if declared or depth > 64:
-        return declared
-    node = view.producer_of(name)
-    if node is None:
-        return None
-    if node.op_type == "Cast":
-        to = next((a.i for a in node.attribute if a.name == "to"), None)
-        return int(to) if to else None
-    if (node.op_type in _SAME_RANK_OPS or node.op_type in _BROADCAST_OPS - {"Where"}) and node.input:
-        return inferred_elem_type(view, node.input[0], depth + 1)
-    return None
-
-
 def _data_dtype(view: GraphView, node, opset: int) -> np.dtype:
     """The dtype of the BN's data input X, which the Conv's weights must have. From opset 15
     on, the BN's scale and bias may have another type than X (e.g. float32 for float16 data)."""
-    declared = inferred_elem_type(view, node.input[0])
+    declared = elem_type(view, node.input[0])
     if declared:
         return np.dtype(helper.tensor_dtype_to_np_dtype(declared))
     scale_dtype = view.constant_dtype(node.input[1])

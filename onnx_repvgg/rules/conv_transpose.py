@@ -269,17 +269,18 @@ def _merge_geometry(params: list[TransposeParams]):
     if all(p.signature == first.signature for p in params):
         # Identical geometry (any auto_pad or output_shape): sum the kernels, keep the attributes.
         return first.kernel, None, [(0,) * n for _ in params]
+    pads = []
     for p in params:
-        if p.pads_begin is None:
+        if p.pads_begin is None or p.pads_end is None:
             raise Skip("auto_pad", f"ConvTranspose '{p.node_name}' sets auto_pad or output_shape (pads the runtime "
                        "resolves from the input size) and its geometry differs from the other branches'")
+        pads.append((p.pads_begin, p.pads_end))
     dilations = []
     for axis in range(n):
         wide = {p.dilations[axis] for p in params if p.kernel[axis] > 1}
         if len(wide) > 1:
             raise Skip("dilation_mismatch", f"ConvTranspose branches have dilations {sorted(wide)} on spatial axis {axis}")
         dilations.append(wide.pop() if wide else 1)
-    pads = [(p.pads_begin, p.pads_end) for p in params if p.pads_begin is not None and p.pads_end is not None]
     kernel, begin, end, output_padding, offsets = [], [], [], [], []
     for axis in range(n):
         d, s = dilations[axis], first.strides[axis]
