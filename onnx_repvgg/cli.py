@@ -263,9 +263,9 @@ def _check_outputs_spare_inputs(args, loaded) -> None:
                 raise UsageError(f"the {what} {path} would overwrite {read}, which the input reads")
 
 
-def _declared_inputs(model) -> str:
-    """The model's real inputs with their declared shapes, e.g. "x [N, 3, 224, 224]"."""
-    initializers = {t.name for t in model.graph.initializer}
+def _declared_inputs(model, initializers) -> str:
+    """The model's real inputs with their declared shapes, e.g. "x [N, 3, 224, 224]".
+    `initializers`: the graph inputs that are initializers (io.LoadedModel.initializer_inputs)."""
     described = []
     for value in model.graph.input:
         if value.name in initializers:
@@ -276,9 +276,9 @@ def _declared_inputs(model) -> str:
     return ", ".join(described) or "(none)"
 
 
-def _check_input_names(args, shapes, model) -> None:
-    """--input-shape and --input-data must name inputs the model has."""
-    initializers = {t.name for t in model.graph.initializer}
+def _check_input_names(args, shapes, model, initializers) -> None:
+    """--input-shape and --input-data must name inputs the model has. `initializers`: the graph
+    inputs that are initializers (io.LoadedModel.initializer_inputs)."""
     real = [v.name for v in model.graph.input if v.name not in initializers]
     for flag, names in (("--input-shape", shapes), ("--input-data", args.feeds)):
         unknown = [name for name in names if name not in real]
@@ -346,8 +346,8 @@ def _run_staged(args, shapes) -> int:
         loaded = io.load(args.input, load_external_data=False)
         timings["load"] = time.perf_counter() - t
         _check_outputs_spare_inputs(args, loaded)
-        _check_input_names(args, shapes, loaded.model)
-        args.declared = _declared_inputs(loaded.model)
+        _check_input_names(args, shapes, loaded.model, loaded.initializer_inputs)
+        args.declared = _declared_inputs(loaded.model, loaded.initializer_inputs)
         staging = None if args.dry_run else Staging(args.output)
         return _phases(args, shapes, loaded, staging, say, timings, progress)
     finally:

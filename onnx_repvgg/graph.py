@@ -147,7 +147,8 @@ class GraphView:
         self._memo = memo if memo is not None else Memo()
         self.graph_outputs = {v.name for v in graph.output}
         self.graph_inputs = {v.name for v in graph.input}
-        self.initializers = {t.name: t for t in graph.initializer}
+        self.initializer_names = [t.name for t in graph.initializer]  # in graph order (rewrite.apply)
+        self.initializers = dict(zip(self.initializer_names, graph.initializer))
         self._elem_types: dict[str, int] | None = None
         self._declared_shapes: dict[str, tuple[int, ...]] = {}
         self._index()
@@ -166,35 +167,30 @@ class GraphView:
         return view
 
     def _index(self) -> None:
-        """Producers, consumers and node types: one pass over the nodes."""
+        """Producers, consumers and node types: a pass over the nodes for each field read, then
+        one over the values."""
         self.nodes = nodes = list(self.graph.node)
-        self.producer: dict[str, int] = {}
-        self.consumers: dict[str, list[tuple[int, int]]] = defaultdict(list)
+        self.ops: list[str] = [node.op_type for node in nodes]                # node.op_type of each node, read once
+        self.inputs_of: list[list[str]] = [node.input[:] for node in nodes]   # node.input of each node, read once
+        self.outputs_of: list[list[str]] = [node.output[:] for node in nodes]
         self.by_op: dict[str, list[int]] = defaultdict(list)
-        producer, consumers, by_op = self.producer, self.consumers, self.by_op
-        self.ops: list[str] = []               # node.op_type of each node, read once
-        self.inputs_of: list[list[str]] = []   # node.input of each node, read once
-        self.outputs_of: list[list[str]] = []
-        self._opaque: set[int] = set()  # custom-domain and control-flow nodes: never folded
-        ops, inputs_of, outputs_of = self.ops, self.inputs_of, self.outputs_of
-        for index, node in enumerate(nodes):
-            op = node.op_type
-            ops.append(op)
+        by_op = self.by_op
+        for index, op in enumerate(self.ops):
             by_op[op].append(index)
-            outputs = node.output[:]
-            inputs = node.input[:]
-            outputs_of.append(outputs)
-            inputs_of.append(inputs)
-            for out in outputs:
-                if out:
-                    producer[out] = index
+        producer = {out: index for index, outputs in enumerate(self.outputs_of) for out in outputs}
+        producer.pop("", None)
+        self.producer: dict[str, int] = producer
+        # custom-domain and control-flow nodes: never folded
+        self._opaque: set[int] = {index for index, node in enumerate(nodes)
+                                  if (node.domain and node.domain != "ai.onnx") or self.ops[index] in _CONTROL_FLOW}
+        self.consumers: dict[str, list[tuple[int, int]]] = defaultdict(list)
+        consumers, opaque = self.consumers, self._opaque
+        for index, inputs in enumerate(self.inputs_of):
             for slot, name in enumerate(inputs):
                 if name:
                     consumers[name].append((index, slot))
-            domain = node.domain
-            if (domain and domain != "ai.onnx") or op in _CONTROL_FLOW:
-                self._opaque.add(index)
-                for sub in subgraphs_of(node):
+            if index in opaque:
+                for sub in subgraphs_of(nodes[index]):
                     for name in names_used_in_subgraph(sub):
                         consumers[name].append((index, -1))
 
@@ -362,7 +358,10 @@ class GraphView:
             return cached  # type: ignore[return-value]
         if self.tainted and name in self.tainted:
             self._asked(f"constant {name}")
-        tensor = self.initializers.get(name) if name in self.constant_names else None
+        if name not in self.constant_names:  # what _compute_constant says of it
+            cache[name] = None
+            return None
+        tensor = self.initializers.get(name)
         value: np.ndarray | None
         if tensor is not None and tensor.data_location != _EXTERNAL:  # the common case, inline
             value = tensor_array(tensor)
@@ -417,7 +416,7 @@ class GraphView:
             return shape
         tensor = self.initializers.get(name)
         if tensor is not None:
-            return tuple(tensor.dims)
+            return tuple(tensor.dims[:])
         if self._elem_types is None:
             self._scan_declared()
         return self._declared_shapes.get(name)
@@ -442,7 +441,7 @@ class GraphView:
     def constant_shape(self, name: str) -> tuple[int, ...] | None:
         """The shape of a constant, without converting an initializer to numpy."""
         if name in self.initializers and name in self.constant_names:
-            return tuple(self.initializers[name].dims)
+            return tuple(self.initializers[name].dims[:])
         value = self.constant(name)
         return None if value is None else value.shape
 
@@ -522,6 +521,7 @@ class GraphView:
 
 # What GraphView.with_shapes shares: everything but shapes and constants.
 _STRUCTURE = ("graph", "opset", "base_dir", "read_external", "_memo", "graph_outputs", "graph_inputs", "initializers",
+              "initializer_names",
               "_elem_types", "_declared_shapes", "nodes", "ops", "producer", "consumers", "by_op", "inputs_of",
               "outputs_of", "_opaque")
 
@@ -544,7 +544,7 @@ def tensor_array(tensor: onnx.TensorProto) -> np.ndarray:
     if dtype is not None and tensor.HasField("raw_data") and not tensor.HasField("segment"):
         array = np.frombuffer(tensor.raw_data, dtype=dtype)
         dims = tensor.dims
-        return array if len(dims) == 1 and dims[0] == array.size else array.reshape(dims)
+        return array if len(dims) == 1 and dims[0] == array.size else array.reshape(dims[:])
     return numpy_helper.to_array(tensor)
 
 

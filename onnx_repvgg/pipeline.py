@@ -4,13 +4,13 @@
         repeat until nothing changes (a fusion can expose the next one):
             index the graph                  (graph.GraphView: constants folded on demand)
             match: each rule finds Candidates, each a match or a Reason
-                   (pad_into_conv, branch_sum, bn_into_consumer; bn_to_conv last, if asked)
+                   (the rules of rules/__init__.py, in order; bn_to_conv last, if asked)
                    first without static shapes; when a rule asks something they could
                    answer differently, onnx shape inference runs and the round goes on with
                    them (the candidates handled so far stand: they asked nothing of shapes)
             fuse:  numpy algebra turns each match into new weights (float64, cast back),
                    handed at once to a sink when there is one (the output's data file,
-                   or arrays kept for the writer: onnx_repvgg.sinks)
+                   or arrays kept for the writer: onnx_repvgg.storage.sinks)
             rewrite: swap the matched nodes for the new ones; drop constants left unused
         late rules (bn_to_conv) run only after the others have reached their fixed point
 """
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import math
 from collections.abc import Iterable
 
 import onnx
@@ -30,7 +29,7 @@ from .evaluate import Memo
 from .graph import GraphView, infer_static_shapes, model_names, opset_version, subgraphs_of
 from .report import BlockRecord, ModelStats, Report
 from .rules import DEFAULT_RULES, RULES, bn_audit
-from .storage.external import all_tensors
+from .storage.external import all_tensors, elements
 from .storage.sinks import TensorReader
 
 MAX_ROUNDS = 32
@@ -69,10 +68,13 @@ def fuse(model: onnx.ModelProto, *, rules: Iterable[str] | None = None, inplace:
 def _fewer_collections():
     """The pass allocates many small containers (the index of a graph of 10^5 nodes), and the
     cyclic garbage collector, run every 700 allocations by default, would scan the live ones
-    again and again. Its first threshold is raised while the pass runs, then restored."""
+    again and again. Its first threshold is raised while the pass runs, then restored; so is its
+    second, so that the older generation (the survivors of many young collections: mostly the
+    live index) is not scanned again during the pass. Its indexes are freed by reference counting
+    (a view releases its rule indexes when dropped, and they hold no cycles), not by the collector."""
     thresholds = gc.get_threshold()
     if thresholds[0]:  # 0: collection switched off by the caller
-        gc.set_threshold(max(thresholds[0], 50_000), *thresholds[1:])
+        gc.set_threshold(max(thresholds[0], 50_000), max(thresholds[1], 1000), thresholds[2])
     try:
         yield
     finally:
@@ -97,15 +99,12 @@ def _fuse(model: onnx.ModelProto, *, rules, inplace: bool, base_dir, sink, allow
         raise ValueError(f"unknown rule(s) {unknown}; known: {sorted(RULES)}")
 
     report = Report()  # report.before: from the main graph's first index (_stats), before anything changes
-    overridable = _initializer_inputs(model.graph)
-    if overridable and freeze_initializer_inputs:
-        _remove_inputs(model, overridable)
-        report.frozen_initializer_inputs = len(overridable)
-    elif overridable:
-        report.notes.append(
-            f"{len(overridable)} initializers are also graph inputs: they may be overridden at run time, so "
-            "blocks that use them are not fused; --freeze-initializers (API: freeze_initializer_inputs=True) "
-            "makes them constants and removes them from the inputs")
+    if freeze_initializer_inputs:
+        overridable = _initializer_inputs(model.graph)
+        if overridable:
+            _remove_inputs(model, overridable)
+            report.frozen_initializer_inputs = len(overridable)
+    # else the note on initializers that are graph inputs is made from the main graph's first index
     source = _ModelNames(model)
     names = rewrite.NameRegistry(source)  # read on the first name asked for
     reader = TensorReader(base_dir, sink)
@@ -135,11 +134,22 @@ class _ModelNames:
         return model_names(self.model, self.view)
 
 
+def _note_overridable(report: Report, view: GraphView) -> None:
+    """The note on the main graph's initializers that are also graph inputs (_initializer_inputs,
+    read from its index)."""
+    overridable = [name for name in view.graph_inputs if name in view.initializers]
+    if overridable:
+        report.notes.append(
+            f"{len(overridable)} initializers are also graph inputs: they may be overridden at run time, so "
+            "blocks that use them are not fused; --freeze-initializers (API: freeze_initializer_inputs=True) "
+            "makes them constants and removes them from the inputs")
+
+
 def _stats(model: onnx.ModelProto, view: GraphView) -> ModelStats:
     """ModelStats.of(model), with the op counts read from the main graph's index."""
     params = 0
     for tensor in model.graph.initializer:
-        params += math.prod(tensor.dims)
+        params += elements(tensor.dims)
     return ModelStats({op: len(indices) for op, indices in view.by_op.items()}, len(view.nodes), params)
 
 
@@ -360,6 +370,7 @@ def _fuse_graph(graph: onnx.GraphProto, opset: int, rules, names: rewrite.NameRe
                 source.view = view  # the graph as it was: its index holds the model's names
             if model is not None and report.before is None:
                 report.before = _stats(model, view)
+                _note_overridable(report, view)  # none are left when they were frozen
         state = _Round()
         if not _run_round(view, active, opset, options, names, report, sink, state):
             with_shapes = True

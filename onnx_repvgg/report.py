@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from typing import Any
 
 import onnx
 
@@ -142,7 +144,15 @@ class Report:
 
     def to_dict(self) -> dict:
         from . import __version__
-        data = asdict(self)
+        # asdict() deep-copies field by field (~35 us a record); a record's fields are plain
+        # values and lists of them, copied here directly (same keys, same order).
+        data: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "blocks":
+                data[f.name] = [{k: list(v) if isinstance(v, list) else v for k, v in vars(b).items()} for b in value]
+            else:
+                data[f.name] = asdict(value) if is_dataclass(value) and not isinstance(value, type) else copy.deepcopy(value)
         data["schema_version"] = SCHEMA_VERSION
         data["tool_version"] = __version__
         data["summary"] = {"fused": len(self.fused), "skipped": len(self.skipped),

@@ -28,7 +28,7 @@ class NameRegistry:
     name asked for (or on ensure(), which the pass calls before it changes the model), so a
     model with nothing to fuse never has its names collected."""
 
-    def __init__(self, taken):
+    def __init__(self, taken) -> None:
         self._source = taken if callable(taken) else None
         self._taken: set[str] | None = None if callable(taken) else set(taken)
         self._journal: list[str] = []
@@ -120,6 +120,49 @@ def add_initializer(graph: onnx.GraphProto, name: str, value, sink=None) -> None
     graph.initializer.add().ParseFromString(serialized)
 
 
+def _add_initializers(graph: onnx.GraphProto, entries: list[tuple[str, object]], sink=None) -> None:
+    """add_initializer of each (name, value), in order: the inline arrays are parsed into place
+    together, from their wire form as graph fields (one MergeFromString per batch, which
+    appends them to graph.initializer: the same messages add_initializer parses one by one)."""
+    parts: list = []
+    size = 0
+    for name, value in entries:
+        if not isinstance(value, np.ndarray) or (sink is not None and value.nbytes >= sink.threshold):
+            if parts:
+                graph.MergeFromString(b"".join(parts))
+                parts, size = [], 0
+            add_initializer(graph, name, value, sink)
+            continue
+        array = _little_endian(value)
+        key = (array.dtype, array.shape)
+        header = _HEADERS.get(key)
+        if header is None:  # the dims and data_type fields; the name and raw_data follow
+            header = _header("", array).SerializeToString()
+            if len(_HEADERS) < 1024:
+                _HEADERS[key] = header
+        encoded = name.encode()
+        head = header + _TAG_NAME + _varint(len(encoded)) + encoded + _TAG_RAW + _varint(array.nbytes)
+        parts += (_TAG_INITIALIZER, _varint(len(head) + array.nbytes), head, array)
+        size += len(head) + array.nbytes
+        if size >= _BATCH_BYTES:
+            graph.MergeFromString(b"".join(parts))
+            parts, size = [], 0
+    if parts:
+        graph.MergeFromString(b"".join(parts))
+
+
+_HEADERS: dict[tuple, bytes] = {}  # (dtype, shape) -> a TensorProto's dims and data_type, serialized
+_BATCH_BYTES = 1 << 24
+_TAG_INITIALIZER = wire.tag(wire.GRAPH_INITIALIZER, wire.LENGTH_DELIMITED)
+_TAG_NAME = wire.tag(8, wire.LENGTH_DELIMITED)  # TensorProto.name
+_TAG_RAW = wire.tag(wire.TENSOR_RAW_DATA, wire.LENGTH_DELIMITED)
+_SMALL_VARINTS = [bytes((n,)) for n in range(128)]
+
+
+def _varint(value: int) -> bytes:
+    return _SMALL_VARINTS[value] if value < 128 else wire.encode_varint(value)
+
+
 def fused_output(block, names: NameRegistry) -> str:
     """Where the fused node writes: the root's own output, unless other addends follow."""
     stem = block.name_hint or block.anchor
@@ -164,6 +207,14 @@ def conv_node(inputs: list[str], output: str, name: str, g) -> onnx.NodeProto:
     """The Conv of geometry `g` (a block.ConvGeometry), as helper.make_node writes it (attributes
     in sorted order: dilations, group, kernel_shape, pads, strides): a copy of the geometry's
     attributes, made once, with this node's inputs, output and name."""
+    given = (g.dilations, g.group, g.kernel_shape, g.pads, g.strides)
+    try:  # values equal to the given ones have equal int() values: the same attributes
+        template = _CONV_GIVEN.get(given)
+        hashable = True
+    except TypeError:  # a list in the geometry
+        template, hashable = None, False
+    if template is not None:
+        return _conv_from(template, inputs, output, name)
     key: tuple[tuple[int, ...], int, tuple[int, ...], tuple[int, ...], tuple[int, ...]] = (
         tuple(int(v) for v in g.dilations), int(g.group), tuple(int(v) for v in g.kernel_shape),
         tuple(int(v) for v in g.pads), tuple(int(v) for v in g.strides))
@@ -183,6 +234,12 @@ def conv_node(inputs: list[str], output: str, name: str, g) -> onnx.NodeProto:
                 attr.type = onnx.AttributeProto.INTS
         if len(_CONV_ATTRIBUTES) < 256:
             _CONV_ATTRIBUTES[key] = template
+    if hashable and len(_CONV_GIVEN) < 256:
+        _CONV_GIVEN[given] = template
+    return _conv_from(template, inputs, output, name)
+
+
+def _conv_from(template: onnx.NodeProto, inputs: list[str], output: str, name: str) -> onnx.NodeProto:
     node = onnx.NodeProto()
     node.CopyFrom(template)
     node.input.extend(inputs)
@@ -193,6 +250,7 @@ def conv_node(inputs: list[str], output: str, name: str, g) -> onnx.NodeProto:
 
 
 _CONV_ATTRIBUTES: dict[tuple, onnx.NodeProto] = {}  # geometry -> a Conv holding its attributes only
+_CONV_GIVEN: dict[tuple, onnx.NodeProto] = {}  # the same, by the geometry's values as given
 
 
 def branch_sum_rewrite(block: Block, weight: np.ndarray, bias: np.ndarray, view: GraphView,
@@ -214,34 +272,46 @@ def apply(graph: onnx.GraphProto, view: GraphView, rewrites: list[Rewrite], sink
     removed: set[int] = set()
     inserted: dict[int, list[onnx.NodeProto]] = defaultdict(list)
     consumers, inputs_of = view.consumers, view.inputs_of
-    gained: Counter[str] = Counter()  # uses gained and lost, by value name
-    lost: Counter[str] = Counter()
-
-    def uses(name: str) -> int:
-        return len(consumers.get(name, ())) + gained.get(name, 0) - lost.get(name, 0)
-
+    gained_names: list[str] = []  # one entry per use gained, and lost below
+    lost_names: list[str] = []
     pending: list[tuple[str, object]] = []
-
     for rw in rewrites:
         for index, nodes in rw.insertions:
             inserted[index].extend(nodes)
             for node in nodes:
-                gained.update(node.input)
+                gained_names.extend(node.input)
         removed.update(rw.removed_nodes)
         for index in rw.removed_nodes:
-            lost.update(inputs_of[index])
+            lost_names.extend(inputs_of[index])
         pending.extend(rw.initializers)
+    gained: Counter[str] = Counter(gained_names)  # uses gained and lost, by value name
+    lost: Counter[str] = Counter(lost_names)
     lost.pop("", None)
+    uses_of = consumers.get
+    gained_of = gained.get
+
+    def uses(name: str) -> int:
+        return len(uses_of(name, ())) + gained_of(name, 0) - lost[name]
 
     # Values that lost their last use: the nodes that computed them (constants, and default-domain
     # nodes without subgraphs, e.g. a Slice read only for its shape), then initializers. Only a
     # value whose uses went down can have none left (every other one has a consumer).
     dead_initializers: set[str] = set()
-    frontier = [name for name in lost if uses(name) <= 0]
-    graph_outputs = view.graph_outputs
+    graph_outputs, producer_of = view.graph_outputs, view.producer.get
+    initializers, graph_inputs = view.initializers, view.graph_inputs
+    frontier = []
+    for name, count in lost.items():
+        if len(uses_of(name, ())) + gained_of(name, 0) - count > 0:
+            continue
+        producer = producer_of(name)
+        if producer is None:  # what the loop below decides of it (its uses can only go down)
+            if name not in graph_outputs and name in initializers and name not in graph_inputs:
+                dead_initializers.add(name)
+        elif producer not in removed:
+            frontier.append(name)
     while frontier:
         name = frontier.pop()
-        producer = view.producer.get(name)
+        producer = producer_of(name)
         if producer is not None and producer in removed:
             continue  # computed by a removed node: it goes with it
         if name in graph_outputs or uses(name) > 0:
@@ -250,7 +320,7 @@ def apply(graph: onnx.GraphProto, view: GraphView, rewrites: list[Rewrite], sink
             node = view.nodes[producer]
             if not _removable(node):
                 continue
-            if any(uses(out) > 0 or out in view.graph_outputs for out in view.outputs_of[producer] if out):
+            if any(uses(out) > 0 or out in graph_outputs for out in view.outputs_of[producer] if out):
                 continue
             removed.add(producer)
             for inp in inputs_of[producer]:
@@ -258,26 +328,26 @@ def apply(graph: onnx.GraphProto, view: GraphView, rewrites: list[Rewrite], sink
                     lost[inp] += 1
                     if uses(inp) <= 0:
                         frontier.append(inp)
-        elif name in view.initializers and name not in view.graph_inputs:
+        elif name in initializers and name not in graph_inputs:
             dead_initializers.add(name)
 
     # New initializers, once dead code is gone: a constant that stood in for a removed node's
     # output (see the sequential rule) is kept only if something still reads it.
-    for name, value in pending:
-        if uses(name) > 0:
-            add_initializer(graph, name, value, sink)
+    _add_initializers(graph, [(name, value) for name, value in pending if uses(name) > 0], sink)
 
     new_nodes: list[onnx.NodeProto] = []
+    inserted_at = inserted.get
     for index, node in enumerate(view.nodes):
-        if index in inserted:
-            new_nodes.extend(inserted[index])
+        before = inserted_at(index)
+        if before is not None:
+            new_nodes.extend(before)
         if index not in removed:
             new_nodes.append(node)
     del graph.node[:]
     graph.node.extend(new_nodes)
 
     if dead_initializers:  # deleted run by run, from the end
-        dead = [i for i, t in enumerate(graph.initializer) if t.name in dead_initializers]
+        dead = [i for i, name in enumerate(view.initializer_names) if name in dead_initializers]
         while dead:
             stop = dead.pop()
             start = stop

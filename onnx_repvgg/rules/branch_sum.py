@@ -65,23 +65,23 @@ class Branch:
 def _deep_source(view: GraphView, index: LinearIndex, leaf: str) -> Branch | None:
     """If a leaf is Conv(X), or a not-usable BN over X or over Conv(X), say so."""
     producer = view.producer.get(leaf)
-    if producer is None:
+    if producer is None or producer in view._opaque:  # is_op: default domain (none of these is control flow)
         return None
-    node = view.nodes[producer]
-    if is_op(node, *LEAF_OPS) and node.input:
+    op = view.ops[producer]
+    if op in LEAF_OPS and view.inputs_of[producer]:
         return Branch(Addend(leaf, (), -1), "conv", node=producer)
-    if is_op(node, "AveragePool") and node.input:
+    if op == "AveragePool" and view.inputs_of[producer]:
         return Branch(Addend(leaf, (), -1), "pool", node=producer)
-    if is_op(node, "BatchNormalization"):  # the only op whose expansion can carry a problem
-        exp = index.expansions.get(producer)
-        if exp is not None and exp.problem is not None and node.input:
+    if op == "BatchNormalization":  # the only op whose expansion can carry a problem
+        exp = index.expansion(producer)
+        if exp is not None and exp.problem is not None and view.inputs_of[producer]:
             return Branch(Addend(leaf, (), -1), "problem", node=producer)
     return None
 
 
 def _source_of(view: GraphView, branch: Branch, index: LinearIndex) -> str:
     if branch.kind in ("conv", "pool"):
-        return view.nodes[branch.node].input[0]
+        return view.inputs_of[branch.node][0]
     node = view.nodes[branch.node]
     inner = view.producer.get(index.origin(node.input[0]))  # a BN over Conv(X), maybe through an Identity
     if inner is not None and is_op(view.nodes[inner], *LEAF_OPS) and view.nodes[inner].input:
@@ -217,59 +217,69 @@ def build_block(view: GraphView, index: LinearIndex, tree: LinearTree, x: str,
         if cin != cout:
             raise Skip("identity_channels", f"AveragePool branch '{name}' needs Cin == Cout, the convs map {cin} -> {cout}")
 
-    # Dilation matters only on axes where a kernel is wider than 1. Each axis takes the gcd of
-    # the branches' dilations; a branch dilated more is written with zeros between its taps
-    # (UniRepLKNet's dilated branches beside a large kernel).
-    dilations = []
-    for axis in range(n):
-        wide = {p.dilations[axis] for _, p in convs if p.kernel[axis] > 1}
-        wide |= {1 for _, pp in pools if pp.kernel[axis] > 1}
-        dilations.append(math.gcd(*wide) if wide else 1)
-    branch_taps = sum(math.prod(p.kernel) for _, p in convs)
-    dilated = sorted({p.dilations for _, p in convs
-                      if any(k > 1 and d != dilations[a] for a, (k, d) in enumerate(zip(p.kernel, p.dilations)))})
-    if dilated:
-        convs = [(b, _on_dilation_grid(p, dilations)) for b, p in convs]
-
     identities = [b for b in branches if b.kind == "identity"]
-    if identities:
-        if any(s != 1 for s in strides):
-            raise Skip("identity_stride", f"identity branch '{x}' needs stride 1, the convs have {strides}")
-        if cin != cout:
-            raise Skip("identity_channels", f"identity branch '{x}' needs Cin == Cout, the convs map {cin} -> {cout}")
+    # The fused kernel's geometry depends on the branches' kernels, dilations and pads alone:
+    # found once per combination (the code below, run on the first block that has it).
+    shape_key = (n, tuple((p.kernel, p.dilations, p.pads_begin, p.pads_end) for _, p in convs),
+                 tuple((pp.kernel, pp.pads_begin, pp.pads_end) for _, pp in pools), len(identities), allow_densify)
+    plan = _PLANS.get(shape_key)
+    if plan is not None:
+        dilations, dilated, kernel_shape, pad_begin, pad_end, branch_offsets = plan
+        if dilated:
+            convs = [(b, _on_dilation_grid(p, dilations)) for b, p in convs]
+        _check_identities(identities, strides, cin, cout, x)
+    else:
+        # Dilation matters only on axes where a kernel is wider than 1. Each axis takes the gcd of
+        # the branches' dilations; a branch dilated more is written with zeros between its taps
+        # (UniRepLKNet's dilated branches beside a large kernel).
+        dilations = []
+        for axis in range(n):
+            wide = {p.dilations[axis] for _, p in convs if p.kernel[axis] > 1}
+            wide |= {1 for _, pp in pools if pp.kernel[axis] > 1}
+            dilations.append(math.gcd(*wide) if wide else 1)
+        branch_taps = sum(math.prod(p.kernel) for _, p in convs)
+        dilated = sorted({p.dilations for _, p in convs
+                          if any(k > 1 and d != dilations[a] for a, (k, d) in enumerate(zip(p.kernel, p.dilations)))})
+        if dilated:
+            convs = [(b, _on_dilation_grid(p, dilations)) for b, p in convs]
 
-    # Each branch as (kernel sizes, pad begins, pad ends); an identity is a 1-wide kernel without pad.
-    extents = [((1,) * n, (0,) * n, (0,) * n) for _ in identities]
-    extents += [(pp.kernel, pp.pads_begin, pp.pads_end) for _, pp in pools]
-    extents += [(p.kernel, p.pads_begin, p.pads_end) for _, p in convs]
-    kernel_shape, pad_begin, pad_end, offsets_by_axis = [], [], [], []
-    for axis in range(n):
-        d = dilations[axis]
-        reach = {pb[axis] + pe[axis] - d * (k[axis] - 1) for k, pb, pe in extents}
-        if len(reach) > 1:
-            raise Skip("output_shape_mismatch", f"branches give different output sizes on spatial axis {axis} "
-                       f"(pad_begin + pad_end - dilation*(k-1) = {sorted(reach)})")
-        begin = max(pb[axis] for _, pb, _ in extents)
-        offsets = []
-        for k, pb, _ in extents:
-            shift = begin - pb[axis]
-            if shift % d:
-                raise Skip("kernel_offset", f"a {_label(k)} branch sits {shift} pixels off the grid of dilation {d} "
-                           f"on spatial axis {axis}")
-            offsets.append(shift // d)
-        size = max(o + k[axis] for o, (k, _, _) in zip(offsets, extents))
-        end = reach.pop() + d * (size - 1) - begin
-        if end < 0:
-            raise Skip("kernel_offset", f"fused kernel would need a negative pad on spatial axis {axis}")
-        kernel_shape.append(size)
-        pad_begin.append(begin)
-        pad_end.append(end)
-        offsets_by_axis.append(offsets)
-    branch_offsets = [tuple(offsets_by_axis[a][i] for a in range(n)) for i in range(len(extents))]
-    if dilated and math.prod(kernel_shape) > branch_taps and not allow_densify:
-        raise Skip("dilation_mismatch", f"merging dilations {sorted({tuple(dilations)}.union(dilated))} needs one "
-                   f"{_label(kernel_shape)} kernel of dilation {tuple(dilations)}: {math.prod(kernel_shape)} taps "
-                   f"against {branch_taps} in the branches (--allow-densify merges them)")
+        _check_identities(identities, strides, cin, cout, x)
+
+        # Each branch as (kernel sizes, pad begins, pad ends); an identity is a 1-wide kernel without pad.
+        extents = [((1,) * n, (0,) * n, (0,) * n) for _ in identities]
+        extents += [(pp.kernel, pp.pads_begin, pp.pads_end) for _, pp in pools]
+        extents += [(p.kernel, p.pads_begin, p.pads_end) for _, p in convs]
+        kernel_shape, pad_begin, pad_end, offsets_by_axis = [], [], [], []
+        for axis in range(n):
+            d = dilations[axis]
+            reach = {pb[axis] + pe[axis] - d * (k[axis] - 1) for k, pb, pe in extents}
+            if len(reach) > 1:
+                raise Skip("output_shape_mismatch", f"branches give different output sizes on spatial axis {axis} "
+                           f"(pad_begin + pad_end - dilation*(k-1) = {sorted(reach)})")
+            begin = max(pb[axis] for _, pb, _ in extents)
+            offsets = []
+            for k, pb, _ in extents:
+                shift = begin - pb[axis]
+                if shift % d:
+                    raise Skip("kernel_offset", f"a {_label(k)} branch sits {shift} pixels off the grid of dilation {d} "
+                               f"on spatial axis {axis}")
+                offsets.append(shift // d)
+            size = max(o + k[axis] for o, (k, _, _) in zip(offsets, extents))
+            end = reach.pop() + d * (size - 1) - begin
+            if end < 0:
+                raise Skip("kernel_offset", f"fused kernel would need a negative pad on spatial axis {axis}")
+            kernel_shape.append(size)
+            pad_begin.append(begin)
+            pad_end.append(end)
+            offsets_by_axis.append(offsets)
+        branch_offsets = [tuple(offsets_by_axis[a][i] for a in range(n)) for i in range(len(extents))]
+        if dilated and math.prod(kernel_shape) > branch_taps and not allow_densify:
+            raise Skip("dilation_mismatch", f"merging dilations {sorted({tuple(dilations)}.union(dilated))} needs one "
+                       f"{_label(kernel_shape)} kernel of dilation {tuple(dilations)}: {math.prod(kernel_shape)} taps "
+                       f"against {branch_taps} in the branches (--allow-densify merges them)")
+        if len(_PLANS) < 1024:
+            _PLANS[shape_key] = (tuple(dilations), tuple(dilated), tuple(kernel_shape), tuple(pad_begin),
+                                 tuple(pad_end), tuple(branch_offsets))
 
     terms: list[Term] = []
     for b, grid in zip(identities, branch_offsets):
@@ -307,6 +317,18 @@ def build_block(view: GraphView, index: LinearIndex, tree: LinearTree, x: str,
                  constant_bias=bias_from_constants)
 
 
+def _check_identities(identities: list[Branch], strides: tuple[int, ...], cin: int, cout: int, x: str) -> None:
+    if identities:
+        if any(s != 1 for s in strides):
+            raise Skip("identity_stride", f"identity branch '{x}' needs stride 1, the convs have {strides}")
+        if cin != cout:
+            raise Skip("identity_channels", f"identity branch '{x}' needs Cin == Cout, the convs map {cin} -> {cout}")
+
+
+# (rank, the convs' kernels, dilations and pads, the pools', identities, allow_densify) ->
+# (dilations, dilated, kernel_shape, pad_begin, pad_end, branch_offsets) that build_block found
+_PLANS: dict[tuple, tuple] = {}
+
 _IDENTITY_KERNELS: dict[tuple[int, int, int], np.ndarray] = {}
 
 
@@ -327,7 +349,7 @@ def _dead_copies(view: GraphView, index: LinearIndex, x: str, removed: list[int]
     gone = set(removed)
     for b in branches:
         if b.kind in ("conv", "pool"):
-            gone.update(index.dead_chain(view.nodes[b.node].input[0], x, gone))
+            gone.update(index.dead_chain(view.inputs_of[b.node][0], x, gone))
     return sorted(gone - set(removed))
 
 
@@ -363,15 +385,24 @@ def _describe(view: GraphView, branches: list[Branch]) -> list[str]:
         elif view.nodes[b.node].op_type == "Gemm":
             labels.append("linear")
         else:
-            conv = view.nodes[b.node]
-            shape = view.constant_shape(conv.input[1]) if len(conv.input) > 1 else None
+            inputs = view.inputs_of[b.node]
+            shape = view.constant_shape(inputs[1]) if len(inputs) > 1 else None
             labels.append(_label(shape[2:]) if shape is not None and len(shape) > 2 else "conv")
 
-    def key(label: str) -> tuple[int, int]:  # widest kernels first, identities last: 3x3+1x1+bn
-        if label[0].isdigit():
-            return (0, -math.prod(int(v) for v in label.split("x")))
-        return (1, 0)
-    return sorted(labels, key=key)
+    return sorted(labels, key=_label_order)
+
+
+def _label_order(label: str) -> tuple[int, int]:
+    """Widest kernels first, identities last: 3x3+1x1+bn."""
+    order = _LABEL_ORDER.get(label)
+    if order is None:
+        order = (0, -math.prod(int(v) for v in label.split("x"))) if label[0].isdigit() else (1, 0)
+        if len(_LABEL_ORDER) < 4096:
+            _LABEL_ORDER[label] = order
+    return order
+
+
+_LABEL_ORDER: dict[str, tuple[int, int]] = {}
 
 
 def find(view: GraphView, opset: int, options: dict | None = None):
@@ -390,7 +421,8 @@ def find(view: GraphView, opset: int, options: dict | None = None):
         if removed <= 1 + len(others):
             continue  # nothing to gain: e.g. a plain residual Add(conv(y), x) (an Identity after it or not)
         node = view.nodes[root]
-        bns = any(is_op(view.nodes[i], "BatchNormalization") for i in tree.nodes) or any(
+        ops, opaque = view.ops, view._opaque  # is_op(node, "BatchNormalization"), read from the index
+        bns = any(ops[i] == "BatchNormalization" and i not in opaque for i in tree.nodes) or any(
             b.kind == "problem" for b in branches)
         candidate = Candidate(anchor=node.name or node.output[0], branch_labels=_describe(view, branches),
                               near_miss=len(branches) >= 2 or bns)

@@ -90,16 +90,17 @@ class ConvParams:
 
 def conv_params(view: GraphView, node: onnx.NodeProto) -> ConvParams:
     """A Conv's constant weight and bias and its explicit geometry (auto_pad resolved)."""
-    if len(node.input) < 2:
+    inputs = node.input[:]
+    if len(inputs) < 2:
         raise Skip("malformed", f"Conv '{node.name}' has no weight input")
-    weight = const(view, node.input[1], "weight", node)
+    weight = const(view, inputs[1], "weight", node)
     if weight.dtype not in FLOAT_DTYPES:
         raise Skip("dtype", f"Conv '{node.name}' weight dtype {weight.dtype} is not float16/32/64")
     if weight.ndim < 3:
         raise Skip("malformed", f"Conv '{node.name}' weight has rank {weight.ndim}")
     bias = None
-    if len(node.input) > 2 and node.input[2]:
-        bias = const(view, node.input[2], "bias", node)
+    if len(inputs) > 2 and inputs[2]:
+        bias = const(view, inputs[2], "bias", node)
         if bias.shape != (weight.shape[0],):
             raise Skip("malformed", f"Conv '{node.name}' bias shape {bias.shape} != ({weight.shape[0]},)")
     n = weight.ndim - 2
@@ -208,23 +209,37 @@ def bn_affine(view: GraphView, node: onnx.NodeProto, opset: int) -> tuple[np.nda
     return algebra.bn_scale_shift(params[0], params[1], params[2], params[3], eps)
 
 
-def bn_affines(view: GraphView, nodes: list[onnx.NodeProto], opset: int) -> list:
-    """bn_affine of each node, as (scale, shift) or the Skip it raises: the arithmetic of the
-    BNs of C channels done in one numpy call per C (the same float64 operations, element by
-    element; the vectors handed out are read-only rows of one array)."""
-    results: list = [None] * len(nodes)
+def bn_affines(view: GraphView, indices: list[int], opset: int) -> list:
+    """bn_affine of each node (by index in `view`), as (scale, shift) or the Skip it raises: the
+    arithmetic of the BNs of C channels done in one numpy call per C (the same float64
+    operations, element by element; the vectors handed out are read-only rows of one array)."""
+    results: list = [None] * len(indices)
     groups: dict[int, list] = defaultdict(list)  # C -> (position, parameters, eps): arrays read one by one
     raw: dict[tuple, list] = defaultdict(list)   # (dtype, C) -> (position, raw bytes of the four, eps)
-    for position, node in enumerate(nodes):
+    nodes, inputs_of, outputs_of = view.nodes, view.inputs_of, view.outputs_of
+    raw_vector = view.raw_vector
+    for position, index in enumerate(indices):
+        node = nodes[index]
+        inputs = inputs_of[index]
         try:
-            eps = _bn_epsilon(view, node, opset)
-            vectors = [view.raw_vector(name) for name in node.input[1:]]
-            if all(v is not None for v in vectors) and len({v[1:] for v in vectors}) == 1:  # type: ignore[index]
-                raw[vectors[0][1:]].append((position, [v[0] for v in vectors], eps))  # type: ignore[index]
-                continue  # four inline vectors of one dtype and length: read below, all at once
+            eps = None
+            if opset >= 14 and len(inputs) == 5 and not any(outputs_of[index][1:]):
+                # _bn_epsilon's checks where they pass at once: inference mode, five inputs
+                attrs = attributes(node)
+                if int(attrs.get("training_mode", 0)) == 0:
+                    eps = float(attrs.get("epsilon", 1e-5))
+            if eps is None:
+                eps = _bn_epsilon(view, node, opset)
+            vectors = [raw_vector(inputs[1]), raw_vector(inputs[2]), raw_vector(inputs[3]), raw_vector(inputs[4])]
+            if None not in vectors:
+                kind = vectors[0][1:]  # type: ignore[index]
+                if vectors[1][1:] == kind and vectors[2][1:] == kind and vectors[3][1:] == kind:  # type: ignore[index]
+                    # four inline vectors of one dtype and length: read below, all at once
+                    raw[kind].append((position, [v[0] for v in vectors], eps))  # type: ignore[index]
+                    continue
             parameters = _bn_vectors(view, node)
         except Skip as skip:
-            results[position] = skip
+            results[position] = skip.with_traceback(None)  # kept without its frames (no reference cycle)
             continue
         groups[parameters[0].shape[0]].append((position, parameters, eps))
     blocks = [(np.array([m[1] for m in members], dtype=np.float64), members) for members in groups.values()]
@@ -238,7 +253,7 @@ def bn_affines(view: GraphView, nodes: list[onnx.NodeProto], opset: int) -> list
             scale, shift = algebra.bn_scale_shift(params[:, 0], params[:, 1], params[:, 2], params[:, 3], epsilons)
         scale.flags.writeable = shift.flags.writeable = False
         for row, (position, _, _) in enumerate(members):
-            results[position] = _bad_variance(nodes[position]) if bad[row] else (scale[row], shift[row])
+            results[position] = _bad_variance(nodes[indices[position]]) if bad[row] else (scale[row], shift[row])
     return results
 
 

@@ -147,8 +147,13 @@ class LinearIndex:
         self._roots: list[int] | None = None
         self._relevant: dict[int, bool] = {}  # node -> relevant() of its component
         self._bns_done = False
-        self.expansions = Expansions(self)
         return self
+
+    @property
+    def expansions(self) -> Expansions:
+        """The expansions as a mapping (made on each access: no reference cycle keeps the index,
+        and through it its view, alive once the view has released it)."""
+        return Expansions(self)
 
     def expansion(self, index: int) -> Expansion | None:
         """The node's expansion, or None if it is not a usable-looking linear node."""
@@ -161,6 +166,15 @@ class LinearIndex:
         if not self._bns_done and op == "BatchNormalization":
             self._expand_bns()
             return cache[index]
+        if op == "Add" and index not in view._opaque:
+            # expand() of an Add of two tensors neither of which may be a constant: no neutral
+            # operand (passthrough_input needs one), so the plain sum of its inputs
+            inputs = view.inputs_of[index]
+            if len(inputs) == 2 and inputs[0] and inputs[1] and view.outputs_of[index] and \
+                    not view.may_be_constant(inputs[0]) and not view.may_be_constant(inputs[1]):
+                exp = Expansion([(inputs[0], ()), (inputs[1], ())])
+                cache[index] = exp
+                return exp
         if op in _EXPANDABLE:
             exp = expand(view, view.nodes[index], self.opset)
             if exp is not None and exp.passthrough and view.is_constant_node(index):
@@ -173,10 +187,17 @@ class LinearIndex:
         per channel count (common.bn_affines) instead of one per node."""
         self._bns_done = True
         view = self.view
-        indices = [i for i in view.of_type("BatchNormalization") if i not in self._cache]
-        affines = bn_affines(view, [view.nodes[i] for i in indices], self.opset)
+        cache, opaque, inputs_of, outputs_of = self._cache, view._opaque, view.inputs_of, view.outputs_of
+        indices = [i for i in view.of_type("BatchNormalization") if i not in cache]
+        affines = bn_affines(view, indices, self.opset)
         for index, affine in zip(indices, affines):
-            self._cache[index] = expand(view, view.nodes[index], self.opset, affine)
+            inputs = inputs_of[index]
+            if index in opaque or not outputs_of[index] or not inputs:
+                cache[index] = expand(view, view.nodes[index], self.opset, affine)
+            elif isinstance(affine, Skip):  # expand() of a BN, its affine given
+                cache[index] = Expansion(problem=affine.reason)
+            else:
+                cache[index] = Expansion([(inputs[0], (Factor(affine[0], True),))], offsets=[Factor(affine[1], True)])
 
     def is_passthrough(self, index: int | None) -> bool:
         exp = self.expansion(index) if index is not None else None
@@ -215,13 +236,17 @@ class LinearIndex:
 
     def _absorbed(self, name: str) -> bool:
         """Is tensor `name` an inner edge of some tree (privately used as a tensor input of a linear node)?"""
-        if not self.view.is_private(name):
+        view = self.view
+        uses = view.consumers.get(name)
+        if not uses or len(uses) != 1 or name in view.graph_outputs:  # not view.is_private(name)
             return False
-        consumer, _ = self.view.consumers[name][0]
-        exp = self.expansion(consumer)
-        if exp is None or not exp.usable:
+        exp = self.expansion(uses[0][0])
+        if exp is None or exp.problem is not None or not exp.children:  # not usable
             return False
-        return any(child == name for child, _ in exp.children)
+        for child, _ in exp.children:
+            if child == name:
+                return True
+        return False
 
     def roots(self) -> list[int]:
         """The roots of the trees that hold a linear node other than a value-preserving one, in

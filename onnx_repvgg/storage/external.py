@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -29,17 +30,16 @@ def _itemsize(data_type: int) -> int | None:
 def tensor_nbytes(tensor: onnx.TensorProto) -> int | None:
     """The bytes a tensor's data takes from its shape and type (None for strings and
     unknown types, or a negative dim)."""
-    if tensor.data_type == onnx.TensorProto.STRING:
+    data_type = tensor.data_type
+    if data_type == _STRING:
         return None
-    itemsize = _itemsize(tensor.data_type)
+    itemsize = _ITEMSIZE[data_type] if data_type in _ITEMSIZE else _itemsize(data_type)
     if itemsize is None:
         return None
-    count = 1
-    for d in tensor.dims:
-        if d < 0:
-            return None
-        count *= d
-    if tensor.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):  # two per byte
+    count = _known_count(tensor.dims)
+    if count < 0:
+        return None
+    if data_type in _FOUR_BIT:  # two per byte
         return (count + 1) // 2
     return count * itemsize
 
@@ -132,25 +132,25 @@ class TensorSurvey:
     nbytes: int                      # bytes of all tensors, from their shapes
     nested: bool                     # tensors outside the main graph's initializers may point outside
                                      # (some do now, or subgraphs a fusion may give new weights exist)
+    initializer_inputs: set[str] = field(default_factory=set)  # main-graph initializers that are also graph inputs
 
 
 def survey(model: onnx.ModelProto) -> TensorSurvey:
     external: list[onnx.TensorProto] = []
     nbytes = 0
     graph = model.graph
+    inputs = {value.name for value in graph.input}
+    initializer_inputs: set[str] = set()
     for tensor in graph.initializer:  # most tensors of most models: tensor_nbytes, inlined
+        if inputs and tensor.name in inputs:
+            initializer_inputs.add(tensor.name)
         if tensor.data_location == _EXTERNAL:
             external.append(tensor)
         data_type = tensor.data_type
         itemsize = _ITEMSIZE[data_type] if data_type in _ITEMSIZE else _itemsize(data_type)
         if itemsize is None or data_type == _STRING:
             continue
-        count = 1
-        for d in tensor.dims:
-            if d < 0:
-                count = -1
-                break
-            count *= d
+        count = _known_count(tensor.dims)
         if count >= 0:
             nbytes += (count + 1) // 2 if data_type in _FOUR_BIT else count * itemsize
     main_external = len(external)
@@ -161,7 +161,28 @@ def survey(model: onnx.ModelProto) -> TensorSurvey:
         if tensor.data_location == _EXTERNAL:
             external.append(tensor)
         nbytes += tensor_nbytes(tensor) or 0
-    return TensorSurvey(external, nbytes, len(external) > main_external or bool(subgraphs))
+    return TensorSurvey(external, nbytes, len(external) > main_external or bool(subgraphs), initializer_inputs)
+
+
+def elements(dims) -> int:
+    """math.prod(dims) of a TensorProto's dims, read by index (faster than iterating them)."""
+    rank = len(dims)
+    if rank == 1:
+        return dims[0]
+    if rank == 2:
+        return dims[0] * dims[1]
+    if rank == 4:
+        return dims[0] * dims[1] * dims[2] * dims[3]
+    return math.prod(dims)
+
+
+def _known_count(dims) -> int:
+    """The element count of these dims, or -1 when one is negative."""
+    if len(dims) == 1:
+        first = dims[0]
+        return first if first >= 0 else -1
+    values = dims[:]
+    return -1 if values and min(values) < 0 else math.prod(values)
 
 
 _EXTERNAL = onnx.TensorProto.EXTERNAL

@@ -32,6 +32,7 @@ class LoadedModel:
     data_files: frozenset[str] = frozenset()  # the external data files it reads (real paths)
     tensor_bytes: int = 0   # bytes of all its tensors, from their shapes (tensor_bytes(model) at load)
     nested_tensors: bool = True  # tensors outside the main graph's initializers may use external data
+    initializer_inputs: frozenset[str] = frozenset()  # main-graph initializers that are also graph inputs
 
 
 def _check_external_location(tensor: onnx.TensorProto, base_dir: str) -> str:
@@ -105,7 +106,7 @@ def load(path: str, load_external_data: bool = True) -> LoadedModel:
             raise BadInput(f"cannot read external data of {path}: {_one_line(err)}") from None
     size += sum(os.path.getsize(f) for f in data_files)
     return LoadedModel(model, path, size, bool(data_files), base_dir, frozenset(data_files), tensors.nbytes,
-                       tensors.nested)
+                       tensors.nested, frozenset(tensors.initializer_inputs))
 
 
 _TORCH_EXTENSIONS = (".pt", ".pth", ".ckpt", ".bin", ".tar")
