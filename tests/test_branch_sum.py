@@ -386,13 +386,39 @@ def test_dilations_with_a_common_divisor_keep_it():
     assert [a.ints for a in conv.attribute if a.name == "dilations"] == [[2, 2]]
 
 
-def test_skip_pads_that_do_not_align():
+def _pads_that_align_at_some_sizes(spatial):
+    b = GraphBuilder(spatial=spatial)
+    x = b.x
+    # The 1x1's begin pad puts it at tap (0, 0) of the 3x3; its end pad differs, so the two give
+    # the same number of outputs at some input sizes only (both 2 at size 3, 2 and 3 at size 4).
+    return b, b.add(b.conv(x, 4, 4, 3, pads=[1, 1, 1, 1], stride=2), b.conv(x, 4, 4, 1, pads=[1, 1, 0, 0], stride=2))
+
+
+def test_skip_pads_that_align_at_some_sizes_when_the_size_is_not_fixed():
+    b, out = _pads_that_align_at_some_sizes((3, 3))
+    model = b.model([out])
+    for dim, name in zip(model.graph.input[0].type.tensor_type.shape.dim[2:], ("h", "w")):
+        dim.dim_param = name
+    assert "not fixed" in _skip(model, "output_shape_mismatch")
+
+
+def test_pads_that_align_at_the_fixed_size_fuse_for_it():
+    """At the model's fixed input size (3x3) both branches give 2x2: one 3x3 conv with the 1x1 at
+    tap (0, 0) and pads (1, 1), equal there."""
+    b, out = _pads_that_align_at_some_sizes((3, 3))
+    fused, report = fuse_and_compare(b.model([out]))
+    assert_single_conv(fused, report)
+    conv = next(n for n in fused.graph.node if n.op_type == "Conv")
+    assert next(list(a.ints) for a in conv.attribute if a.name == "pads") == [1, 1, 1, 1]
+
+
+def test_skip_pads_whose_output_sizes_differ_at_the_fixed_size():
     b = GraphBuilder(spatial=(3, 3))
     x = b.x
-    # On a 3x3 input both give 2x2, but the 1x1's pad makes it read one row/column further:
-    # the geometry only agrees at some input sizes, so the block is refused.
-    out = b.add(b.conv(x, 4, 4, 3, pads=[1, 1, 1, 1], stride=2), b.conv(x, 4, 4, 1, pads=[1, 1, 0, 0], stride=2))
-    assert "output size" in _skip(b.model([out]), "output_shape_mismatch")
+    # On 3x3, the unpadded 3x3 s2 gives one output per axis and the 1x1 s2 two: the Add broadcasts
+    # the 3x3's, which no one conv does.
+    out = b.add(b.conv(x, 4, 4, 3, pads=[0, 0, 0, 0], stride=2), b.conv(x, 4, 4, 1, pads=[0, 0, 0, 0], stride=2))
+    assert "at the input's size 3, [1, 2] outputs" in _skip(b.model([out]), "output_shape_mismatch")
 
 
 def test_skip_offset_off_the_dilation_grid():

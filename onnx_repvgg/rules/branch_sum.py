@@ -250,12 +250,13 @@ def build_block(view: GraphView, index: LinearIndex, tree: LinearTree, x: str,
         extents += [(pp.kernel, pp.pads_begin, pp.pads_end) for _, pp in pools]
         extents += [(p.kernel, p.pads_begin, p.pads_end) for _, p in convs]
         kernel_shape, pad_begin, pad_end, offsets_by_axis = [], [], [], []
+        size_specific = False  # a plan that holds at the input's fixed size only is not remembered
         for axis in range(n):
             d = dilations[axis]
             reach = {pb[axis] + pe[axis] - d * (k[axis] - 1) for k, pb, pe in extents}
             if len(reach) > 1:
-                raise Skip("output_shape_mismatch", f"branches give different output sizes on spatial axis {axis} "
-                           f"(pad_begin + pad_end - dilation*(k-1) = {sorted(reach)})")
+                _check_fixed_size_agrees(view, x, n, axis, strides[axis], reach)
+                size_specific = True
             begin = max(pb[axis] for _, pb, _ in extents)
             offsets = []
             for k, pb, _ in extents:
@@ -265,7 +266,8 @@ def build_block(view: GraphView, index: LinearIndex, tree: LinearTree, x: str,
                                f"on spatial axis {axis}")
                 offsets.append(shift // d)
             size = max(o + k[axis] for o, (k, _, _) in zip(offsets, extents))
-            end = reach.pop() + d * (size - 1) - begin
+            # the smallest end pad that gives the branches' output size (one reach, or at a fixed size any)
+            end = next((e for e in sorted(r + d * (size - 1) - begin for r in reach) if e >= 0), -1)
             if end < 0:
                 raise Skip("kernel_offset", f"fused kernel would need a negative pad on spatial axis {axis}")
             kernel_shape.append(size)
@@ -277,7 +279,7 @@ def build_block(view: GraphView, index: LinearIndex, tree: LinearTree, x: str,
             raise Skip("dilation_mismatch", f"merging dilations {sorted({tuple(dilations)}.union(dilated))} needs one "
                        f"{_label(kernel_shape)} kernel of dilation {tuple(dilations)}: {math.prod(kernel_shape)} taps "
                        f"against {branch_taps} in the branches (--allow-densify merges them)")
-        if len(_PLANS) < 1024:
+        if len(_PLANS) < 1024 and not size_specific:
             _PLANS[shape_key] = (tuple(dilations), tuple(dilated), tuple(kernel_shape), tuple(pad_begin),
                                  tuple(pad_end), tuple(branch_offsets))
 
@@ -315,6 +317,23 @@ def build_block(view: GraphView, index: LinearIndex, tree: LinearTree, x: str,
                  geometry=geometry, dtype=first.weight.dtype, removed_nodes=removed,
                  other_leaves=other_names, other_scales=other_scales, name_hint=main.node_name,
                  constant_bias=bias_from_constants)
+
+
+def _check_fixed_size_agrees(view: GraphView, x: str, n: int, axis: int, stride: int, reaches: set[int]) -> None:
+    """Branches whose pads differ by more than the kernels do (Keras' padding='same' at stride 2
+    on an even size pads a 3x3 by (0, 1) and a 1x1 by (0, 0)) give floor((size + reach - 1) /
+    stride) + 1 outputs each: equal at some input sizes only. They are one conv where the input's
+    size on the axis is fixed (the model runs at no other) and every branch gives the same number
+    of outputs there; else Skip."""
+    why = (f"branches give different output sizes on spatial axis {axis} "
+           f"(pad_begin + pad_end - dilation*(k-1) = {sorted(reaches)})")
+    shape = view.shape(x)
+    size = shape[2 + axis] if shape is not None and len(shape) == n + 2 else -1
+    if size <= 0:
+        raise Skip("output_shape_mismatch", f"{why}, and the input's size on that axis is not fixed")
+    outputs = sorted({(size + r - 1) // stride + 1 for r in reaches})
+    if len(outputs) > 1 or outputs[0] < 1:
+        raise Skip("output_shape_mismatch", f"{why}: at the input's size {size}, {outputs} outputs")
 
 
 def _check_identities(identities: list[Branch], strides: tuple[int, ...], cin: int, cout: int, x: str) -> None:
