@@ -180,11 +180,13 @@ def _cast_into(out: np.ndarray, values: np.ndarray) -> tuple[float, float]:
     (FusedOverflow); returns the largest finite magnitude and the largest magnitude flushed
     to 0, for the underflow test."""
     if out.dtype.kind == "f" and out.dtype != values.dtype:
-        largest = float(np.abs(values).max(initial=0.0))
-        if largest <= _float_max(out.dtype):  # finite, and no value rounds past the largest: no inf or nan
+        # max |v| from two reductions without a temporary; nan in either leaves the fast path
+        high, low = float(values.max(initial=0.0)), float(values.min(initial=0.0))
+        largest = max(high, -low)
+        if high == high and low == low and largest <= _float_max(out.dtype):  # finite, none rounds past the largest
             np.copyto(out, values, casting="unsafe")
-            if np.count_nonzero(out) == np.count_nonzero(values):
-                return largest, 0.0  # nothing flushed to 0
+            if not (out == 0).any() or np.count_nonzero(out) == np.count_nonzero(values):
+                return largest, 0.0  # nothing flushed to 0 (no zero at all, or as many as before)
             lost = (out == 0) & (values != 0)
             return largest, float(np.abs(values[lost]).max(initial=0.0))
     with np.errstate(over="ignore", under="ignore", invalid="ignore"):

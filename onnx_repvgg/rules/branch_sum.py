@@ -483,9 +483,15 @@ def materialize(block, view: GraphView, names: rewrite.NameRegistry) -> Rewrite:
     return rewrite.branch_sum_rewrite(block, weight, bias, view, names)
 
 
+# A block whose kernels are larger is summed on its own: sum_branches works through it in
+# cache-sized chunks, where stacking it with others would copy it whole into float64.
+BATCH_BLOCK_BYTES = 1 << 18
+
+
 def batchable(block) -> bool:
-    """A conv Block can wait for materialize_many (a Gemm block is made on its own)."""
-    return isinstance(block, Block)
+    """A small conv Block can wait for materialize_many (a Gemm block, or a large one, is made
+    on its own)."""
+    return isinstance(block, Block) and batch_bytes(block) <= BATCH_BLOCK_BYTES
 
 
 def batch_bytes(block: Block) -> int:
