@@ -7,6 +7,7 @@ are touched only where a block is matched.
 
 from __future__ import annotations
 
+import math
 import sys
 from collections import defaultdict
 from collections.abc import Iterator
@@ -138,8 +139,10 @@ class GraphView:
     """
 
     def __init__(self, graph: onnx.GraphProto, opset: int | None = None, base_dir: str | None = None,
-                 static_shapes=None, reader=None, *, shapes_pending: bool = False, memo: Memo | None = None):
+                 static_shapes=None, reader=None, *, shapes_pending: bool = False, memo: Memo | None = None,
+                 main_graph: bool = False):
         self.graph = graph
+        self.main_graph = main_graph  # the model's own graph, whose inputs' declared dims runtimes enforce
         self.opset = opset
         self.base_dir = base_dir  # where external data not yet loaded lives
         # reads an external-data tensor (sinks.TensorReader also finds tensors fused earlier)
@@ -421,6 +424,17 @@ class GraphView:
             self._scan_declared()
         return self._declared_shapes.get(name)
 
+    def fixed_shape(self, name: str) -> tuple[int, ...] | None:
+        """The shape of a value as far as the dims declared on the main graph's inputs fix it
+        (-1 for a dim they do not): what the model is bound to at run time, where shape() also
+        takes declared value_info and output shapes, which runtimes do not enforce. From onnx
+        shape inference without those declarations, an initializer that is also a graph input
+        taken as unknown (it may be fed). None in a subgraph, or when inference fails."""
+        if not self.main_graph:
+            return None
+        shapes = self.cached("fixed_shapes", lambda: infer_fixed_shapes(self.graph, self.opset or 17))
+        return shapes.get(name)  # type: ignore[attr-defined]
+
     def raw_vector(self, name: str) -> tuple[bytes, np.dtype, int] | None:
         """(raw bytes, dtype, length) of a constant that is a 1-D initializer held inline as the
         raw data of a plain numeric type (what tensor_array reads with np.frombuffer), else
@@ -520,8 +534,8 @@ class GraphView:
 
 
 # What GraphView.with_shapes shares: everything but shapes and constants.
-_STRUCTURE = ("graph", "opset", "base_dir", "read_external", "_memo", "graph_outputs", "graph_inputs", "initializers",
-              "initializer_names",
+_STRUCTURE = ("graph", "main_graph", "opset", "base_dir", "read_external", "_memo", "graph_outputs", "graph_inputs",
+              "initializers", "initializer_names",
               "_elem_types", "_declared_shapes", "nodes", "ops", "producer", "consumers", "by_op", "inputs_of",
               "outputs_of", "_opaque")
 
@@ -671,6 +685,41 @@ def infer_static_shapes(model: onnx.ModelProto, hints: dict[str, tuple[int, ...]
         if shape is not None:
             shapes[v.name] = shape
     return StaticShapes(shapes, protos)  # the protos keep the inferred model alive while the shapes are
+
+
+def infer_fixed_shapes(graph: onnx.GraphProto, opset: int) -> dict[str, tuple[int, ...]]:
+    """Shapes (-1 for a dim not fixed) that follow from the graph's declared input dims and its
+    constants alone: onnx shape inference with data propagation on a copy without value_info,
+    without output shapes, with initializers that are also graph inputs left as inputs, and
+    large initializers as typed inputs of their shape (GraphView.fixed_shape)."""
+    light = onnx.ModelProto(ir_version=onnx.IR_VERSION)
+    domains = {node.domain for node in graph.node if node.domain not in ("", "ai.onnx")}
+    light.opset_import.extend([onnx.helper.make_opsetid("", opset)] +
+                              [onnx.helper.make_opsetid(d, 1) for d in sorted(domains)])
+    g = light.graph
+    g.node.extend(graph.node)
+    g.input.extend(graph.input)
+    for v in graph.output:
+        g.output.append(onnx.helper.make_tensor_value_info(v.name, v.type.tensor_type.elem_type, None)
+                        if v.type.HasField("tensor_type") else v)
+    fed = {v.name for v in graph.input}
+    for tensor in graph.initializer:
+        if tensor.name in fed:
+            continue
+        if tensor.data_location != onnx.TensorProto.EXTERNAL and math.prod(tensor.dims) <= 64:
+            g.initializer.append(tensor)
+        else:
+            g.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+    try:
+        inferred = onnx.shape_inference.infer_shapes(light, data_prop=True).graph
+    except Exception:
+        return {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for v in list(inferred.value_info) + list(inferred.input):
+        shape = value_info_shape(v)
+        if shape is not None:
+            shapes[v.name] = shape
+    return shapes
 
 
 _COPY_LIMIT = 1 << 26

@@ -178,7 +178,7 @@ def _view_with_shapes(graph: onnx.GraphProto, opset: int, reader: TensorReader, 
     if model is None:  # a subgraph: declared shapes only
         return GraphView(graph, opset, reader.base_dir, reader=reader, memo=memo)
     if base is None:
-        base = GraphView(graph, opset, reader.base_dir, reader=reader, memo=memo, shapes_pending=True)
+        base = GraphView(graph, opset, reader.base_dir, reader=reader, memo=memo, shapes_pending=True, main_graph=True)
     view = base.with_shapes(infer_static_shapes(model, graph=graph))
     hints: dict[str, tuple[int, ...]] = {}
     for _ in range(16):
@@ -365,7 +365,7 @@ def _fuse_graph(graph: onnx.GraphProto, opset: int, rules, names: rewrite.NameRe
                 view = _view_with_shapes(graph, opset, reader, model, memo)
             else:
                 view = GraphView(graph, opset, reader.base_dir, reader=reader, memo=memo,
-                                 shapes_pending=model is not None)
+                                 shapes_pending=model is not None, main_graph=model is not None)
             if source is not None and not rewritten:
                 source.view = view  # the graph as it was: its index holds the model's names
             if model is not None and report.before is None:
@@ -396,7 +396,8 @@ def _fuse_graph(graph: onnx.GraphProto, opset: int, rules, names: rewrite.NameRe
     report.blocks.extend(last_skips)
     if view is None:  # the rounds ran out right after a rewrite: index the final graph
         view = _view_with_shapes(graph, opset, reader, model, memo) if with_shapes else \
-            GraphView(graph, opset, reader.base_dir, reader=reader, memo=memo, shapes_pending=model is not None)
+            GraphView(graph, opset, reader.base_dir, reader=reader, memo=memo, shapes_pending=model is not None,
+                      main_graph=model is not None)
     recorded = {record.anchor for record in last_skips}
     audit = bn_audit.unrecorded(view, opset, recorded)
     if view.shape_questions:  # the audit read a shape: ask again with static shapes

@@ -786,3 +786,43 @@ def test_sequential_fill_not_equal_to_the_bias_is_skipped():
 
 def test_sequential_narrowing_1x1_is_not_merged():
     assert "cost more" in _skip(_seq_graph(0.5, 0.5, cin=8, cm=4), "sequential_cost")
+
+
+def _keras_stride_two_sum(source_nodes, inputs, initializers, value_info=()):
+    """The tf2onnx form of Keras' padding='same' at stride 2 (3x3 pads (0, 1) beside a 1x1),
+    reading `r`, which `source_nodes` compute."""
+    rng = np.random.default_rng(0)
+    w3 = onnx.numpy_helper.from_array(rng.standard_normal((4, 4, 3, 3)).astype(np.float32), "w3")
+    w1 = onnx.numpy_helper.from_array(rng.standard_normal((4, 4, 1, 1)).astype(np.float32), "w1")
+    nodes = list(source_nodes) + [
+        helper.make_node("Conv", ["r", "w3"], ["a"], strides=[2, 2], pads=[0, 0, 1, 1]),
+        helper.make_node("Conv", ["r", "w1"], ["b"], strides=[2, 2]),
+        helper.make_node("Add", ["a", "b"], ["y"])]
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4, None, None])
+    graph = helper.make_graph(nodes, "g", inputs, [y], [w3, w1] + list(initializers), value_info=list(value_info))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_a_size_declared_on_an_intermediate_value_does_not_fix_it():
+    """value_info (say, left from shape inference at one size before the input was made dynamic)
+    is not enforced at run time: the input's own dims are what fix a size."""
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4, "h", "w"])
+    stale = helper.make_tensor_value_info("r", onnx.TensorProto.FLOAT, [1, 4, 8, 8])
+    model = _keras_stride_two_sum([helper.make_node("Relu", ["x"], ["r"])], [x], [], [stale])
+    assert "not fixed" in _skip(model, "output_shape_mismatch")
+    static = _keras_stride_two_sum([helper.make_node("Relu", ["x"], ["r"])],
+                                   [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4, 8, 8])], [])
+    fused, report = fuse_and_compare(static)
+    assert len(report.fused) == 1 and op_counts(fused) == {"Relu": 1, "Conv": 1}
+
+
+def test_a_size_from_an_initializer_that_may_be_fed_does_not_fix_it():
+    """Reshape(x, s) with s an initializer that is also a graph input: s may be fed another
+    shape, so the 8x8 its stored value gives is not the size the block runs at."""
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4, "h", "w"])
+    s = helper.make_tensor_value_info("s", onnx.TensorProto.INT64, [4])
+    target = onnx.numpy_helper.from_array(np.array([1, 4, 8, 8], np.int64), "s")
+    model = _keras_stride_two_sum([helper.make_node("Reshape", ["x", "s"], ["r"])], [x, s], [target])
+    assert "not fixed" in _skip(model, "output_shape_mismatch")

@@ -19,7 +19,8 @@ Preconditions, each checked below and reported as a Reason when it fails:
     no more taps than the branches together (else only with --allow-densify);
   * every branch kernel lands at a whole-number offset in one covering kernel, and
     every branch gives the same output size for any input size
-    (pad_begin + pad_end - dilation*(k-1) is equal for all branches);
+    (pad_begin + pad_end - dilation*(k-1) is equal for all branches), or, where the
+    dims declared on the model's inputs fix the input's size, at that size;
   * an identity branch needs stride 1 and Cin == Cout;
   * every intermediate tensor has exactly one use and is not a graph output;
   * the rewrite removes more nodes than it adds.
@@ -323,11 +324,12 @@ def _check_fixed_size_agrees(view: GraphView, x: str, n: int, axis: int, stride:
     """Branches whose pads differ by more than the kernels do (Keras' padding='same' at stride 2
     on an even size pads a 3x3 by (0, 1) and a 1x1 by (0, 0)) give floor((size + reach - 1) /
     stride) + 1 outputs each: equal at some input sizes only. They are one conv where the input's
-    size on the axis is fixed (the model runs at no other) and every branch gives the same number
-    of outputs there; else Skip."""
+    size on the axis is fixed by the dims declared on the model's inputs (which runtimes enforce;
+    not by value_info or a fed initializer, which they do not: GraphView.fixed_shape) and every
+    branch gives the same number of outputs there; else Skip."""
     why = (f"branches give different output sizes on spatial axis {axis} "
            f"(pad_begin + pad_end - dilation*(k-1) = {sorted(reaches)})")
-    shape = view.shape(x)
+    shape = view.fixed_shape(x)
     size = shape[2 + axis] if shape is not None and len(shape) == n + 2 else -1
     if size <= 0:
         raise Skip("output_shape_mismatch", f"{why}, and the input's size on that axis is not fixed")

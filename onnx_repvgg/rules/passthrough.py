@@ -45,8 +45,6 @@ PASSTHROUGH_OPS = ("Identity", "Dropout", "Cast", "Reshape", "Flatten", "Squeeze
 _NEUTRAL = {"Mul": 1.0, "Div": 1.0, "Add": 0.0, "Sub": 0.0}
 _PASSTHROUGH = frozenset(PASSTHROUGH_OPS)
 
-# Ops whose first output has the element type of their first input (for Cast's proof when a
-# value's type is not declared).
 def _extra_outputs_unused(view: GraphView, node: onnx.NodeProto) -> bool:
     outputs = node.output
     return len(outputs) < 2 or all(not out or not view.use_count(out) for out in outputs[1:])
