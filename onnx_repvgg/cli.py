@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "fused, or one was found that cannot be: a near miss), 0 when it is (a CI gate)")
     p.add_argument("--overwrite", action="store_true", help="allow the output to be the input file")
     p.add_argument("--json", metavar="REPORT.json", help="also write the report as JSON")
-    p.add_argument("-v", "--verbose", action="store_true", help="list every block")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="list every block and the single-branch folds that do not apply (default: up to 30 blocks)")
     p.add_argument("-q", "--quiet", action="store_true", help="print errors only")
     p.add_argument("--version", action="version", version=f"onnx-repvgg {__version__}")
     return p

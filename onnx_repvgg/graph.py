@@ -379,13 +379,16 @@ class GraphView:
         looked up by name and override these."""
         types: dict[str, int] = {}
         shapes: dict[str, tuple[int, ...]] = {}
+        inputs = {v.name for v in self.graph.input}
         for v in list(self.graph.input) + list(self.graph.output) + list(self.graph.value_info):
             if not v.type.HasField("tensor_type"):
                 continue
             t = v.type.tensor_type
             if t.elem_type:
                 types[v.name] = t.elem_type
-            if t.HasField("shape"):
+            # Shapes only where runtimes enforce them: declared value_info and output shapes
+            # are not checked at run time (a stale one would prove a wrong rewrite).
+            if t.HasField("shape") and v.name in inputs:
                 shapes[v.name] = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim)
         self._elem_types, self._declared_shapes = types, shapes
 
@@ -399,8 +402,8 @@ class GraphView:
         return self._elem_types.get(name) if self._elem_types is not None else None
 
     def declared_shape(self, name: str) -> tuple[int, ...] | None:
-        """The shape the model itself declares for a value (graph inputs, outputs, value_info):
-        no shape question, the same with or without inferred shapes."""
+        """The shape the model itself declares for a graph input (the declarations runtimes
+        enforce): no shape question, the same with or without inferred shapes."""
         if self._elem_types is None:
             self._scan_declared()
         return self._declared_shapes.get(name)
@@ -639,6 +642,9 @@ def infer_static_shapes(model: onnx.ModelProto, hints: dict[str, tuple[int, ...]
     light = onnx.ModelProto(ir_version=max(model.ir_version, 4))
     light.opset_import.extend(model.opset_import)
     g = light.graph
+    # Only what binds the model at run time: its inputs' declared dims and its constants. Declared
+    # value_info and output shapes are left out (runtimes do not enforce them), and so are the
+    # values of initializers that are also graph inputs (they may be fed).
     if graph.ByteSize() < _COPY_LIMIT:  # one C-level copy, then only the fields inference is given
         g.CopyFrom(graph)
         for field in _LIGHT_DROPPED:
@@ -648,21 +654,25 @@ def infer_static_shapes(model: onnx.ModelProto, hints: dict[str, tuple[int, ...]
         g.node.extend(graph.node)
         g.input.extend(graph.input)
         g.output.extend(graph.output)
-        g.value_info.extend(graph.value_info)
+    for v in g.output:
+        if v.type.HasField("tensor_type"):
+            v.type.tensor_type.ClearField("shape")
     if hints:
-        known = {v.name for v in graph.value_info} | {v.name for v in graph.input} | {v.name for v in graph.output}
+        known = {v.name for v in graph.input} | {v.name for v in graph.output}
         for name, dims in hints.items():  # shapes learned past where inference stopped
             if name not in known:
                 g.value_info.append(onnx.helper.make_tensor_value_info(
                     name, onnx.TensorProto.UNDEFINED, [d if d >= 0 else None for d in dims]))
     declared = {v.name for v in graph.input}
     for tensor in graph.initializer:
+        if tensor.name in declared:
+            continue  # a graph input already, of its declared shape; its value may be fed
         count = 1
         for d in tensor.dims:
             count *= d
         if tensor.data_location != onnx.TensorProto.EXTERNAL and count <= 64:
             g.initializer.append(tensor)
-        elif tensor.name not in declared:
+        else:
             g.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
     data = light.SerializeToString()
     del light, g  # only the bytes while onnx holds its own copy
@@ -723,7 +733,8 @@ def infer_fixed_shapes(graph: onnx.GraphProto, opset: int) -> dict[str, tuple[in
 
 
 _COPY_LIMIT = 1 << 26
-_LIGHT_DROPPED = ("initializer", "sparse_initializer", "doc_string", "quantization_annotation", "metadata_props")
+_LIGHT_DROPPED = ("initializer", "sparse_initializer", "value_info", "doc_string", "quantization_annotation",
+                  "metadata_props")
 
 
 def attribute(node: onnx.NodeProto, name: str, default=None):

@@ -13,7 +13,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from onnx_repvgg.graph import GraphView
+from onnx_repvgg.graph import GraphView, infer_static_shapes
 from onnx_repvgg.rules.passthrough import (
     expand_keeps_shape,
     flatten_keeps_shape,
@@ -382,3 +382,27 @@ def test_bn_in_training_mode_over_a_copy_of_a_conv_is_reported():
     assert [r.reason_code for r in report.skipped] == ["bn_training"]
     assert not report.fused
     assert fused.SerializeToString() == model.SerializeToString()
+
+
+
+def test_shapes_come_only_from_what_binds_the_model_at_run_time():
+    """Static shapes (which prove value-preserving reshapes, layouts and fixed sizes) follow from
+    the inputs' declared dims and the constants alone: a stale value_info (r declared 8x8 on a
+    dynamic input), a declared output shape and the stored value of an initializer that is also
+    a graph input (it may be fed) are not used."""
+    s_init = onnx.numpy_helper.from_array(np.array([1, 4, 8, 8], np.int64), "s")
+    nodes = [helper.make_node("Relu", ["x"], ["r"]),
+             helper.make_node("Reshape", ["r", "s"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, "h", "w"]),
+                     helper.make_tensor_value_info("s", TensorProto.INT64, [4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], [s_init],
+        value_info=[helper.make_tensor_value_info("r", TensorProto.FLOAT, [1, 4, 8, 8])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model, full_check=True)
+    shapes = infer_static_shapes(model)
+    assert shapes.get("r") == (1, 4, -1, -1)
+    assert shapes.get("y") in (None, (-1, -1, -1, -1))
+    view = GraphView(model.graph, 17, static_shapes=shapes, main_graph=True)
+    assert view.shape("r") == (1, 4, -1, -1) and view.fixed_shape("r") == (1, 4, -1, -1)
+    assert view.declared_shape("r") is None and view.declared_shape("x") == (1, 4, -1, -1)
