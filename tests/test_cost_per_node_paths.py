@@ -245,3 +245,16 @@ def test_initializers_that_are_inputs_read_once(tmp_path):
     out = str(tmp_path / "out.onnx")
     assert main([path, out, "-q", "--no-check", "--input-shape", "w:2,2,3,3"]) == 2  # an initializer, not an input
     assert main([path, out, "-q", "--no-check", "--input-shape", "x:1,2,4,4"]) == 0
+
+
+def test_a_scalar_initializer_keeps_rank_zero():
+    """A 0-d array is written with dims [] (np.ascontiguousarray alone would make it [1]), one at
+    a time and batched alike."""
+    value = np.array(2.5, dtype=np.float32)
+    one, many = onnx.GraphProto(), onnx.GraphProto()
+    rewrite.add_initializer(one, "s", value, None)
+    rewrite._add_initializers(many, [("s", value)], None)
+    for graph in (one, many):
+        (tensor,) = graph.initializer
+        assert list(tensor.dims) == []
+        assert onnx.numpy_helper.to_array(tensor).shape == () and float(onnx.numpy_helper.to_array(tensor)) == 2.5
