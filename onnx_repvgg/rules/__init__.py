@@ -18,9 +18,11 @@ from . import (
     pad_into_conv,
     sequential,
     token_bn,
+    transpose_affine,
 )
 
-RULES = {pad_into_conv.NAME: pad_into_conv, sequential.NAME: sequential, branch_sum.NAME: branch_sum,
+RULES = {pad_into_conv.NAME: pad_into_conv, transpose_affine.NAME: transpose_affine, sequential.NAME: sequential,
+         branch_sum.NAME: branch_sum,
          conv_transpose.NAME: conv_transpose, token_bn.NAME: token_bn, bn_consumer.NAME: bn_consumer,
          affine_consumer.NAME: affine_consumer, dense_affine.NAME: dense_affine, bn_to_conv.NAME: bn_to_conv}
 DEFAULT_RULES = [name for name, rule in RULES.items() if getattr(rule, "DEFAULT", True)]
@@ -56,6 +58,7 @@ PATTERNS = [
     ("addend into a linear's C", "a * linear(x) + c * y  -> Gemm(x, W, y, alpha=a, beta=c)", "dense_affine"),
     ("stray BN (opt-in)", "BN(x)  -> dw1x1(x)", "bn_to_conv"),
     ("explicit zero padding", "conv_pad0(ZeroPad(x))  -> conv_padded(x)", "pad_into_conv"),
+    ("NHWC affine before a Transpose (tf2onnx)", "T(x * s + t), T(x)  -> T(x) * s' + t'", "transpose_affine"),
     ("DBB 1x1 -> kxk, 1x1 -> avg", "convKxK(fill_b(conv1x1(x))), avgpool(fill_b(conv1x1(x)))  -> convKxK_padded(x)",
      "sequential"),
 ]
