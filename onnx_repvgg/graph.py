@@ -7,7 +7,6 @@ are touched only where a block is matched.
 
 from __future__ import annotations
 
-import math
 import sys
 from collections import defaultdict
 from collections.abc import Iterator
@@ -428,15 +427,11 @@ class GraphView:
         return self._declared_shapes.get(name)
 
     def fixed_shape(self, name: str) -> tuple[int, ...] | None:
-        """The shape of a value as far as the dims declared on the main graph's inputs fix it
-        (-1 for a dim they do not): what the model is bound to at run time, where shape() also
-        takes declared value_info and output shapes, which runtimes do not enforce. From onnx
-        shape inference without those declarations, an initializer that is also a graph input
-        taken as unknown (it may be fed). None in a subgraph, or when inference fails."""
-        if not self.main_graph:
-            return None
-        shapes = self.cached("fixed_shapes", lambda: infer_fixed_shapes(self.graph, self.opset or 17))
-        return shapes.get(name)  # type: ignore[attr-defined]
+        """The shape a value has whenever the model runs (-1 for a dim not fixed): shape(), which
+        follows only from the main graph's declared input dims and its constants
+        (infer_static_shapes), in the main graph; None in a subgraph, whose inputs' declared
+        dims no runtime enforces."""
+        return self.shape(name) if self.main_graph else None
 
     def raw_vector(self, name: str) -> tuple[bytes, np.dtype, int] | None:
         """(raw bytes, dtype, length) of a constant that is a 1-D initializer held inline as the
@@ -695,41 +690,6 @@ def infer_static_shapes(model: onnx.ModelProto, hints: dict[str, tuple[int, ...]
         if shape is not None:
             shapes[v.name] = shape
     return StaticShapes(shapes, protos)  # the protos keep the inferred model alive while the shapes are
-
-
-def infer_fixed_shapes(graph: onnx.GraphProto, opset: int) -> dict[str, tuple[int, ...]]:
-    """Shapes (-1 for a dim not fixed) that follow from the graph's declared input dims and its
-    constants alone: onnx shape inference with data propagation on a copy without value_info,
-    without output shapes, with initializers that are also graph inputs left as inputs, and
-    large initializers as typed inputs of their shape (GraphView.fixed_shape)."""
-    light = onnx.ModelProto(ir_version=onnx.IR_VERSION)
-    domains = {node.domain for node in graph.node if node.domain not in ("", "ai.onnx")}
-    light.opset_import.extend([onnx.helper.make_opsetid("", opset)] +
-                              [onnx.helper.make_opsetid(d, 1) for d in sorted(domains)])
-    g = light.graph
-    g.node.extend(graph.node)
-    g.input.extend(graph.input)
-    for v in graph.output:
-        g.output.append(onnx.helper.make_tensor_value_info(v.name, v.type.tensor_type.elem_type, None)
-                        if v.type.HasField("tensor_type") else v)
-    fed = {v.name for v in graph.input}
-    for tensor in graph.initializer:
-        if tensor.name in fed:
-            continue
-        if tensor.data_location != onnx.TensorProto.EXTERNAL and math.prod(tensor.dims) <= 64:
-            g.initializer.append(tensor)
-        else:
-            g.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
-    try:
-        inferred = onnx.shape_inference.infer_shapes(light, data_prop=True).graph
-    except Exception:
-        return {}
-    shapes: dict[str, tuple[int, ...]] = {}
-    for v in list(inferred.value_info) + list(inferred.input):
-        shape = value_info_shape(v)
-        if shape is not None:
-            shapes[v.name] = shape
-    return shapes
 
 
 _COPY_LIMIT = 1 << 26

@@ -46,17 +46,23 @@ def test_blocks_that_read_no_shape_run_no_inference(inference_calls):
     assert inference_calls == []
 
 
-def test_a_question_after_fused_blocks_goes_on_with_shapes(inference_calls):
-    """Two blocks fused on the view without shapes; then a BatchNorm1d -> Unsqueeze -> 1x1 Conv
-    whose axis proof reads static shapes: the round goes on with them. The blocks fused before
-    keep their names (nothing is fused twice, no name is taken twice)."""
+def _blocks_then_bn_through_layout() -> onnx.ModelProto:
+    """Two RepVGG blocks, then Reshape -> Relu -> BatchNorm1d -> Unsqueeze -> 1x1 Conv: the BN's
+    axis proof needs static shapes, the blocks do not."""
     b = GraphBuilder(channels=4, spatial=(6,))
     b.input_shape = [2, 4, 6, 6]
     x = repvgg_block(b, repvgg_block(b, b.x, 4), 4)
     flat = b.op("Reshape", [x, b.constant(np.array([2, 4, 36], np.int64), "shape")])
     t = b.bn(b.op("Relu", [flat]), 4)
     out = b.conv(b.op("Unsqueeze", [t, b.constant(np.array([3], np.int64), "axes")]), 4, 6, 1, pads=[0] * 4)
-    model = b.model([out])
+    return b.model([out])
+
+
+def test_a_question_after_fused_blocks_goes_on_with_shapes(inference_calls):
+    """Two blocks fused on the view without shapes; then a BatchNorm1d -> Unsqueeze -> 1x1 Conv
+    whose axis proof reads static shapes: the round goes on with them. The blocks fused before
+    keep their names (nothing is fused twice, no name is taken twice)."""
+    model = _blocks_then_bn_through_layout()
     fused, report = fuse_and_compare(model)
     assert len(inference_calls) >= 1
     assert [(r.status, r.branches) for r in report.blocks] == [
@@ -99,13 +105,7 @@ def test_graph_without_shape_nodes_is_inferred_when_asked(inference_calls):
 def test_same_output_as_fuse_with_shapes_from_the_start(monkeypatch):
     """The pass with the round on a view without shapes first gives the model (bytes) that a pass
     with static shapes from the first round gives."""
-    b = GraphBuilder(channels=4, spatial=(6,))
-    b.input_shape = [2, 4, 6, 6]
-    x = repvgg_block(b, repvgg_block(b, b.x, 4), 4)
-    flat = b.op("Reshape", [x, b.constant(np.array([2, 4, 36], np.int64), "shape")])
-    t = b.bn(b.op("Relu", [flat]), 4)
-    out = b.conv(b.op("Unsqueeze", [t, b.constant(np.array([3], np.int64), "axes")]), 4, 6, 1, pads=[0] * 4)
-    model = b.model([out])
+    model = _blocks_then_bn_through_layout()
     on_demand, report = fuse(model)
 
     original = pipeline.GraphView.__init__
