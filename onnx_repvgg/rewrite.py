@@ -99,31 +99,15 @@ def spill(change: Rewrite, sink) -> None:
 
 
 def add_initializer(graph: onnx.GraphProto, name: str, value, sink=None) -> None:
-    """Append a new initializer, given as an array or as a ready (external) TensorProto.
-
-    Python protobuf (upb) serializes a tensor whose raw_data was assigned from Python
-    several times slower than one it parsed, so an inline tensor is parsed into place
-    from its wire form.
-    """
-    if isinstance(value, onnx.TensorProto):
-        graph.initializer.add().CopyFrom(value)
-        return
-    if sink is not None and value.nbytes >= sink.threshold:
-        graph.initializer.add().CopyFrom(external_initializer(name, value, sink))
-        return
-    array = _little_endian(value)
-    prefix = _header(name, array).SerializeToString() + wire.length_delimited(wire.TENSOR_RAW_DATA, array.nbytes)
-    serialized = bytearray(len(prefix) + array.nbytes)
-    serialized[:len(prefix)] = prefix
-    if array.nbytes:
-        np.frombuffer(serialized, dtype=array.dtype, offset=len(prefix)).reshape(array.shape)[...] = array
-    graph.initializer.add().ParseFromString(serialized)
+    """Append a new initializer, given as an array or as a ready (external) TensorProto."""
+    _add_initializers(graph, [(name, value)], sink)
 
 
 def _add_initializers(graph: onnx.GraphProto, entries: list[tuple[str, object]], sink=None) -> None:
-    """add_initializer of each (name, value), in order: the inline arrays are parsed into place
-    together, from their wire form as graph fields (one MergeFromString per batch, which
-    appends them to graph.initializer: the same messages add_initializer parses one by one)."""
+    """New initializers, in order, each an array or a ready (external) TensorProto; an array of
+    sink.threshold bytes or more goes to the sink. Inline arrays are parsed into place from their
+    wire form as graph fields, many per MergeFromString (Python protobuf serializes a tensor
+    whose raw_data was assigned from Python several times slower than one it parsed)."""
     parts: list = []
     size = 0
     for name, value in entries:
@@ -131,7 +115,8 @@ def _add_initializers(graph: onnx.GraphProto, entries: list[tuple[str, object]],
             if parts:
                 graph.MergeFromString(b"".join(parts))
                 parts, size = [], 0
-            add_initializer(graph, name, value, sink)
+            ready = external_initializer(name, value, sink) if isinstance(value, np.ndarray) else value
+            graph.initializer.add().CopyFrom(ready)
             continue
         array = _little_endian(value)
         key = (array.dtype, array.shape)

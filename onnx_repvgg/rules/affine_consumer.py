@@ -28,7 +28,7 @@ from ..block import Candidate, Rewrite
 from ..graph import GraphView
 from .common import FLOAT_DTYPES, NotWorthIt, Skip, conv_params, data_consumers, gemm_params, is_op, rank_ruled_out, tensor_rank
 from .consumer_nodes import NewNames, rewritten_consumer
-from .linear_tree import Factor, LinearIndex, LinearTree, channel_vector
+from .linear_tree import LinearIndex, LinearTree, channel_vector, feature_vector, keeps_shape
 
 NAME = "affine_into_consumer"
 NEAR_MISS = False  # a scale or shift that cannot fold is no re-parameterization block
@@ -70,36 +70,6 @@ class AffineFold:
             new = rewritten_consumer(node, self.input, new_names, change.as_gemm)
             insertions.append((change.index, new))
         return Rewrite(self.removed_nodes, insertions, tensors, first)
-
-
-def feature_vector(factors: tuple[Factor, ...], features: int, what: str) -> np.ndarray:
-    """The product of constant factors as one (features,) vector on the LAST axis, or Skip."""
-    vec = np.ones(features)
-    for f in factors:
-        value = np.asarray(f.value, dtype=np.float64)
-        if f.per_channel:
-            raise Skip("not_per_channel", f"{what}: a BatchNormalization works on axis 1, not on the features")
-        if value.ndim > 2 or any(d != 1 for d in value.shape[:-1]) or (value.ndim and value.shape[-1] not in (1, features)):
-            raise Skip("not_per_channel", f"{what}: constant of shape {value.shape} is not per feature (.., {features})")
-        vec = vec * value.reshape(-1)
-    return vec
-
-
-def keeps_shape(tree: LinearTree, shape: tuple[int, ...] | None, unknown_rank_limit: int = 1) -> bool:
-    """Whether the tree's factors and constants broadcast into `shape` (-1: an unknown dim)
-    without growing it: right-aligned, each of their dims is 1 or the (known) dim of `shape`.
-    With `shape` None only constants of rank <= unknown_rank_limit pass (a tensor of unknown
-    rank has at least that many axes)."""
-    values = [f.value for f in tree.leaves[0].factors] + [f.value for c in tree.constants for f in c.factors]
-    if shape is None:
-        return all(np.ndim(v) <= unknown_rank_limit for v in values)
-    for value in values:
-        dims = np.shape(value)
-        if len(dims) > len(shape):
-            return False
-        if any(c != 1 and (d < 0 or d != c) for d, c in zip(shape[len(shape) - len(dims):], dims)):
-            return False
-    return True
 
 
 def _known_shape(view: GraphView, x: str, rank: int | None, axis: int, size: int) -> tuple[int, ...] | None:

@@ -169,6 +169,8 @@ def _bn_epsilon(view: GraphView, node: onnx.NodeProto, opset: int) -> float:
     """The checks of the BN node itself (inference mode, spatial, five inputs), and its epsilon;
     or Skip."""
     attrs = attributes(node)
+    if opset >= 14 and len(node.input) == 5 and not any(node.output[1:]) and int(attrs.get("training_mode", 0)) == 0:
+        return float(attrs.get("epsilon", 1e-5))  # the common inference BN: every check below passes
     reason = bn_training_reason(view, node, opset, attrs)
     if reason:
         raise Skip("bn_training", f"BatchNormalization '{node.name}' {reason}")
@@ -216,20 +218,13 @@ def bn_affines(view: GraphView, indices: list[int], opset: int) -> list:
     results: list = [None] * len(indices)
     groups: dict[int, list] = defaultdict(list)  # C -> (position, parameters, eps): arrays read one by one
     raw: dict[tuple, list] = defaultdict(list)   # (dtype, C) -> (position, raw bytes of the four, eps)
-    nodes, inputs_of, outputs_of = view.nodes, view.inputs_of, view.outputs_of
+    nodes, inputs_of = view.nodes, view.inputs_of
     raw_vector = view.raw_vector
     for position, index in enumerate(indices):
         node = nodes[index]
         inputs = inputs_of[index]
         try:
-            eps = None
-            if opset >= 14 and len(inputs) == 5 and not any(outputs_of[index][1:]):
-                # _bn_epsilon's checks where they pass at once: inference mode, five inputs
-                attrs = attributes(node)
-                if int(attrs.get("training_mode", 0)) == 0:
-                    eps = float(attrs.get("epsilon", 1e-5))
-            if eps is None:
-                eps = _bn_epsilon(view, node, opset)
+            eps = _bn_epsilon(view, node, opset)
             vectors = [raw_vector(inputs[1]), raw_vector(inputs[2]), raw_vector(inputs[3]), raw_vector(inputs[4])]
             if None not in vectors:
                 kind = vectors[0][1:]  # type: ignore[index]

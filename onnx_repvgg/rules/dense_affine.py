@@ -29,9 +29,8 @@ from .. import algebra
 from ..block import Candidate, Rewrite
 from ..cheap_shapes import CheapShapes
 from ..graph import GraphView, attribute
-from .affine_consumer import feature_vector, keeps_shape
 from .common import FLOAT_DTYPES, NotWorthIt, Skip, is_op, rank_ruled_out, tensor_rank
-from .linear_tree import Addend, LinearIndex, LinearTree
+from .linear_tree import Addend, LinearIndex, LinearTree, feature_vector, keeps_shape
 
 NAME = "dense_affine"
 NEAR_MISS = False

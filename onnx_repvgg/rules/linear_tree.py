@@ -116,14 +116,21 @@ def expand(view: GraphView, node: onnx.NodeProto, opset: int, affine=None) -> Ex
             return None
         return Expansion([(inputs[0], (Factor(1.0 / divisor.astype(np.float64), False),))])
     if op == "BatchNormalization" and inputs:
-        try:
-            if isinstance(affine, Skip):
-                raise affine
-            scale, shift = bn_affine(view, node, opset) if affine is None else affine
-        except Skip as skip:
-            return Expansion(problem=skip.reason)
-        return Expansion([(inputs[0], (Factor(scale, True),))], offsets=[Factor(shift, True)])
+        if affine is None:
+            try:
+                affine = bn_affine(view, node, opset)
+            except Skip as skip:
+                affine = skip
+        return _bn_expansion(inputs[0], affine)
     return None
+
+
+def _bn_expansion(x: str, affine) -> Expansion:
+    """A BN of x as scale * x + shift, from its bn_affine (the pair, or the Skip it raised)."""
+    if isinstance(affine, Skip):
+        return Expansion(problem=affine.reason)
+    scale, shift = affine
+    return Expansion([(x, (Factor(scale, True),))], offsets=[Factor(shift, True)])
 
 
 class LinearIndex:
@@ -194,10 +201,8 @@ class LinearIndex:
             inputs = inputs_of[index]
             if index in opaque or not outputs_of[index] or not inputs:
                 cache[index] = expand(view, view.nodes[index], self.opset, affine)
-            elif isinstance(affine, Skip):  # expand() of a BN, its affine given
-                cache[index] = Expansion(problem=affine.reason)
-            else:
-                cache[index] = Expansion([(inputs[0], (Factor(affine[0], True),))], offsets=[Factor(affine[1], True)])
+            else:  # expand() of a BN, its affine given
+                cache[index] = _bn_expansion(inputs[0], affine)
 
     def is_passthrough(self, index: int | None) -> bool:
         exp = self.expansion(index) if index is not None else None
@@ -426,6 +431,36 @@ _ANY_SLOT = frozenset({"Add", "Sum", "Sub", "Mul"})
 def linear_index(view: GraphView, opset: int) -> LinearIndex:
     """The view's LinearIndex, built on first use and shared by every rule of the round."""
     return LinearIndex(view, opset)
+
+
+def feature_vector(factors: tuple[Factor, ...], features: int, what: str) -> np.ndarray:
+    """The product of constant factors as one (features,) vector on the LAST axis, or Skip."""
+    vec = np.ones(features)
+    for f in factors:
+        value = np.asarray(f.value, dtype=np.float64)
+        if f.per_channel:
+            raise Skip("not_per_channel", f"{what}: a BatchNormalization works on axis 1, not on the features")
+        if value.ndim > 2 or any(d != 1 for d in value.shape[:-1]) or (value.ndim and value.shape[-1] not in (1, features)):
+            raise Skip("not_per_channel", f"{what}: constant of shape {value.shape} is not per feature (.., {features})")
+        vec = vec * value.reshape(-1)
+    return vec
+
+
+def keeps_shape(tree: LinearTree, shape: tuple[int, ...] | None, unknown_rank_limit: int = 1) -> bool:
+    """Whether the tree's factors and constants broadcast into `shape` (-1: an unknown dim)
+    without growing it: right-aligned, each of their dims is 1 or the (known) dim of `shape`.
+    With `shape` None only constants of rank <= unknown_rank_limit pass (a tensor of unknown
+    rank has at least that many axes)."""
+    values = [f.value for f in tree.leaves[0].factors] + [f.value for c in tree.constants for f in c.factors]
+    if shape is None:
+        return all(np.ndim(v) <= unknown_rank_limit for v in values)
+    for value in values:
+        dims = np.shape(value)
+        if len(dims) > len(shape):
+            return False
+        if any(c != 1 and (d < 0 or d != c) for d, c in zip(shape[len(shape) - len(dims):], dims)):
+            return False
+    return True
 
 
 def channel_vector(factors: tuple[Factor, ...], rank: int, channels: int, what: str) -> np.ndarray:
