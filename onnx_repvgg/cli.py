@@ -365,7 +365,8 @@ def _phases(args, shapes, loaded, staging, say, timings, progress) -> int:
     t = time.perf_counter()
     try:
         model, report = fuse(loaded.model, inplace=True, rules=args.rules, base_dir=loaded.base_dir, sink=sink,
-                             allow_densify=args.allow_densify, freeze_initializer_inputs=args.freeze_initializers)
+                             allow_densify=args.allow_densify, freeze_initializer_inputs=args.freeze_initializers,
+                             _initializer_elements=loaded.initializer_elements)
     except UnsupportedModel as err:
         raise io.BadInput(str(err)) from None
     timings["fuse"] = time.perf_counter() - t
@@ -382,8 +383,10 @@ def _phases(args, shapes, loaded, staging, say, timings, progress) -> int:
             return EXIT_WOULD_FUSE
         return EXIT_OK
 
-    # --allow-densify can grow it (a model with nothing fused has the tensors it had)
-    external = external or (bool(report.fused) and io.tensor_bytes(model) > io.EXTERNAL_THRESHOLD)
+    # --allow-densify can grow it (a model with nothing fused has the tensors it had); the fused
+    # model's tensors are at most the loaded ones plus the new ones, so most models are not walked
+    external = external or (bool(report.fused) and loaded.tensor_bytes + sink.offered_bytes > io.EXTERNAL_THRESHOLD
+                            and io.tensor_bytes(model) > io.EXTERNAL_THRESHOLD)
     progress.phase("saving")
     t = time.perf_counter()
     staging.write(model, external, loaded.base_dir, memory=sink if isinstance(sink, MemorySink) else None,

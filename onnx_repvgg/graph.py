@@ -149,8 +149,9 @@ class GraphView:
         self._memo = memo if memo is not None else Memo()
         self.graph_outputs = {v.name for v in graph.output}
         self.graph_inputs = {v.name for v in graph.input}
-        self.initializer_names = [t.name for t in graph.initializer]  # in graph order (rewrite.apply)
-        self.initializers = dict(zip(self.initializer_names, graph.initializer))
+        tensors = list(graph.initializer)  # one Python object per initializer, made once
+        self.initializer_names = [t.name for t in tensors]  # in graph order (rewrite.apply)
+        self.initializers = dict(zip(self.initializer_names, tensors))
         self._elem_types: dict[str, int] | None = None
         self._declared_shapes: dict[str, tuple[int, ...]] = {}
         self._index()
@@ -187,14 +188,19 @@ class GraphView:
                                   if (node.domain and node.domain != "ai.onnx") or self.ops[index] in _CONTROL_FLOW}
         self.consumers: dict[str, list[tuple[int, int]]] = defaultdict(list)
         consumers, opaque = self.consumers, self._opaque
+        uses_of = consumers.get
         for index, inputs in enumerate(self.inputs_of):
             for slot, name in enumerate(inputs):
-                if name:
-                    consumers[name].append((index, slot))
+                uses = uses_of(name)
+                if uses is None:
+                    consumers[name] = [(index, slot)]
+                else:
+                    uses.append((index, slot))
             if index in opaque:
                 for sub in subgraphs_of(nodes[index]):
                     for name in names_used_in_subgraph(sub):
                         consumers[name].append((index, -1))
+        consumers.pop("", None)  # an omitted optional input is no use
 
     def _start(self, static_shapes, shapes_pending: bool) -> None:
         # inferred shapes, -1 where a dim is unknown (a StaticShapes table, or a plain dict)
@@ -433,22 +439,37 @@ class GraphView:
         dims no runtime enforces."""
         return self.shape(name) if self.main_graph else None
 
-    def raw_vector(self, name: str) -> tuple[bytes, np.dtype, int] | None:
-        """(raw bytes, dtype, length) of a constant that is a 1-D initializer held inline as the
-        raw data of a plain numeric type (what tensor_array reads with np.frombuffer), else
-        None: for reading many small vectors in one numpy call."""
-        tensor = self.initializers.get(name)
-        if tensor is None or name in self.graph_inputs or not _LITTLE_ENDIAN:
+    def raw_vectors(self, names: list[str]) -> tuple[tuple[np.dtype, int], list[bytes]] | None:
+        """((dtype, length), raw bytes of each) when every one of these constants is a 1-D
+        initializer held inline as the raw data of a plain numeric type (what tensor_array reads
+        with np.frombuffer) and all have one dtype and length; else None: for reading many small
+        vectors in one numpy call."""
+        if not _LITTLE_ENDIAN:
             return None
-        dtype = _RAW_DTYPES.get(tensor.data_type)
-        if dtype is None or tensor.data_location == _EXTERNAL or tensor.HasField("segment"):
-            return None
-        dims = tensor.dims
-        if len(dims) != 1:
-            return None
-        # No raw_data field reads as b"": right only for a tensor of no elements, which has no data.
-        raw, length = tensor.raw_data, dims[0]
-        return (raw, dtype, length) if len(raw) == length * dtype.itemsize else None
+        initializers, graph_inputs = self.initializers, self.graph_inputs
+        out: list[bytes] = []
+        kind = None
+        for name in names:
+            tensor = initializers.get(name)
+            if tensor is None or name in graph_inputs:
+                return None
+            data_type = tensor.data_type
+            dtype = _RAW_DTYPES.get(data_type)
+            if dtype is None or tensor.data_location == _EXTERNAL or tensor.HasField("segment"):
+                return None
+            dims = tensor.dims
+            if len(dims) != 1:
+                return None
+            # No raw_data field reads as b"": right only for a tensor of no elements, which has no data.
+            raw, length = tensor.raw_data, dims[0]
+            if len(raw) != length * dtype.itemsize:
+                return None
+            if kind is None:
+                kind = (data_type, dtype, length)
+            elif data_type != kind[0] or length != kind[2]:
+                return None
+            out.append(raw)
+        return ((kind[1], kind[2]), out) if kind is not None else None
 
     def constant_shape(self, name: str) -> tuple[int, ...] | None:
         """The shape of a constant, without converting an initializer to numpy."""
@@ -717,7 +738,71 @@ _INT, _INTS, _FLOAT = onnx.AttributeProto.INT, onnx.AttributeProto.INTS, onnx.At
 
 def attributes(node: onnx.NodeProto) -> dict:
     """Every attribute of a node by name, read once (values as attribute() gives them); for
-    a rule that reads several. A name given twice counts as attribute() counts it: the first."""
+    a rule that reads several. A name given twice counts as attribute() counts it: the first.
+    The dict is the caller's, but its list values may be shared with other calls: read only.
+
+    Reading a node's attribute messages costs ~10 us cold (protobuf makes a Python object for
+    each); serializing the node and slicing out its attribute fields costs less. Nodes whose
+    attribute fields are the same bytes have the same attributes (models repeat a few kinds
+    of Conv and BatchNormalization), so their values are read once and looked up by those bytes."""
+    key = _attribute_bytes(node.SerializeToString())
+    if key is None:
+        return _read_attributes(node)
+    values = _ATTRIBUTES.get(key)
+    if values is None:
+        values = _read_attributes(node)
+        if len(_ATTRIBUTES) < _ATTRIBUTES_CAP:
+            _ATTRIBUTES[key] = values
+    return dict(values)
+
+
+def _attribute_bytes(data: bytes) -> bytes | None:
+    """The wire bytes of a serialized NodeProto's attribute fields (field 5), when they form one
+    run; None for anything unexpected (a field that is not length-delimited, a long tag, a
+    split run, a truncated message), which the caller reads the ordinary way. Every NodeProto
+    field is length-delimited (strings and messages)."""
+    pos, end = 0, len(data)
+    first = last = -1
+    while pos < end:
+        start = pos
+        tag = data[pos]
+        if tag >= 0x80 or tag & 7 != 2:
+            return None
+        pos += 1
+        if pos >= end:
+            return None
+        length = data[pos]
+        if length < 0x80:
+            pos += 1
+        else:
+            length = shift = 0
+            while True:
+                if pos >= end or shift > 63:
+                    return None
+                byte = data[pos]
+                pos += 1
+                length |= (byte & 0x7F) << shift
+                if byte < 0x80:
+                    break
+                shift += 7
+        pos += length
+        if tag == _ATTRIBUTE_TAG:
+            if first < 0:
+                first = start
+            elif last != start:
+                return None
+            last = pos
+    if pos != end:
+        return None
+    return data[first:last] if first >= 0 else b""
+
+
+_ATTRIBUTE_TAG = (5 << 3) | 2  # NodeProto.attribute, length-delimited
+_ATTRIBUTES: dict[bytes, dict] = {}  # attribute fields' bytes -> their values (a pure function of the bytes)
+_ATTRIBUTES_CAP = 4096
+
+
+def _read_attributes(node: onnx.NodeProto) -> dict:
     values: dict = {}
     for attr in node.attribute:
         name = attr.name

@@ -41,7 +41,8 @@ class UnsupportedModel(ValueError):
 
 def fuse(model: onnx.ModelProto, *, rules: Iterable[str] | None = None, inplace: bool = False,
          base_dir: str | None = None, sink=None, allow_densify: bool = False,
-         freeze_initializer_inputs: bool = False) -> tuple[onnx.ModelProto, Report]:
+         freeze_initializer_inputs: bool = False, _initializer_elements: int | None = None
+         ) -> tuple[onnx.ModelProto, Report]:
     """Fuse every re-parameterizable block of `model`.
 
     Returns the fused model (the same object when inplace=True, else a copy) and a
@@ -58,10 +59,12 @@ def fuse(model: onnx.ModelProto, *, rules: Iterable[str] | None = None, inplace:
     may be overridden at run time, so they are not constants; `freeze_initializer_inputs`
     removes them from the graph inputs first (the model then has fewer inputs), as
     onnxruntime's remove_initializer_from_input tool does.
+    (`_initializer_elements`: the element count of the main graph's initializers when the
+    caller has it, e.g. from the loader's survey; it saves reading every initializer's dims.)
     """
     with _fewer_collections():
         return _fuse(model, rules=rules, inplace=inplace, base_dir=base_dir, sink=sink, allow_densify=allow_densify,
-                     freeze_initializer_inputs=freeze_initializer_inputs)
+                     freeze_initializer_inputs=freeze_initializer_inputs, initializer_elements=_initializer_elements)
 
 
 @contextlib.contextmanager
@@ -82,7 +85,7 @@ def _fewer_collections():
 
 
 def _fuse(model: onnx.ModelProto, *, rules, inplace: bool, base_dir, sink, allow_densify: bool,
-          freeze_initializer_inputs: bool) -> tuple[onnx.ModelProto, Report]:
+          freeze_initializer_inputs: bool, initializer_elements: int | None = None) -> tuple[onnx.ModelProto, Report]:
     if not inplace:
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
@@ -114,7 +117,7 @@ def _fuse(model: onnx.ModelProto, *, rules, inplace: bool, base_dir, sink, allow
         main = graph is model.graph
         rewritten |= _fuse_graph(graph, opset, [RULES[r] for r in chosen], names, report, reader, sink,
                                  {"allow_densify": allow_densify}, model if main else None, memo,
-                                 source if main else None)
+                                 source if main else None, initializer_elements)
         source.view = None
     before = report.before
     assert before is not None
@@ -145,11 +148,13 @@ def _note_overridable(report: Report, view: GraphView) -> None:
             "makes them constants and removes them from the inputs")
 
 
-def _stats(model: onnx.ModelProto, view: GraphView) -> ModelStats:
-    """ModelStats.of(model), with the op counts read from the main graph's index."""
-    params = 0
-    for tensor in model.graph.initializer:
-        params += elements(tensor.dims)
+def _stats(model: onnx.ModelProto, view: GraphView, params: int | None = None) -> ModelStats:
+    """ModelStats.of(model), with the op counts read from the main graph's index (and the
+    parameter count, if given, from the loader's survey)."""
+    if params is None:
+        params = 0
+        for tensor in model.graph.initializer:
+            params += elements(tensor.dims)
     return ModelStats({op: len(indices) for op, indices in view.by_op.items()}, len(view.nodes), params)
 
 
@@ -344,7 +349,8 @@ _CONTROL_FLOW = frozenset({"If", "Loop", "Scan"})
 
 def _fuse_graph(graph: onnx.GraphProto, opset: int, rules, names: rewrite.NameRegistry,
                 report: Report, reader: TensorReader, sink, options: dict,
-                model: onnx.ModelProto | None, memo: Memo, source: _ModelNames | None = None) -> bool:
+                model: onnx.ModelProto | None, memo: Memo, source: _ModelNames | None = None,
+                initializer_elements: int | None = None) -> bool:
     """Fuse one graph to its fixed point; True if it was rewritten.
 
     Each round first runs on a view without inferred shapes (onnx shape inference costs
@@ -369,7 +375,7 @@ def _fuse_graph(graph: onnx.GraphProto, opset: int, rules, names: rewrite.NameRe
             if source is not None and not rewritten:
                 source.view = view  # the graph as it was: its index holds the model's names
             if model is not None and report.before is None:
-                report.before = _stats(model, view)
+                report.before = _stats(model, view, initializer_elements)
                 _note_overridable(report, view)  # none are left when they were frozen
         state = _Round()
         if not _run_round(view, active, opset, options, names, report, sink, state):

@@ -19,6 +19,7 @@ from . import algebra
 from .block import Block, Rewrite
 from .graph import GraphView
 from .storage import wire
+from .storage.external import tensor_nbytes
 
 
 class NameRegistry:
@@ -65,6 +66,8 @@ class NameRegistry:
 
 
 def _little_endian(array: np.ndarray) -> np.ndarray:
+    if type(array) is np.ndarray and array.flags.c_contiguous and array.dtype.byteorder != ">":
+        return array  # what the lines below give it (a fused array is made so)
     array = np.ascontiguousarray(array).reshape(np.shape(array))  # ascontiguousarray makes a 0-d array 1-d
     if array.dtype.byteorder == ">":
         array = array.astype(array.dtype.newbyteorder("<"))
@@ -89,13 +92,20 @@ def external_initializer(name: str, array: np.ndarray, sink) -> onnx.TensorProto
 
 
 def spill(change: Rewrite, sink) -> None:
-    """Write a Rewrite's large new arrays to `sink` now, so that a round holds no fused weights."""
+    """Write a Rewrite's large new arrays to `sink` now, so that a round holds no fused weights
+    (and count every new tensor's bytes in sink.offered_bytes)."""
     if sink is None:
         return
+    for _, value in change.initializers:
+        size = value.nbytes if isinstance(value, np.ndarray) else tensor_nbytes(value)
+        sink.offered_bytes += _UNKNOWN_BYTES if size is None else size
     change.initializers = [
         (name, external_initializer(name, value, sink)
          if isinstance(value, np.ndarray) and value.nbytes >= sink.threshold else value)
         for name, value in change.initializers]
+
+
+_UNKNOWN_BYTES = 1 << 62  # a tensor whose size its header does not tell: no bound
 
 
 def add_initializer(graph: onnx.GraphProto, name: str, value, sink=None) -> None:
@@ -286,9 +296,11 @@ def apply(graph: onnx.GraphProto, view: GraphView, rewrites: list[Rewrite], sink
     initializers, graph_inputs = view.initializers, view.graph_inputs
     frontier = []
     for name, count in lost.items():
+        producer = producer_of(name)
+        if producer is not None and producer in removed:
+            continue  # computed by a removed node: it goes with it (as in the loop below)
         if len(uses_of(name, ())) + gained_of(name, 0) - count > 0:
             continue
-        producer = producer_of(name)
         if producer is None:  # what the loop below decides of it (its uses can only go down)
             if name not in graph_outputs and name in initializers and name not in graph_inputs:
                 dead_initializers.add(name)

@@ -9,12 +9,20 @@
   neutral Add, a constant operand, a training-mode BN, a BN whose extra output is used, a
   BN of four inputs, a custom-domain Add);
 - a view's LinearIndex is freed by reference counting once the view is released (no cycle
-  waits for the garbage collector).
+  waits for the garbage collector);
+- graph.attributes (looked up by the bytes of a node's attribute fields) against a direct read
+  of every attribute type, and the byte walk's refusals;
+- common.bn_affines (four raw vectors read together, GraphView.raw_vectors) against bn_affine
+  one BN at a time, with parameters that take each way;
+- the loader's parameter count against ModelStats, and the bound on the fused model's tensor
+  bytes that spares the CLI a walk over every tensor.
 """
 
 from __future__ import annotations
 
 import gc
+import glob
+import os
 import weakref
 
 import numpy as np
@@ -258,3 +266,163 @@ def test_a_scalar_initializer_keeps_rank_zero():
         (tensor,) = graph.initializer
         assert list(tensor.dims) == []
         assert onnx.numpy_helper.to_array(tensor).shape == () and float(onnx.numpy_helper.to_array(tensor)) == 2.5
+
+
+# -- attributes by their bytes, BN vectors read together, counts from the loader --------------------
+def _attribute_nodes() -> list[onnx.NodeProto]:
+    tensor = numpy_helper.from_array(np.arange(4, dtype=np.float32), "t")
+    body = helper.make_graph([helper.make_node("Identity", ["a"], ["b"])], "body", [], [])
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["y"], name="c1", kernel_shape=[3, 3], pads=[1, 1, 1, 1],
+                         strides=[1, 1], dilations=[1, 1], group=1),
+        helper.make_node("Conv", ["x2", "w2", "b2"], ["y2"], name="a much longer name " * 10, kernel_shape=[3, 3],
+                         pads=[1, 1, 1, 1], strides=[1, 1], dilations=[1, 1], group=1),  # same attributes
+        helper.make_node("Conv", ["x", "w"], ["y3"], kernel_shape=[3, 3], pads=[0, 0, 0, 0], group=2),
+        helper.make_node("BatchNormalization", ["x", "g", "b", "m", "v"], ["n"], epsilon=1e-3, momentum=0.9),
+        helper.make_node("BatchNormalization", ["x", "g", "b", "m", "v"], ["n2"], epsilon=1e-5, training_mode=1),
+        helper.make_node("Conv", ["x", "w"], ["y4"], auto_pad="SAME_UPPER", doc_string="doc", domain="ai.onnx"),
+        helper.make_node("Cast", ["x"], ["c"], to=TensorProto.FLOAT16),
+        helper.make_node("Constant", [], ["k"], value=tensor),
+        helper.make_node("Constant", [], ["k2"], value_floats=[1.0, 2.0] * 100),  # a field of > 127 bytes
+        helper.make_node("If", ["cond"], ["o"], then_branch=body, else_branch=body),
+        helper.make_node("Relu", ["x"], ["r"]),  # no attributes
+    ]
+    duplicated = helper.make_node("Conv", ["x", "w"], ["y5"], group=1)
+    duplicated.attribute.append(helper.make_attribute("group", 3))  # a name given twice: the first counts
+    nodes.append(duplicated)
+    entry = nodes[0].metadata_props.add()
+    entry.key, entry.value = "source", "a.py:1"
+    return nodes
+
+
+def test_attributes_read_by_their_bytes_equal_a_direct_read():
+    from onnx_repvgg import graph as graph_module
+
+    graph_module._ATTRIBUTES.clear()
+    for _ in range(2):  # the first time read and remembered, the second looked up
+        for node in _attribute_nodes():
+            expected = graph_module._read_attributes(node)
+            got = graph_module.attributes(node)
+            assert got.keys() == expected.keys()
+            for key, value in expected.items():
+                if isinstance(value, (onnx.TensorProto, onnx.GraphProto)):
+                    assert got[key].SerializeToString() == value.SerializeToString()
+                else:
+                    assert got[key] == value and type(got[key]) is type(value), (node.op_type, key)
+    assert graph_module.attributes(_attribute_nodes()[-1])["group"] == 1
+    # the two Convs with the same attributes and different wiring and names share one entry
+    first, second = _attribute_nodes()[:2]
+    key = graph_module._attribute_bytes(first.SerializeToString())
+    assert key and key == graph_module._attribute_bytes(second.SerializeToString())
+    assert graph_module._attribute_bytes(_attribute_nodes()[-2].SerializeToString()) == b""
+
+
+def test_attribute_bytes_refuses_what_it_does_not_expect():
+    from onnx_repvgg.graph import _attribute_bytes
+
+    node = helper.make_node("Conv", ["x", "w"], ["y"], group=1, strides=[1, 1])
+    data = node.SerializeToString()
+    assert _attribute_bytes(data) is not None
+    assert _attribute_bytes(data[:-1]) is None                        # truncated
+    attr = helper.make_attribute("group", 2).SerializeToString()
+    run = bytes([(5 << 3) | 2, len(attr)]) + attr
+    name = bytes([(3 << 3) | 2, 1]) + b"n"
+    assert _attribute_bytes(run + name + run) is None                 # attribute fields in two runs
+    assert _attribute_bytes(bytes([(9 << 3) | 0, 1]) + run) is None   # a varint field
+    assert _attribute_bytes(bytes([0x80 | 5, 0x01, 2]) + b"ab") is None  # a two-byte tag
+    assert _attribute_bytes(name + run + run) == run + run
+
+
+def _bn_graph(data_dir) -> tuple[onnx.GraphProto, int]:
+    """BNs whose parameters take each way through bn_affines: four inline raw vectors of one
+    dtype and length (float32, float16), typed fields, mixed dtypes, mixed lengths, a 2-D one, a
+    graph input, an external one."""
+    rng = np.random.default_rng(3)
+    c = 4
+    inits, inputs, nodes = [], [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, 2, 2])], []
+
+    def params(prefix, dtype=np.float32, lengths=(c, c, c, c), typed=False, shapes=None):
+        names = []
+        for part, n in zip("gbmv", lengths):
+            value = (rng.uniform(0.5, 1.5, n) if part in "gv" else rng.uniform(-1, 1, n)).astype(dtype)
+            if shapes and part in shapes:
+                value = value.reshape(shapes[part])
+            name = f"{prefix}.{part}"
+            tensor = (helper.make_tensor(name, helper.np_dtype_to_tensor_dtype(value.dtype), value.shape,
+                                         value.reshape(-1).tolist()) if typed else numpy_helper.from_array(value, name))
+            inits.append(tensor)
+            names.append(name)
+        return names
+
+    cases = [params("raw32"), params("raw16", np.float16), params("raw64", np.float64), params("typed", typed=True),
+             params("mixed", lengths=(c, c, c, c)), params("short", lengths=(c, c, c, c - 1)),
+             params("flat2d", shapes={"m": (1, c)}), params("fed"), params("far"), params("raw32b")]
+    inits[[t.name for t in inits].index("mixed.b")] = numpy_helper.from_array(rng.uniform(-1, 1, c).astype(np.float16),
+                                                                           "mixed.b")
+    inputs.append(helper.make_tensor_value_info("fed.m", TensorProto.FLOAT, [c]))
+    inits = [t for t in inits if t.name != "fed.m"]
+    far = inits[[t.name for t in inits].index("far.v")]
+    with open(os.path.join(data_dir, "far.bin"), "wb") as f:
+        f.write(far.raw_data)
+    far.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", "far.bin"), ("offset", "0"), ("length", str(4 * c))):
+        entry = far.external_data.add()
+        entry.key, entry.value = key, value
+    far.ClearField("raw_data")
+    for i, names in enumerate(cases):
+        nodes.append(helper.make_node("BatchNormalization", ["x"] + names, [f"y{i}"], epsilon=1e-3))
+    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, None)
+                                                   for i in range(len(nodes))], inits)
+    return graph, len(nodes)
+
+
+def test_bn_vectors_read_together_equal_one_by_one(tmp_path):
+    from onnx_repvgg.rules.common import bn_affines
+
+    graph, count = _bn_graph(str(tmp_path))
+    view = GraphView(graph, 15, base_dir=str(tmp_path))
+    together = bn_affines(view, list(range(count)), 15)
+    raw_kinds = 0
+    for i, result in enumerate(together):
+        try:
+            expected = bn_affine(view, view.nodes[i], 15)
+        except Skip as skip:
+            assert isinstance(result, Skip) and result.reason == skip.reason, i
+            continue
+        assert not isinstance(result, Skip), (i, result)
+        assert np.array_equal(result[0], expected[0]) and np.array_equal(result[1], expected[1]), i
+        raw_kinds += view.raw_vectors(view.inputs_of[i][1:5]) is not None
+    assert raw_kinds == 4  # raw32, raw16, raw64, raw32b
+    assert view.raw_vectors(["raw32.g", "raw16.g"]) is None and view.raw_vectors(["short.m", "short.v"]) is None
+    assert view.raw_vectors(["fed.g", "fed.m"]) is None and view.raw_vectors(["far.g", "far.v"]) is None
+    assert view.raw_vectors(["flat2d.m"]) is None and view.raw_vectors(["typed.g"]) is None
+
+
+def test_parameter_count_and_tensor_bytes_from_the_loader(tmp_path):
+    """The loader's survey counts the main graph's initializer elements as ModelStats does
+    (strings, scalars and empty tensors included), and the CLI's bound on the fused model's
+    tensor bytes (the loaded ones plus every new one) holds."""
+    from onnx_repvgg import pipeline
+    from onnx_repvgg.report import ModelStats
+    from onnx_repvgg.storage import io as rio
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor("s", TensorProto.STRING, [3], [b"a", b"b", b"c"]),
+                               numpy_helper.from_array(np.array(1.5, dtype=np.float32), "scalar"),
+                               numpy_helper.from_array(np.zeros((0, 4), dtype=np.float32), "empty"),
+                               numpy_helper.from_array(np.ones((2, 3), dtype=np.int64), "ints")])
+    path = str(tmp_path / "m.onnx")
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    loaded = rio.load(path)
+    assert loaded.initializer_elements == ModelStats.of(loaded.model).params == 3 + 1 + 0 + 6
+
+    for model_path in sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "models", "*.onnx"))):
+        loaded = rio.load(model_path, load_external_data=False)
+        assert loaded.initializer_elements == ModelStats.of(loaded.model).params
+        sink = MemorySink()
+        model, report = pipeline.fuse(loaded.model, inplace=True, base_dir=loaded.base_dir, sink=sink,
+                                      _initializer_elements=loaded.initializer_elements)
+        assert report.fused and report.before.params == loaded.initializer_elements
+        assert 0 < rio.tensor_bytes(model) <= loaded.tensor_bytes + sink.offered_bytes

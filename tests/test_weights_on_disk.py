@@ -84,10 +84,31 @@ def test_fields_and_split_before_follow_protobuf():
     assert spliced == data
 
 
-@pytest.mark.parametrize("data", [b"\x08", b"\x0a\x05ab", b"\x0b\x00", b"\x00\x01", b"\x08" + b"\xff" * 11])
+@pytest.mark.parametrize("data", [b"\x08", b"\x0a\x05ab", b"\x0b\x00", b"\x00\x01", b"\x08" + b"\xff" * 11,
+                                  b"\x09\x00", b"\x0d\x00"])
 def test_malformed_wire_is_refused(data):
     with pytest.raises(wire.WireError):
         list(wire.fields(data))
+    with pytest.raises(wire.WireError):
+        list(wire.spans(data, 0, len(data), 1, 0))  # the filtered walk checks every field too
+
+
+def test_filtered_spans_are_spans_filtered():
+    """spans(number=, min_length=) (the skeleton's walk) gives the length-delimited fields of one
+    number and at least a length, as spans() filtered by hand does: on a graph with every wire
+    type beside them."""
+    rng = np.random.default_rng(0)
+    graph = onnx.GraphProto(name="g" * 200)
+    for i, size in enumerate([0, 1, 127, 128, 300, 5000]):
+        graph.initializer.append(numpy_helper.from_array(rng.standard_normal(size).astype(np.float32), f"t{i}"))
+        graph.node.append(onnx.helper.make_node("Relu", [f"t{i}"], [f"r{i}"]))
+    data = graph.SerializeToString() + wire.tag(20, wire.VARINT) + wire.encode_varint(2**40) \
+        + wire.tag(21, wire.FIXED64) + bytes(8) + wire.tag(22, wire.FIXED32) + bytes(4)  # unknown fields
+    for number in (1, 2, 5):
+        for min_length in (0, 1, 128, 600, 1 << 20):
+            expected = [span for span in wire.spans(data, 0, len(data))
+                        if span[0] == number and span[1] == wire.LENGTH_DELIMITED and span[4] - span[3] >= min_length]
+            assert list(wire.spans(data, 0, len(data), number, min_length)) == expected
 
 
 # --- the skeleton ------------------------------------------------------------------------------

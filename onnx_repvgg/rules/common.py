@@ -219,19 +219,16 @@ def bn_affines(view: GraphView, indices: list[int], opset: int) -> list:
     groups: dict[int, list] = defaultdict(list)  # C -> (position, parameters, eps): arrays read one by one
     raw: dict[tuple, list] = defaultdict(list)   # (dtype, C) -> (position, raw bytes of the four, eps)
     nodes, inputs_of = view.nodes, view.inputs_of
-    raw_vector = view.raw_vector
+    raw_vectors = view.raw_vectors
     for position, index in enumerate(indices):
         node = nodes[index]
         inputs = inputs_of[index]
         try:
             eps = _bn_epsilon(view, node, opset)
-            vectors = [raw_vector(inputs[1]), raw_vector(inputs[2]), raw_vector(inputs[3]), raw_vector(inputs[4])]
-            if None not in vectors:
-                kind = vectors[0][1:]  # type: ignore[index]
-                if vectors[1][1:] == kind and vectors[2][1:] == kind and vectors[3][1:] == kind:  # type: ignore[index]
-                    # four inline vectors of one dtype and length: read below, all at once
-                    raw[kind].append((position, [v[0] for v in vectors], eps))  # type: ignore[index]
-                    continue
+            vectors = raw_vectors(inputs[1:5])
+            if vectors is not None:  # four inline vectors of one dtype and length: read below, all at once
+                raw[vectors[0]].append((position, vectors[1], eps))
+                continue
             parameters = _bn_vectors(view, node)
         except Skip as skip:
             results[position] = skip.with_traceback(None)  # kept without its frames (no reference cycle)

@@ -153,6 +153,7 @@ class LinearIndex:
         self._trees: dict[int, LinearTree] = {}
         self._roots: list[int] | None = None
         self._relevant: dict[int, bool] = {}  # node -> relevant() of its component
+        self._absorbed_names: dict[str, bool] = {}  # name -> _absorbed(name), once asked
         self._bns_done = False
         return self
 
@@ -210,6 +211,9 @@ class LinearIndex:
 
     def origin(self, name: str) -> str:
         """The value `name` copies through value-preserving nodes (itself if none)."""
+        producer = self.view.producer.get(name)
+        if producer is None or not self.is_passthrough(producer):
+            return name  # the common case, without the loop's bookkeeping
         seen = set()
         while name not in seen:
             seen.add(name)
@@ -241,6 +245,12 @@ class LinearIndex:
 
     def _absorbed(self, name: str) -> bool:
         """Is tensor `name` an inner edge of some tree (privately used as a tensor input of a linear node)?"""
+        known = self._absorbed_names.get(name)
+        if known is None:
+            known = self._absorbed_names[name] = self._find_absorbed(name)
+        return known
+
+    def _find_absorbed(self, name: str) -> bool:
         view = self.view
         uses = view.consumers.get(name)
         if not uses or len(uses) != 1 or name in view.graph_outputs:  # not view.is_private(name)
@@ -356,7 +366,10 @@ class LinearIndex:
 
     def _tree(self, root: int) -> LinearTree:
         view = self.view
+        may_be_constant, producer_of, expansion, absorbed = (view.may_be_constant, view.producer.get, self.expansion,
+                                                             self._absorbed)
         nodes, leaves, constants = [root], [], []
+        passthrough_only = True
         # (kind, node or name, factors, parent): a leaf's parent is the nearest node above it
         # that is not value-preserving (the root if all are), so BN(Identity(x)) is a BN branch.
         stack: list[tuple] = [("node", root, (), root)]
@@ -364,16 +377,20 @@ class LinearIndex:
             item = stack.pop()
             if item[0] == "node":
                 _, index, outer, above = item
-                exp = self.expansion(index)
+                exp = expansion(index)
                 assert exp is not None
-                parent = above if exp.passthrough else index
+                if exp.passthrough:
+                    parent = above
+                else:
+                    parent = index
+                    passthrough_only = False
                 for offset in exp.offsets:
                     constants.append(Addend("", (offset,) + outer, index, constant=True))
                 for name, local in reversed(exp.children):
                     stack.append(("name", name, local + outer, parent))
                 continue
             _, name, factors, parent = item
-            value = view.constant(name)
+            value = view.constant(name) if may_be_constant(name) else None  # (constant() is None otherwise)
             if value is not None:
                 if np.issubdtype(value.dtype, np.floating):
                     constants.append(Addend(name, (Factor(value.astype(np.float64), False),) + factors, parent,
@@ -381,13 +398,15 @@ class LinearIndex:
                 else:
                     leaves.append(Addend(name, factors, parent))
                 continue
-            child = view.producer.get(name)
-            if child is not None and self.usable(child) and self._absorbed(name):
-                nodes.append(child)
-                stack.append(("node", child, factors, parent))
-            else:
-                leaves.append(Addend(name, factors, parent))
-        return LinearTree(root, nodes, leaves, constants, all(self.is_passthrough(n) for n in nodes))
+            child = producer_of(name)
+            if child is not None:
+                exp = expansion(child)
+                if exp is not None and exp.problem is None and exp.children and absorbed(name):  # usable(child)
+                    nodes.append(child)
+                    stack.append(("node", child, factors, parent))
+                    continue
+            leaves.append(Addend(name, factors, parent))
+        return LinearTree(root, nodes, leaves, constants, passthrough_only)
 
 
 class Expansions:

@@ -133,6 +133,7 @@ class TensorSurvey:
     nested: bool                     # tensors outside the main graph's initializers may point outside
                                      # (some do now, or subgraphs a fusion may give new weights exist)
     initializer_inputs: set[str] = field(default_factory=set)  # main-graph initializers that are also graph inputs
+    initializer_elements: int | None = None  # elements of the main graph's initializers (None: a negative dim)
 
 
 def survey(model: onnx.ModelProto) -> TensorSurvey:
@@ -141,18 +142,23 @@ def survey(model: onnx.ModelProto) -> TensorSurvey:
     graph = model.graph
     inputs = {value.name for value in graph.input}
     initializer_inputs: set[str] = set()
+    elements: int | None = 0
     for tensor in graph.initializer:  # most tensors of most models: tensor_nbytes, inlined
         if inputs and tensor.name in inputs:
             initializer_inputs.add(tensor.name)
         if tensor.data_location == _EXTERNAL:
             external.append(tensor)
+        count = _known_count(tensor.dims)
+        if count < 0:
+            elements = None
+            continue
+        if elements is not None:
+            elements += count
         data_type = tensor.data_type
         itemsize = _ITEMSIZE[data_type] if data_type in _ITEMSIZE else _itemsize(data_type)
         if itemsize is None or data_type == _STRING:
             continue
-        count = _known_count(tensor.dims)
-        if count >= 0:
-            nbytes += (count + 1) // 2 if data_type in _FOUR_BIT else count * itemsize
+        nbytes += (count + 1) // 2 if data_type in _FOUR_BIT else count * itemsize
     main_external = len(external)
     subgraphs: list = []
     walk = _chain(_sparse_parts(graph.sparse_initializer), tensors_in_nodes(graph.node, subgraphs),
@@ -161,7 +167,8 @@ def survey(model: onnx.ModelProto) -> TensorSurvey:
         if tensor.data_location == _EXTERNAL:
             external.append(tensor)
         nbytes += tensor_nbytes(tensor) or 0
-    return TensorSurvey(external, nbytes, len(external) > main_external or bool(subgraphs), initializer_inputs)
+    return TensorSurvey(external, nbytes, len(external) > main_external or bool(subgraphs), initializer_inputs,
+                        elements)
 
 
 def elements(dims) -> int:

@@ -33,6 +33,7 @@ class LoadedModel:
     tensor_bytes: int = 0   # bytes of all its tensors, from their shapes (tensor_bytes(model) at load)
     nested_tensors: bool = True  # tensors outside the main graph's initializers may use external data
     initializer_inputs: frozenset[str] = frozenset()  # main-graph initializers that are also graph inputs
+    initializer_elements: int | None = None  # elements of the main graph's initializers (ModelStats.params)
 
 
 def _check_external_location(tensor: onnx.TensorProto, base_dir: str) -> str:
@@ -106,7 +107,7 @@ def load(path: str, load_external_data: bool = True) -> LoadedModel:
             raise BadInput(f"cannot read external data of {path}: {_one_line(err)}") from None
     size += sum(os.path.getsize(f) for f in data_files)
     return LoadedModel(model, path, size, bool(data_files), base_dir, frozenset(data_files), tensors.nbytes,
-                       tensors.nested, frozenset(tensors.initializer_inputs))
+                       tensors.nested, frozenset(tensors.initializer_inputs), tensors.initializer_elements)
 
 
 _TORCH_EXTENSIONS = (".pt", ".pth", ".ckpt", ".bin", ".tar")

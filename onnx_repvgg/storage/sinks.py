@@ -31,6 +31,9 @@ class _Sink:
 
     location: str
     names: set[str]
+    # bytes of every new tensor offered by rewrite.spill, kept inline or not: the fused model's
+    # tensors are at most the loaded model's plus these
+    offered_bytes: int = 0
 
     def holds(self, tensor: onnx.TensorProto) -> bool:
         return tensor.name in self.names and external_info(tensor).get("location") == self.location

@@ -55,9 +55,8 @@ def read(path: str, min_bytes: int | None = None) -> tuple[onnx.ModelProto, int]
         pieces = []
         cursor = graph.value_start
         moved = 0
-        for number, wire_type, start, value_start, end in wire.spans(buf, graph.value_start, graph.end):
-            if number != wire.GRAPH_INITIALIZER or wire_type != LENGTH_DELIMITED or end - value_start < min_bytes:
-                continue
+        for _, _, start, value_start, end in wire.spans(buf, graph.value_start, graph.end, wire.GRAPH_INITIALIZER,
+                                                        min_bytes):
             header = _external_header(buf, value_start, end, location, min_bytes)
             if header is None:
                 continue

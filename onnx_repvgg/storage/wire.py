@@ -57,9 +57,12 @@ def fields(buf, start: int = 0, end: int | None = None) -> Iterator[Field]:
         yield Field(*span)
 
 
-def spans(buf, start: int = 0, end: int | None = None) -> Iterator[tuple[int, int, int, int, int]]:
+def spans(buf, start: int = 0, end: int | None = None, number: int | None = None,
+          min_length: int = 0) -> Iterator[tuple[int, int, int, int, int]]:
     """fields() as plain tuples (number, wire_type, start, value_start, end): the walk of a
-    graph of 10^5 nodes, with one-byte tags and lengths read in place."""
+    graph of 10^5 nodes, with one-byte tags and lengths read in place. Given `number`, only the
+    length-delimited fields of that number whose payload is `min_length` bytes or more (every
+    field is still checked)."""
     end = len(buf) if end is None else end
     pos = start
     while pos < end:
@@ -69,8 +72,8 @@ def spans(buf, start: int = 0, end: int | None = None) -> Iterator[tuple[int, in
             pos += 1
         else:
             key, pos = read_varint(buf, pos, end)
-        number, wire_type = key >> 3, key & 7
-        if number == 0:
+        field, wire_type = key >> 3, key & 7
+        if field == 0:
             raise WireError("field number 0")
         if wire_type == LENGTH_DELIMITED:
             if pos < end and buf[pos] < 0x80:
@@ -78,10 +81,15 @@ def spans(buf, start: int = 0, end: int | None = None) -> Iterator[tuple[int, in
             else:
                 length, value_start = read_varint(buf, pos, end)
             pos = value_start + length
+            if number is not None and (field != number or length < min_length):
+                if pos > end:
+                    raise WireError("field runs past the end of its message")
+                continue
         elif wire_type == VARINT:
             value_start = pos
             _, pos = read_varint(buf, pos, end)
-            yield number, wire_type, field_start, value_start, pos
+            if number is None:
+                yield field, wire_type, field_start, value_start, pos
             continue
         elif wire_type == FIXED64:
             value_start, pos = pos, pos + 8
@@ -91,7 +99,8 @@ def spans(buf, start: int = 0, end: int | None = None) -> Iterator[tuple[int, in
             raise WireError(f"unsupported wire type {wire_type}")
         if pos > end:
             raise WireError("field runs past the end of its message")
-        yield number, wire_type, field_start, value_start, pos
+        if number is None or wire_type == LENGTH_DELIMITED:
+            yield field, wire_type, field_start, value_start, pos
 
 
 def encode_varint(value: int) -> bytes:
