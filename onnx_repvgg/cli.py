@@ -10,7 +10,7 @@ import tempfile
 import time
 
 from . import __version__
-from .pipeline import UnsupportedModel, fuse
+from .pipeline import UnsupportedModel, fuse, no_collections
 from .report import Validation
 from .rules import DEFAULT_RULES, PATTERNS, RULES, describe
 from .storage import io
@@ -344,7 +344,8 @@ def _run_staged(args, shapes) -> int:
         t = time.perf_counter()
         # Weights stay on disk (external data, and large inline initializers too): they are read
         # per block, and untouched ones are copied to the output by byte range.
-        loaded = io.load(args.input, load_external_data=False)
+        with no_collections():  # as in the pass (see there): the loader's walks make no cycles either
+            loaded = io.load(args.input, load_external_data=False)
         timings["load"] = time.perf_counter() - t
         _check_outputs_spare_inputs(args, loaded)
         _check_input_names(args, shapes, loaded.model, loaded.initializer_inputs)
@@ -389,8 +390,9 @@ def _phases(args, shapes, loaded, staging, say, timings, progress) -> int:
                             and io.tensor_bytes(model) > io.EXTERNAL_THRESHOLD)
     progress.phase("saving")
     t = time.perf_counter()
-    staging.write(model, external, loaded.base_dir, memory=sink if isinstance(sink, MemorySink) else None,
-                  nested=loaded.nested_tensors)
+    with no_collections():
+        staging.write(model, external, loaded.base_dir, memory=sink if isinstance(sink, MemorySink) else None,
+                      nested=loaded.nested_tensors)
     timings["save"] = time.perf_counter() - t
     del model, loaded, sink  # the staged file is the fused model from here on
     if not args.no_check:

@@ -426,3 +426,32 @@ def test_parameter_count_and_tensor_bytes_from_the_loader(tmp_path):
                                       _initializer_elements=loaded.initializer_elements)
         assert report.fused and report.before.params == loaded.initializer_elements
         assert 0 < rio.tensor_bytes(model) <= loaded.tensor_bytes + sink.offered_bytes
+
+
+def test_a_pass_leaves_no_cyclic_garbage():
+    """pipeline.fuse switches the cyclic collector off while it runs: everything it allocates
+    must be freed by reference counting. Fused sample models, and a graph whose blocks are
+    refused (skips carry exceptions, whose frames could hold cycles), leave nothing for the
+    collector."""
+    from onnx_repvgg import pipeline
+
+    graph, _ = _linear_graph()
+    refused = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+    models = [onnx.load(p) for p in sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "models", "*.onnx")))]
+    enabled = gc.isenabled()
+    try:
+        for model in models + [refused]:
+            gc.collect()
+            gc.disable()
+            fused, report = pipeline.fuse(model)
+            assert report.blocks and not gc.isenabled()  # switched back on only if it was on before
+            del fused, report
+            assert gc.collect() == 0
+            gc.enable()
+            pipeline.fuse(model)
+            assert gc.isenabled()
+    finally:
+        if enabled:
+            gc.enable()
+        else:
+            gc.disable()
