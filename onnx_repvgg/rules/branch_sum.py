@@ -132,7 +132,17 @@ def choose_input(view: GraphView, index: LinearIndex, tree: LinearTree):
 
 
 def _label(kernel) -> str:
-    return "x".join(str(k) for k in kernel)
+    if not isinstance(kernel, tuple):
+        return "x".join(str(k) for k in kernel)
+    label = _KERNEL_LABELS.get(kernel)
+    if label is None:
+        label = "x".join(str(k) for k in kernel)
+        if len(_KERNEL_LABELS) < 1024:
+            _KERNEL_LABELS[kernel] = label
+    return label
+
+
+_KERNEL_LABELS: dict[tuple, str] = {}  # kernel sizes -> "3x3"
 
 
 def _check_private(view: GraphView, name: str, what: str) -> None:
