@@ -745,15 +745,22 @@ def attributes(node: onnx.NodeProto) -> dict:
     each); serializing the node and slicing out its attribute fields costs less. Nodes whose
     attribute fields are the same bytes have the same attributes (models repeat a few kinds
     of Conv and BatchNormalization), so their values are read once and looked up by those bytes."""
+    return dict(shared_attributes(node)[1])
+
+
+def shared_attributes(node: onnx.NodeProto) -> tuple[bytes | None, dict]:
+    """(the wire bytes of the node's attribute fields, or None when they could not be sliced
+    out; attributes(node)) with the dict shared by every node of those bytes: read only. The
+    bytes say everything the attributes do, so a caller may key its own results on them."""
     key = _attribute_bytes(node.SerializeToString())
     if key is None:
-        return _read_attributes(node)
+        return None, _read_attributes(node)
     values = _ATTRIBUTES.get(key)
     if values is None:
         values = _read_attributes(node)
         if len(_ATTRIBUTES) < _ATTRIBUTES_CAP:
             _ATTRIBUTES[key] = values
-    return dict(values)
+    return key, values
 
 
 def _attribute_bytes(data: bytes) -> bytes | None:

@@ -455,3 +455,41 @@ def test_a_pass_leaves_no_cyclic_garbage():
             gc.enable()
         else:
             gc.disable()
+
+
+def test_remembered_conv_geometry_equals_a_fresh_reading():
+    """conv_params remembers a Conv's geometry by its attribute bytes, kernel and Cout: each
+    reading equals one made with the memo emptied, and a refusal is made afresh for each node
+    (its message names the node)."""
+    from onnx_repvgg.rules import common
+
+    rng = np.random.default_rng(5)
+    cases = [dict(pads=[1, 1, 1, 1]), dict(pads=[0, 1, 0, 1], strides=[2, 2]), dict(auto_pad="SAME_UPPER"),
+             dict(auto_pad="SAME_LOWER", dilations=[2, 2]), dict(auto_pad="VALID"), dict(group=2),
+             dict(kernel_shape=[3, 3]), dict(kernel_shape=[1, 1]), dict(auto_pad="SAME_UPPER", strides=[2, 2]),
+             dict(group=3), dict(pads=[1, 1]), dict(strides=[1])]
+    inits, nodes = [numpy_helper.from_array(rng.standard_normal((4, 2, 3, 3)).astype(np.float32), "w")], []
+    for i, attrs in enumerate(cases):
+        for copy in ("a", "b"):  # two nodes with the same attributes
+            nodes.append(helper.make_node("Conv", ["x", "w"], [f"y{i}{copy}"], name=f"conv{i}{copy}", **attrs))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
+                              [helper.make_tensor_value_info(n.output[0], TensorProto.FLOAT, None) for n in nodes], inits)
+    view = GraphView(graph, 17)
+
+    def read(node):
+        try:
+            p = common.conv_params(view, node)
+            return (p.node_name, p.strides, p.dilations, p.pads_begin, p.pads_end, p.group)
+        except Skip as skip:
+            return skip.reason
+
+    common._CONV_GEOMETRY.clear()
+    remembered = [read(node) for node in view.nodes]
+    fresh = []
+    for node in view.nodes:
+        common._CONV_GEOMETRY.clear()
+        fresh.append(read(node))
+    assert remembered == fresh
+    refused = [(node.name, r) for node, r in zip(view.nodes, remembered) if not isinstance(r, tuple)]
+    assert [name for name, _ in refused] == [f"conv{i}{c}" for i in (7, 8, 9, 10, 11) for c in "ab"]
+    assert all(f"'{name}'" in reason.message for name, reason in refused)

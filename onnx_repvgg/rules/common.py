@@ -12,7 +12,7 @@ import onnx
 from .. import algebra
 from ..block import Reason
 from ..cheap_shapes import CheapShapes
-from ..graph import GraphView, attribute, attributes
+from ..graph import GraphView, attribute, attributes, shared_attributes
 
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
@@ -105,7 +105,22 @@ def conv_params(view: GraphView, node: onnx.NodeProto) -> ConvParams:
             raise Skip("malformed", f"Conv '{node.name}' bias shape {bias.shape} != ({weight.shape[0]},)")
     n = weight.ndim - 2
     kernel = tuple(weight.shape[2:])
-    attrs = attributes(node)
+    key, attrs = shared_attributes(node)
+    # The geometry follows from the attributes, the kernel and Cout alone: worked out once per
+    # combination (a refusal names its node, so only a geometry that passes is remembered).
+    memo = (key, kernel, weight.shape[0]) if key is not None else None
+    geometry = _CONV_GEOMETRY.get(memo) if memo is not None else None
+    if geometry is None:
+        geometry = _conv_geometry(node, attrs, n, kernel, weight.shape[0])
+        if memo is not None and len(_CONV_GEOMETRY) < 4096:
+            _CONV_GEOMETRY[memo] = geometry
+    strides, dilations, begin, end, group = geometry
+    return ConvParams(node.name, weight, bias, strides, dilations, begin, end, group)
+
+
+def _conv_geometry(node: onnx.NodeProto, attrs: dict, n: int, kernel: tuple[int, ...], cout: int) -> tuple:
+    """(strides, dilations, pads begin, pads end, group) of a Conv with these attributes and
+    kernel, auto_pad resolved; or Skip."""
     declared = attrs.get("kernel_shape")
     if declared is not None and tuple(declared) != kernel:
         raise Skip("malformed", f"Conv '{node.name}' kernel_shape {tuple(declared)} != weight {kernel}")
@@ -133,9 +148,13 @@ def conv_params(view: GraphView, node: onnx.NodeProto) -> ConvParams:
         begin, end = (small, large) if auto_pad == "SAME_UPPER" else (large, small)
     else:
         raise Skip("auto_pad", f"Conv '{node.name}' has unknown auto_pad {auto_pad!r}")
-    if group < 1 or weight.shape[0] % group:
-        raise Skip("malformed", f"Conv '{node.name}' has group {group} for {weight.shape[0]} outputs")
-    return ConvParams(node.name, weight, bias, strides, dilations, tuple(begin), tuple(end), group)
+    if group < 1 or cout % group:
+        raise Skip("malformed", f"Conv '{node.name}' has group {group} for {cout} outputs")
+    return strides, dilations, tuple(begin), tuple(end), group
+
+
+# (attribute bytes, kernel, Cout) -> conv_params' geometry (a pure function of them)
+_CONV_GEOMETRY: dict[tuple, tuple] = {}
 
 
 def bn_training_reason(view: GraphView, node: onnx.NodeProto, opset: int, attrs: dict | None = None) -> str | None:
@@ -168,7 +187,7 @@ def bn_training_reason(view: GraphView, node: onnx.NodeProto, opset: int, attrs:
 def _bn_epsilon(view: GraphView, node: onnx.NodeProto, opset: int) -> float:
     """The checks of the BN node itself (inference mode, spatial, five inputs), and its epsilon;
     or Skip."""
-    attrs = attributes(node)
+    attrs = shared_attributes(node)[1]  # read only
     if opset >= 14 and len(node.input) == 5 and not any(node.output[1:]) and int(attrs.get("training_mode", 0)) == 0:
         return float(attrs.get("epsilon", 1e-5))  # the common inference BN: every check below passes
     reason = bn_training_reason(view, node, opset, attrs)
