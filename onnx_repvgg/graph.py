@@ -184,8 +184,10 @@ class GraphView:
         producer.pop("", None)
         self.producer: dict[str, int] = producer
         # custom-domain and control-flow nodes: never folded
-        self._opaque: set[int] = {index for index, node in enumerate(nodes)
-                                  if (node.domain and node.domain != "ai.onnx") or self.ops[index] in _CONTROL_FLOW}
+        self._opaque: set[int] = {index for index, domain in enumerate([node.domain for node in nodes])
+                                  if domain and domain != "ai.onnx"}
+        for op in _CONTROL_FLOW:
+            self._opaque.update(by_op.get(op, ()))
         self.consumers: dict[str, list[tuple[int, int]]] = defaultdict(list)
         consumers, opaque = self.consumers, self._opaque
         uses_of = consumers.get

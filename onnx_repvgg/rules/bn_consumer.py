@@ -34,9 +34,9 @@ import onnx
 from .. import algebra
 from ..block import Candidate, Rewrite
 from ..graph import GraphView, attribute
-from .common import FLOAT_DTYPES, Skip, bn_affine, const, conv_params, gemm_params, is_op, rank_ruled_out, tensor_rank
+from .common import FLOAT_DTYPES, Skip, bn_affine, const, conv_params, gemm_params, rank_ruled_out, tensor_rank
 from .consumer_nodes import NewNames, rewritten_consumer
-from .layout import chain_up, check_bn_axis, is_layout, order_only_reshape, same_shape
+from .layout import LAYOUT_OPS, chain_up, check_bn_axis, order_only_reshape, same_shape
 
 NAME = "bn_into_consumer"
 CONSUMER_OPS = ("Conv", "Gemm", "MatMul")
@@ -128,6 +128,7 @@ def use_paths(view: GraphView, bn: onnx.NodeProto, quiet: bool = False) -> list[
     when a use, or a tensor on the way, is anything else (`quiet`: None instead)."""
     paths = []
     stack: list[tuple[str, list[int]]] = [(bn.output[0], [])]
+    ops, opaque, inputs_of, outputs_of = view.ops, view._opaque, view.inputs_of, view.outputs_of
     while stack:
         name, path = stack.pop()
         if name in view.graph_outputs:
@@ -135,14 +136,17 @@ def use_paths(view: GraphView, bn: onnx.NodeProto, quiet: bool = False) -> list[
                 return None
             raise Skip("intermediate_is_output", f"'{name}' after BatchNormalization '{bn.name}' is a graph output")
         for index, slot in view.consumers.get(name, ()):
-            node = view.nodes[index]
-            if slot == 0 and is_op(node, *CONSUMER_OPS):
+            # is_op(node, *CONSUMER_OPS) and is_layout(node), read from the index (none of these
+            # ops is control flow, so "not opaque" is "in the default domain")
+            if slot == 0 and ops[index] in CONSUMER_OPS and index not in opaque:
                 paths.append((index, path))
-            elif slot == 0 and is_layout(node):
-                stack.append((node.output[0], path + [index]))
+            elif slot == 0 and ops[index] in LAYOUT_OPS and index not in opaque and inputs_of[index] \
+                    and outputs_of[index]:
+                stack.append((outputs_of[index][0], path + [index]))
             elif quiet:
                 return None
             else:
+                node = view.nodes[index]
                 what = f"{node.op_type} '{node.name}'" if slot >= 0 else f"a subgraph of {node.op_type} '{node.name}'"
                 raise Skip("intermediate_shared", f"'{name}' after BatchNormalization '{bn.name}' is also read by {what}")
     return sorted(paths)
@@ -216,10 +220,11 @@ def find(view: GraphView, opset: int, options: dict | None = None) -> list[Candi
     candidates: list[Candidate] = []
     if not any(view.of_type(op) for op in CONSUMER_OPS):
         return candidates  # no layer to fold a BN into
+    opaque, inputs_of, outputs_of = view._opaque, view.inputs_of, view.outputs_of
     for index in view.of_type("BatchNormalization"):
+        if index in opaque or not inputs_of[index] or not outputs_of[index]:
+            continue  # not is_op(node, "BatchNormalization") (BN is no control flow), or no input or output
         node = view.nodes[index]
-        if not is_op(node, "BatchNormalization") or not node.input or not node.output:
-            continue
         paths = use_paths(view, node, quiet=True)
         if paths is None:
             continue  # some use is not a linear layer: nothing this rule could do

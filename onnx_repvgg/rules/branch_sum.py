@@ -171,12 +171,13 @@ def build_block(view: GraphView, index: LinearIndex, tree: LinearTree, x: str,
             if count > 1:
                 raise Skip("intermediate_shared", f"branch output '{leaf}' is summed {count} times")
     ops = sorted({view.ops[b.node] for b in branches if b.kind == "conv"})
-    if "MatMul" in ops and not set(ops) <= {"Gemm", "MatMul"}:
+    conv_only = ops == ["Conv"]  # the common case, which none of the three checks below stops
+    if not conv_only and "MatMul" in ops and not set(ops) <= {"Gemm", "MatMul"}:
         raise NotWorthIt()  # a MatMul beside a Conv is no block
-    if len(ops) > 1 and set(ops) != {"Gemm", "MatMul"}:
+    if not conv_only and len(ops) > 1 and set(ops) != {"Gemm", "MatMul"}:
         raise Skip("mixed_ops", f"branches mix {' and '.join(ops)}")
     pools = [(b, pool_params(view, view.nodes[b.node])) for b in branches if b.kind == "pool"]
-    if set(ops) <= {"Gemm", "MatMul"}:
+    if not conv_only and set(ops) <= {"Gemm", "MatMul"}:
         if pools:
             raise Skip("mixed_ops", "branches mix Gemm and AveragePool")
         for b in branches:
@@ -231,8 +232,8 @@ def build_block(view: GraphView, index: LinearIndex, tree: LinearTree, x: str,
     identities = [b for b in branches if b.kind == "identity"]
     # The fused kernel's geometry depends on the branches' kernels, dilations and pads alone:
     # found once per combination (the code below, run on the first block that has it).
-    shape_key = (n, tuple((p.kernel, p.dilations, p.pads_begin, p.pads_end) for _, p in convs),
-                 tuple((pp.kernel, pp.pads_begin, pp.pads_end) for _, pp in pools), len(identities), allow_densify)
+    shape_key = (n, tuple([(p.kernel, p.dilations, p.pads_begin, p.pads_end) for _, p in convs]),
+                 tuple([(pp.kernel, pp.pads_begin, pp.pads_end) for _, pp in pools]), len(identities), allow_densify)
     plan = _PLANS.get(shape_key)
     if plan is not None:
         dilations, dilated, kernel_shape, pad_begin, pad_end, branch_offsets = plan
