@@ -493,3 +493,26 @@ def test_remembered_conv_geometry_equals_a_fresh_reading():
     refused = [(node.name, r) for node, r in zip(view.nodes, remembered) if not isinstance(r, tuple)]
     assert [name for name, _ in refused] == [f"conv{i}{c}" for i in (7, 8, 9, 10, 11) for c in "ab"]
     assert all(f"'{name}'" in reason.message for name, reason in refused)
+
+
+def test_json_report_text_parses_to_what_the_indented_dump_gives(tmp_path):
+    """cli.json_text (the report written by parts with the C encoder, a record a line) parses
+    to exactly what json.dumps(indent=2) of the same dict does, on a validated run's report and
+    on edge values (empty containers, nested lists, NaN, non-ASCII, tiny floats)."""
+    import json
+
+    from onnx_repvgg import cli
+
+    out, report_path = str(tmp_path / "out.onnx"), str(tmp_path / "report.json")
+    model = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "models", "*_ts.onnx")))[0]
+    assert cli.main([model, out, "-q", "--json", report_path]) == 0
+    with open(report_path) as f:
+        data = json.load(f)
+    assert data["validation"]["passed"] and data["blocks"]
+    edge = {"a": [], "b": {}, "c": [[1, [2, {"x": float("nan")}]], {"y": "é"}], "d": 1e-300, "e": None, "f": [1, 2]}
+    for value in (data, edge, [], {}, [{"k": 1}], "text"):
+        text = cli.json_text(value)
+        assert json.dumps(json.loads(text), sort_keys=True) == json.dumps(value, sort_keys=True)
+        assert json.loads(text) == json.loads(json.dumps(value, indent=2)) or value is edge  # NaN != NaN
+    lines = cli.json_text(data).splitlines()
+    assert sum(line.startswith('    {"anchor"') for line in lines) == len(data["blocks"])  # a record a line
