@@ -77,12 +77,12 @@ def all_names(graph: onnx.GraphProto) -> set[str]:
     return names
 
 
-def model_names(model: onnx.ModelProto, main: GraphView | None = None) -> set[str]:
+def model_names(model: onnx.ModelProto, main: GraphView | None = None) -> set[str] | Names:
     """Every name in a model: its graphs' (all_names) and its functions' (name, inputs,
     outputs, attributes, value_info and nodes). `main`, an index of the main graph as it is,
     lends the names it has read already (node inputs and outputs, initializers, inputs and
     outputs): the same set."""
-    names = all_names(model.graph) if main is None else _indexed_names(main)
+    names: set[str] | Names = all_names(model.graph) if main is None else _indexed_names(main)
     for function in model.functions:
         names.add(function.name)
         names.update(function.input)
@@ -97,25 +97,44 @@ def model_names(model: onnx.ModelProto, main: GraphView | None = None) -> set[st
     return names
 
 
-def _indexed_names(view: GraphView) -> set[str]:
+def _indexed_names(view: GraphView) -> Names:
     """all_names(view.graph), from what the view has read (its producers and consumers are
-    every node output and input; subgraphs' names are read as all_names reads them)."""
+    every node output and input; subgraphs' names are read as all_names reads them): its own
+    tables are looked up, not copied."""
     graph = view.graph
     names: set[str] = {graph.name}
-    names.update(view.initializers)
     for sparse in graph.sparse_initializer:
         names.update((sparse.values.name, sparse.indices.name))
-    names.update(view.graph_inputs)
-    names.update(view.graph_outputs)
     names.update(v.name for v in graph.value_info)
-    names.update(node.name for node in view.nodes)
-    names.update(view.producer)
-    names.update(view.consumers)
+    names.update([node.name for node in view.nodes])
     for index in view._opaque:
         for sub in subgraphs_of(view.nodes[index]):
             names |= all_names(sub)
-    names.discard("")
-    return names
+    return Names((view.initializers, view.graph_inputs, view.graph_outputs, view.producer, view.consumers), names)
+
+
+class Names:
+    """A set of names (in, add, update, discard) made of tables that are looked up, not copied
+    (a graph index's dicts and sets, which must not change while this is used), and a set of
+    the other names and those added. "" is never in it; discard removes only added names."""
+
+    def __init__(self, tables: tuple, names: set[str]):
+        self._tables = tables
+        self._names = names
+
+    def __contains__(self, name: object) -> bool:
+        if name == "":
+            return False
+        return name in self._names or any(name in table for table in self._tables)
+
+    def add(self, name: str) -> None:
+        self._names.add(name)
+
+    def update(self, names) -> None:
+        self._names.update(names)
+
+    def discard(self, name: str) -> None:
+        self._names.discard(name)
 
 
 class GraphView:

@@ -133,7 +133,7 @@ class _ModelNames:
         self.model = model
         self.view: GraphView | None = None
 
-    def __call__(self) -> set[str]:
+    def __call__(self):
         return model_names(self.model, self.view)
 
 

@@ -17,7 +17,7 @@ from onnx import helper
 
 from . import algebra
 from .block import Block, Rewrite
-from .graph import GraphView
+from .graph import GraphView, Names
 from .storage import wire
 from .storage.external import tensor_nbytes
 
@@ -31,13 +31,14 @@ class NameRegistry:
 
     def __init__(self, taken) -> None:
         self._source = taken if callable(taken) else None
-        self._taken: set[str] | None = None if callable(taken) else set(taken)
+        self._taken: set[str] | Names | None = None if callable(taken) else set(taken)
         self._journal: list[str] = []
 
     @property
-    def taken(self) -> set[str]:
+    def taken(self) -> set[str] | Names:
         if self._taken is None:
-            self._taken = set(self._source())  # type: ignore[misc]
+            source = self._source()  # type: ignore[misc]
+            self._taken = source if isinstance(source, (set, Names)) else set(source)
             self._source = None
         return self._taken
 

@@ -516,3 +516,44 @@ def test_json_report_text_parses_to_what_the_indented_dump_gives(tmp_path):
         assert json.loads(text) == json.loads(json.dumps(value, indent=2)) or value is edge  # NaN != NaN
     lines = cli.json_text(data).splitlines()
     assert sum(line.startswith('    {"anchor"') for line in lines) == len(data["blocks"])  # a record a line
+
+
+def test_names_read_from_the_index_are_every_name_of_the_model():
+    """model_names with the main graph's index looks its tables up instead of copying them:
+    the same names as all_names reads (sample models, and a graph with a subgraph, a sparse
+    initializer, value_info, node names and a function), "" never taken, names added and
+    discarded as a set does."""
+    from onnx_repvgg.graph import model_names
+
+    body = helper.make_graph([helper.make_node("Identity", ["outer"], ["inner"], name="in_body")], "body", [],
+                             [helper.make_tensor_value_info("inner", TensorProto.FLOAT, None)])
+    sparse = helper.make_sparse_tensor(numpy_helper.from_array(np.ones(2, dtype=np.float32), "sv"),
+                                       numpy_helper.from_array(np.array([0, 3], dtype=np.int64), "si"), [4])
+    graph = helper.make_graph(
+        [helper.make_node("If", ["cond"], ["o"], name="branch", then_branch=body, else_branch=body),
+         helper.make_node("Relu", ["x"], ["outer"], name="relu"), helper.make_node("Add", ["outer", "w"], ["y"])],
+        "main", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4]),
+                 helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4]), helper.make_tensor_value_info("o", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.ones(4, dtype=np.float32), "w")],
+        value_info=[helper.make_tensor_value_info("declared_only", TensorProto.FLOAT, [4])], sparse_initializer=[sparse])
+    function = helper.make_function("custom", "fn", ["a"], ["b"], [helper.make_node("Neg", ["a"], ["b"], name="fn_neg")],
+                                     [helper.make_opsetid("", 17)])
+    models = [helper.make_model(graph, functions=[function])]
+    models += [onnx.load(p, load_external_data=False)
+               for p in sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "models", "*.onnx")))]
+    for number, model in enumerate(models):
+        expected = model_names(model)  # read from the protobuf: a set
+        if number == 0:
+            assert {"in_body", "branch", "declared_only", "sv", "si", "main", "fn", "fn_neg", "outer"} <= expected
+        names = model_names(model, GraphView(model.graph, 17))
+        assert isinstance(expected, set) and not isinstance(names, set)
+        assert all(name in names for name in expected)
+        assert "" not in names and "surely.not.a.name" not in names
+        names.add("surely.not.a.name")
+        assert "surely.not.a.name" in names
+        names.discard("surely.not.a.name")
+        assert "surely.not.a.name" not in names
+        first_node = model.graph.node[0].output[0]
+        names.discard(first_node)  # a name of the model stays taken
+        assert first_node in names
