@@ -123,9 +123,12 @@ class Names:
         self._names = names
 
     def __contains__(self, name: object) -> bool:
-        if name == "":
-            return False
-        return name in self._names or any(name in table for table in self._tables)
+        if name in self._names:
+            return name != ""
+        for table in self._tables:
+            if name in table:
+                return name != ""
+        return False
 
     def add(self, name: str) -> None:
         self._names.add(name)

@@ -557,3 +557,54 @@ def test_names_read_from_the_index_are_every_name_of_the_model():
         first_node = model.graph.node[0].output[0]
         names.discard(first_node)  # a name of the model stays taken
         assert first_node in names
+
+
+def test_tensors_in_nodes_found_by_their_type_bytes_as_by_reading_every_attribute():
+    """external.tensors_in_nodes skips a node whose bytes hold no attribute type that carries
+    a tensor or a graph: it yields what reading every attribute yields, for each kind (TENSOR,
+    TENSORS, SPARSE_TENSOR(S), GRAPH, GRAPHS, nested), and for nodes whose names contain the
+    marker bytes."""
+    from onnx_repvgg.storage import external
+
+    def plain_walk(nodes, subgraphs):
+        for node in nodes:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    yield attr.t
+                elif attr.type == onnx.AttributeProto.TENSORS:
+                    yield from attr.tensors
+                elif attr.type == onnx.AttributeProto.SPARSE_TENSOR:
+                    yield from (attr.sparse_tensor.values, attr.sparse_tensor.indices)
+                elif attr.type == onnx.AttributeProto.SPARSE_TENSORS:
+                    for sparse in attr.sparse_tensors:
+                        yield from (sparse.values, sparse.indices)
+                elif attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
+                    for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                        subgraphs.append(sub)
+                        yield from sub.initializer
+                        yield from plain_walk(sub.node, None if subgraphs is None else [])
+
+    def tensor(name, n=3):
+        return numpy_helper.from_array(np.arange(n, dtype=np.float32), name)
+
+    sparse = helper.make_sparse_tensor(tensor("sv", 2), numpy_helper.from_array(np.array([0, 2], dtype=np.int64), "si"),
+                                       [4])
+    inner = helper.make_graph([helper.make_node("Constant", [], ["k"], value=tensor("deep"))], "inner", [], [],
+                              [tensor("inner_init")])
+    body = helper.make_graph([helper.make_node("If", ["c"], ["o"], then_branch=inner, else_branch=inner)], "body",
+                             [], [], [tensor("body_init")])
+    nodes = _attribute_nodes() + [
+        helper.make_node("Constant", [], ["s"], sparse_value=sparse),
+        helper.make_node("Custom", [], ["t"], domain="x", many=[tensor("t1"), tensor("t2")]),
+        helper.make_node("Custom", [], ["u"], domain="x", sparse_many=[sparse, sparse]),
+        helper.make_node("Custom", [], ["v"], domain="x", bodies=[body, inner]),
+        helper.make_node("Loop", ["", "c"], ["w"], body=body),
+        helper.make_node("Relu", ["\xa0\x01\x04"], ["\xa0\x01\x05"], name="\xa0\x01\x0b"),  # the marker in names
+    ]
+    found, subgraphs = list(external.tensors_in_nodes(nodes, [])), []
+    expected = list(plain_walk(nodes, subgraphs))
+    assert [t.SerializeToString() for t in found] == [t.SerializeToString() for t in expected]
+    assert len(expected) >= 12
+    seen: list = []
+    list(external.tensors_in_nodes(nodes, seen))
+    assert [g.SerializeToString() for g in seen] == [g.SerializeToString() for g in subgraphs]
