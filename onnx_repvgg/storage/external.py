@@ -93,12 +93,6 @@ def tensors_in_nodes(nodes, subgraphs: list | None = None) -> Iterator[onnx.Tens
     """Tensors held by node attributes (Constant values, sparse ones too), and subgraphs'
     initializers and attribute tensors. Subgraphs met are appended to `subgraphs` if given."""
     for node in nodes:
-        # A node holds a tensor or a graph only in an attribute whose type field says so, and that
-        # field is serialized as these three bytes; one search of the node's bytes costs less than
-        # reading its attribute messages (a Conv's five) one by one.
-        data = node.SerializeToString()
-        if not any(kind in data for kind in _HOLDING_TYPES):
-            continue
         for attr in node.attribute:
             kind = attr.type
             if kind == onnx.AttributeProto.TENSOR:
@@ -118,13 +112,6 @@ def tensors_in_nodes(nodes, subgraphs: list | None = None) -> Iterator[onnx.Tens
                     if subgraphs is not None:
                         subgraphs.append(sub)
                     yield from _graph_tensors(sub)
-
-
-# AttributeProto.type (field 20, a varint: tag bytes A0 01) with the value TENSOR, GRAPH, TENSORS,
-# GRAPHS, SPARSE_TENSOR or SPARSE_TENSORS
-_HOLDING_TYPES = tuple(b"\xa0\x01" + bytes([kind]) for kind in (
-    onnx.AttributeProto.TENSOR, onnx.AttributeProto.GRAPH, onnx.AttributeProto.TENSORS, onnx.AttributeProto.GRAPHS,
-    onnx.AttributeProto.SPARSE_TENSOR, onnx.AttributeProto.SPARSE_TENSORS))
 
 
 def all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
