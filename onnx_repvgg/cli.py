@@ -145,12 +145,17 @@ def load_input_data(specs: list[str]) -> dict:
     return feeds
 
 
-def _keep_freed_memory() -> None:
-    """Ask glibc not to hand freed heap back to the OS between phases (M_TRIM_THRESHOLD).
+def _tune_malloc() -> None:
+    """Two glibc settings for this process (a no-op where glibc is absent):
 
-    The float64 sums free large buffers; trimming them makes the next phase (serializing the
-    model) fault the same pages in again, which measured about 3x slower on a 222 MB model.
-    Peak memory is unchanged: the kept pages are reused. A no-op where glibc is absent.
+    - M_TRIM_THRESHOLD: freed heap is not handed back to the OS between phases. The float64
+      sums free large buffers; trimming them makes the next phase (serializing the model) fault
+      the same pages in again, which measured about 3x slower on a 222 MB model. Peak memory is
+      unchanged: the kept pages are reused.
+    - M_MXFAST = 0: small freed chunks are merged when freed, not kept in "fast bins" to be
+      merged all at once by the next larger request. onnx.checker frees ~10^5 small C++
+      objects; merging them later cost ~60 ms on a 24,000-node model, and nothing measurable
+      when freed.
     """
     if not sys.platform.startswith("linux"):
         return
@@ -159,12 +164,13 @@ def _keep_freed_memory() -> None:
 
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
+        libc.mallopt(1, 0)  # M_MXFAST
     except (OSError, AttributeError):
         pass
 
 
 def main(argv: list[str] | None = None) -> int:
-    _keep_freed_memory()
+    _tune_malloc()
     try:
         try:
             args = build_parser().parse_args(argv)
