@@ -81,7 +81,7 @@ def model_names(model: onnx.ModelProto, main: GraphView | None = None) -> set[st
     """Every name in a model: its graphs' (all_names) and its functions' (name, inputs,
     outputs, attributes, value_info and nodes). `main`, an index of the main graph as it is,
     lends the names it has read already (node inputs and outputs, initializers, inputs and
-    outputs): the same set."""
+    outputs): the same names, as a Names that looks them up in its tables."""
     names: set[str] | Names = all_names(model.graph) if main is None else _indexed_names(main)
     for function in model.functions:
         names.add(function.name)
