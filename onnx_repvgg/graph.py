@@ -497,6 +497,9 @@ class GraphView:
 
     def constant_shape(self, name: str) -> tuple[int, ...] | None:
         """The shape of a constant, without converting an initializer to numpy."""
+        value = self._constant_cache.get(name)
+        if value is not None:  # read already (constant() answered any question then)
+            return value.shape
         if name in self.initializers and name in self.constant_names:
             return tuple(self.initializers[name].dims[:])
         value = self.constant(name)

@@ -63,20 +63,20 @@ class Branch:
                               # node that is not usable ("problem"); -1 for an identity
 
 
-def _deep_source(view: GraphView, index: LinearIndex, leaf: str) -> Branch | None:
+def _deep_source(view: GraphView, index: LinearIndex, leaf: Addend) -> Branch | None:
     """If a leaf is Conv(X), or a not-usable BN over X or over Conv(X), say so."""
-    producer = view.producer.get(leaf)
+    producer = view.producer.get(leaf.name)
     if producer is None or producer in view._opaque:  # is_op: default domain (none of these is control flow)
         return None
     op = view.ops[producer]
     if op in LEAF_OPS and view.inputs_of[producer]:
-        return Branch(Addend(leaf, (), -1), "conv", node=producer)
+        return Branch(leaf, "conv", node=producer)
     if op == "AveragePool" and view.inputs_of[producer]:
-        return Branch(Addend(leaf, (), -1), "pool", node=producer)
+        return Branch(leaf, "pool", node=producer)
     if op == "BatchNormalization":  # the only op whose expansion can carry a problem
         exp = index.expansion(producer)
         if exp is not None and exp.problem is not None and view.inputs_of[producer]:
-            return Branch(Addend(leaf, (), -1), "problem", node=producer)
+            return Branch(leaf, "problem", node=producer)
     return None
 
 
@@ -97,12 +97,7 @@ def choose_input(view: GraphView, index: LinearIndex, tree: LinearTree):
     the value they copy (index.origin). The fused node reads a name some branch reads (it is
     computed before the block and outlives this round): X itself if one does, else the copy
     most of them read."""
-    deep = []
-    for leaf in tree.leaves:
-        b = _deep_source(view, index, leaf.name)
-        if b is not None:
-            b.addend = leaf
-        deep.append(b)
+    deep = [_deep_source(view, index, leaf) for leaf in tree.leaves]
     if not any(b is not None and b.kind in ("conv", "problem") for b in deep):
         return None, [], list(tree.leaves)  # AveragePool and identity branches alone are not worth a conv
     raw = [(_source_of(view, b, index) if b is not None else None) for b in deep]
@@ -154,8 +149,8 @@ def _check_private(view: GraphView, name: str, what: str) -> None:
 
 
 def _identity_label(view: GraphView, branch: Branch) -> str:
-    parent = view.nodes[branch.addend.parent] if branch.addend.parent >= 0 else None
-    return "bn" if is_op(parent, "BatchNormalization") else "id"
+    parent = branch.addend.parent  # is_op(its node, "BatchNormalization"), read from the index
+    return "bn" if parent >= 0 and view.ops[parent] == "BatchNormalization" and parent not in view._opaque else "id"
 
 
 def build_block(view: GraphView, index: LinearIndex, tree: LinearTree, x: str,
@@ -452,24 +447,30 @@ def find(view: GraphView, opset: int, options: dict | None = None):
             sum(1 for b in branches if b.kind in ("conv", "pool", "problem"))
         if removed <= 1 + len(others):
             continue  # nothing to gain: e.g. a plain residual Add(conv(y), x) (an Identity after it or not)
-        node = view.nodes[root]
-        ops, opaque = view.ops, view._opaque  # is_op(node, "BatchNormalization"), read from the index
-        bns = any(ops[i] == "BatchNormalization" and i not in opaque for i in tree.nodes) or any(
-            b.kind == "problem" for b in branches)
-        candidate = Candidate(anchor=node.name or node.output[0], branch_labels=_describe(view, branches),
-                              near_miss=len(branches) >= 2 or bns)
         try:
             block = build_block(view, index, tree, x, branches, others, bool((options or {}).get("allow_densify")))
         except NotWorthIt:
             continue
         except Skip as skip:
+            candidate = _candidate(view, root, tree, branches)
             candidate.reason = skip.reason
         else:
+            # (labelled after the block is built: its weights' shapes are read by then)
+            candidate = _candidate(view, root, tree, branches)
             candidate.block = block
             if isinstance(block, Block):
                 candidate.group = block.geometry.group
                 candidate.strides = block.geometry.strides
         yield candidate
+
+
+def _candidate(view: GraphView, root: int, tree: LinearTree, branches: list[Branch]) -> Candidate:
+    node = view.nodes[root]
+    ops, opaque = view.ops, view._opaque  # is_op(node, "BatchNormalization"), read from the index
+    bns = any(ops[i] == "BatchNormalization" and i not in opaque for i in tree.nodes) or any(
+        b.kind == "problem" for b in branches)
+    return Candidate(anchor=node.name or node.output[0], branch_labels=_describe(view, branches),
+                     near_miss=len(branches) >= 2 or bns)
 
 
 def _summands(block: Block) -> tuple[list[tuple], tuple[int, ...], np.dtype]:
