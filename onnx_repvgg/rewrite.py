@@ -292,19 +292,21 @@ def apply(graph: onnx.GraphProto, view: GraphView, rewrites: list[Rewrite], sink
     # Values that lost their last use: the nodes that computed them (constants, and default-domain
     # nodes without subgraphs, e.g. a Slice read only for its shape), then initializers. Only a
     # value whose uses went down can have none left (every other one has a consumer).
-    graph_outputs, producer = view.graph_outputs, view.producer
-    producer_of = producer.get
+    dead_initializers: set[str] = set()
+    graph_outputs, producer_of = view.graph_outputs, view.producer.get
     initializers, graph_inputs = view.initializers, view.graph_inputs
-    # Values computed by a removed node go with it (as in the loop below). Of the others, an
-    # initializer left without uses is dead (the loop below would decide so: its uses can only
-    # go down), and a value computed by a node that stays is examined below.
-    dead_initializers: set[str] = {
-        name for name, count in lost.items()
-        if name not in producer and name in initializers and name not in graph_inputs and name not in graph_outputs
-        and len(uses_of(name, ())) + gained_of(name, 0) - count <= 0}
-    frontier = [name for name, count in lost.items()
-                if name in producer and producer[name] not in removed
-                and len(uses_of(name, ())) + gained_of(name, 0) - count <= 0]
+    frontier = []
+    for name, count in lost.items():
+        producer = producer_of(name)
+        if producer is not None and producer in removed:
+            continue  # computed by a removed node: it goes with it (as in the loop below)
+        if len(uses_of(name, ())) + gained_of(name, 0) - count > 0:
+            continue
+        if producer is None:  # what the loop below decides of it (its uses can only go down)
+            if name not in graph_outputs and name in initializers and name not in graph_inputs:
+                dead_initializers.add(name)
+        elif producer not in removed:
+            frontier.append(name)
     while frontier:
         name = frontier.pop()
         producer = producer_of(name)
