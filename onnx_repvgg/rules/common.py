@@ -184,11 +184,13 @@ def bn_training_reason(view: GraphView, node: onnx.NodeProto, opset: int, attrs:
     return None
 
 
-def _bn_epsilon(view: GraphView, node: onnx.NodeProto, opset: int) -> float:
+def _bn_epsilon(view: GraphView, node: onnx.NodeProto, opset: int, wiring: tuple[list[str], list[str]] | None = None
+                ) -> float:
     """The checks of the BN node itself (inference mode, spatial, five inputs), and its epsilon;
-    or Skip."""
+    or Skip. `wiring`: the node's (inputs, outputs) when the caller has read them."""
     attrs = shared_attributes(node)[1]  # read only
-    if opset >= 14 and len(node.input) == 5 and not any(node.output[1:]) and int(attrs.get("training_mode", 0)) == 0:
+    inputs, outputs = wiring if wiring is not None else (node.input, node.output)
+    if opset >= 14 and len(inputs) == 5 and not any(outputs[1:]) and int(attrs.get("training_mode", 0)) == 0:
         return float(attrs.get("epsilon", 1e-5))  # the common inference BN: every check below passes
     reason = bn_training_reason(view, node, opset, attrs)
     if reason:
@@ -237,13 +239,13 @@ def bn_affines(view: GraphView, indices: list[int], opset: int) -> list:
     results: list = [None] * len(indices)
     groups: dict[int, list] = defaultdict(list)  # C -> (position, parameters, eps): arrays read one by one
     raw: dict[tuple, list] = defaultdict(list)   # (dtype, C) -> (position, raw bytes of the four, eps)
-    nodes, inputs_of = view.nodes, view.inputs_of
+    nodes, inputs_of, outputs_of = view.nodes, view.inputs_of, view.outputs_of
     raw_vectors = view.raw_vectors
     for position, index in enumerate(indices):
         node = nodes[index]
         inputs = inputs_of[index]
         try:
-            eps = _bn_epsilon(view, node, opset)
+            eps = _bn_epsilon(view, node, opset, (inputs, outputs_of[index]))
             vectors = raw_vectors(inputs[1:5])
             if vectors is not None:  # four inline vectors of one dtype and length: read below, all at once
                 raw[vectors[0]].append((position, vectors[1], eps))
