@@ -481,11 +481,17 @@ def json_text(value, depth: int = 0) -> str:
     Python encoder, ~25 us a block record; each part here is one call of the C encoder.)"""
     pad = "  " * depth
     if isinstance(value, dict) and value:
-        return "{\n" + ",\n".join(f"{pad}  {json.dumps(key)}: {json_text(item, depth + 1)}"
+        return "{\n" + ",\n".join(f"{pad}  {_json_key(key)}: {json_text(item, depth + 1)}"
                                     for key, item in value.items()) + "\n" + pad + "}"
     if isinstance(value, list) and any(isinstance(item, (dict, list)) for item in value):
         return "[\n" + ",\n".join(f"{pad}  {json.dumps(item)}" for item in value) + "\n" + pad + "]"
     return json.dumps(value)
+
+
+def _json_key(key) -> str:
+    """A dict key as json writes it: a string as it is, a number, bool or None as its JSON text
+    in quotes."""
+    return json.dumps(key) if isinstance(key, str) else json.dumps({key: 0})[1:-4]
 
 
 def _write_json(args, report) -> None:

@@ -785,7 +785,11 @@ def shared_attributes(node: onnx.NodeProto) -> tuple[bytes | None, dict]:
     values = _ATTRIBUTES.get(key)
     if values is None:
         values = _read_attributes(node)
-        if len(_ATTRIBUTES) < _ATTRIBUTES_CAP:
+        # Remembered only when small and plain: a tensor or graph value is part of its model,
+        # which the entry would keep alive.
+        if len(_ATTRIBUTES) < _ATTRIBUTES_CAP and len(key) <= _ATTRIBUTE_BYTES_LIMIT and all(
+                isinstance(v, _PLAIN) or (isinstance(v, list) and all(isinstance(x, _PLAIN) for x in v))
+                for v in values.values()):
             _ATTRIBUTES[key] = values
     return key, values
 
@@ -834,6 +838,8 @@ def _attribute_bytes(data: bytes) -> bytes | None:
 _ATTRIBUTE_TAG = (5 << 3) | 2  # NodeProto.attribute, length-delimited
 _ATTRIBUTES: dict[bytes, dict] = {}  # attribute fields' bytes -> their values (a pure function of the bytes)
 _ATTRIBUTES_CAP = 4096
+_ATTRIBUTE_BYTES_LIMIT = 1024
+_PLAIN = (int, float, bytes, str)
 
 
 def _read_attributes(node: onnx.NodeProto) -> dict:
