@@ -131,7 +131,7 @@ class CheapShapes:
     def _needs(self, name: str, level: int) -> list[tuple[str, int]]:
         view = self.view
         index = view.producer.get(name)
-        if index is None or index in view._opaque or view.outputs_of[index][0] != name:
+        if index is None or view.foldable_op(index) is None or view.outputs_of[index][0] != name:
             return []
         op, inputs = view.ops[index], view.inputs_of[index]
         if op in _SAME_AS_INPUT or op in ("Transpose", "Unsqueeze", "Squeeze"):
@@ -179,10 +179,10 @@ class CheapShapes:
             index = view.producer.get(name)
             if index is None:
                 return None
-            op = view.ops[index]
-            if op == "Constant" and index not in view._opaque:
+            op = view.foldable_op(index)
+            if op == "Constant":
                 return view.constant(name)
-            if op != "Identity" or index in view._opaque:
+            if op != "Identity":
                 return None
             name = view.inputs_of[index][0]
         return None
@@ -198,7 +198,7 @@ class CheapShapes:
         index = view.producer.get(name)
         if index is None:
             return self._declared(name)
-        if index in view._opaque or view.outputs_of[index][0] != name:
+        if view.foldable_op(index) is None or view.outputs_of[index][0] != name:
             return None  # a custom op, or an extra output
         op, inputs = view.ops[index], view.inputs_of[index]
         if op == "Constant":

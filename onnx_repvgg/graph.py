@@ -17,6 +17,7 @@ from onnx import numpy_helper
 
 from .evaluate import Memo
 from .storage.external import read_external
+from .storage.wire import WireError, read_varint
 
 # Ops never folded even when every input is constant: random, control flow, or stateful.
 _NOT_FOLDABLE = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
@@ -357,6 +358,12 @@ class GraphView:
     def is_private(self, name: str) -> bool:
         """Exactly one use, by a node of this graph, and not a graph output."""
         return name not in self.graph_outputs and len(self.consumers.get(name, ())) == 1
+
+    def foldable_op(self, index: int) -> str | None:
+        """Node `index`'s op type, or None for a node no rule folds (a custom domain, control
+        flow). For any other op, `is_op(view.nodes[i], *ops)` is `view.foldable_op(i) in ops`,
+        read from the index."""
+        return None if index in self._opaque else self.ops[index]
 
     def of_type(self, *ops: str) -> list[int]:
         """Indices of the nodes of these types (any domain), in graph order."""
@@ -813,16 +820,10 @@ def _attribute_bytes(data: bytes) -> bytes | None:
         if length < 0x80:
             pos += 1
         else:
-            length = shift = 0
-            while True:
-                if pos >= end or shift > 63:
-                    return None
-                byte = data[pos]
-                pos += 1
-                length |= (byte & 0x7F) << shift
-                if byte < 0x80:
-                    break
-                shift += 7
+            try:
+                length, pos = read_varint(data, pos, end)
+            except WireError:
+                return None
         pos += length
         if tag == _ATTRIBUTE_TAG:
             if first < 0:

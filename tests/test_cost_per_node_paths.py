@@ -603,3 +603,18 @@ def test_names_read_from_the_index_are_every_name_of_the_model():
         names.discard(first_node)  # a name of the model stays taken
         assert first_node in names
 
+
+
+def test_foldable_op_is_is_op_read_from_the_index():
+    """GraphView.foldable_op(i) in ops is is_op(node, *ops) for every op but control flow
+    (never folded: None), for nodes of the default domain under both its names and custom ones."""
+    from onnx_repvgg.rules.common import is_op
+
+    nodes = [n for n in _attribute_nodes() if n.op_type != "Constant"]
+    nodes += [helper.make_node("Add", ["a", "b"], ["s"], domain="ai.onnx"), helper.make_node("Add", ["a", "b"], ["t"],
+                                                                                             domain="custom")]
+    view = GraphView(helper.make_graph(nodes, "g", [], []), 17)
+    for i, node in enumerate(view.nodes):
+        for op in ("Conv", "BatchNormalization", "Add", "Relu", "Cast", "Custom", "If"):
+            expected = is_op(node, op) and op != "If"
+            assert (view.foldable_op(i) == op) == expected, (node.op_type, node.domain, op)

@@ -128,7 +128,7 @@ def use_paths(view: GraphView, bn: onnx.NodeProto, quiet: bool = False) -> list[
     when a use, or a tensor on the way, is anything else (`quiet`: None instead)."""
     paths = []
     stack: list[tuple[str, list[int]]] = [(bn.output[0], [])]
-    ops, opaque, inputs_of, outputs_of = view.ops, view._opaque, view.inputs_of, view.outputs_of
+    inputs_of, outputs_of = view.inputs_of, view.outputs_of
     while stack:
         name, path = stack.pop()
         if name in view.graph_outputs:
@@ -136,12 +136,10 @@ def use_paths(view: GraphView, bn: onnx.NodeProto, quiet: bool = False) -> list[
                 return None
             raise Skip("intermediate_is_output", f"'{name}' after BatchNormalization '{bn.name}' is a graph output")
         for index, slot in view.consumers.get(name, ()):
-            # is_op(node, *CONSUMER_OPS) and is_layout(node), read from the index (none of these
-            # ops is control flow, so "not opaque" is "in the default domain")
-            if slot == 0 and ops[index] in CONSUMER_OPS and index not in opaque:
+            op = view.foldable_op(index)  # is_op(node, *CONSUMER_OPS), and is_layout(node) below
+            if slot == 0 and op in CONSUMER_OPS:
                 paths.append((index, path))
-            elif slot == 0 and ops[index] in LAYOUT_OPS and index not in opaque and inputs_of[index] \
-                    and outputs_of[index]:
+            elif slot == 0 and op in LAYOUT_OPS and inputs_of[index] and outputs_of[index]:
                 stack.append((outputs_of[index][0], path + [index]))
             elif quiet:
                 return None
@@ -220,10 +218,10 @@ def find(view: GraphView, opset: int, options: dict | None = None) -> list[Candi
     candidates: list[Candidate] = []
     if not any(view.of_type(op) for op in CONSUMER_OPS):
         return candidates  # no layer to fold a BN into
-    opaque, inputs_of, outputs_of = view._opaque, view.inputs_of, view.outputs_of
+    inputs_of, outputs_of = view.inputs_of, view.outputs_of
     for index in view.of_type("BatchNormalization"):
-        if index in opaque or not inputs_of[index] or not outputs_of[index]:
-            continue  # not is_op(node, "BatchNormalization") (BN is no control flow), or no input or output
+        if view.foldable_op(index) is None or not inputs_of[index] or not outputs_of[index]:
+            continue  # not is_op(node, "BatchNormalization"), or no input or output
         node = view.nodes[index]
         paths = use_paths(view, node, quiet=True)
         if paths is None:

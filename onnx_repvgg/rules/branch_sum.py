@@ -66,9 +66,9 @@ class Branch:
 def _deep_source(view: GraphView, index: LinearIndex, leaf: Addend) -> Branch | None:
     """If a leaf is Conv(X), or a not-usable BN over X or over Conv(X), say so."""
     producer = view.producer.get(leaf.name)
-    if producer is None or producer in view._opaque:  # is_op: default domain (none of these is control flow)
+    if producer is None:
         return None
-    op = view.ops[producer]
+    op = view.foldable_op(producer)
     if op in LEAF_OPS and view.inputs_of[producer]:
         return Branch(leaf, "conv", node=producer)
     if op == "AveragePool" and view.inputs_of[producer]:
@@ -149,8 +149,8 @@ def _check_private(view: GraphView, name: str, what: str) -> None:
 
 
 def _identity_label(view: GraphView, branch: Branch) -> str:
-    parent = branch.addend.parent  # is_op(its node, "BatchNormalization"), read from the index
-    return "bn" if parent >= 0 and view.ops[parent] == "BatchNormalization" and parent not in view._opaque else "id"
+    parent = branch.addend.parent
+    return "bn" if parent >= 0 and view.foldable_op(parent) == "BatchNormalization" else "id"
 
 
 def build_block(view: GraphView, index: LinearIndex, tree: LinearTree, x: str,
@@ -466,8 +466,7 @@ def find(view: GraphView, opset: int, options: dict | None = None):
 
 def _candidate(view: GraphView, root: int, tree: LinearTree, branches: list[Branch]) -> Candidate:
     node = view.nodes[root]
-    ops, opaque = view.ops, view._opaque  # is_op(node, "BatchNormalization"), read from the index
-    bns = any(ops[i] == "BatchNormalization" and i not in opaque for i in tree.nodes) or any(
+    bns = any(view.foldable_op(i) == "BatchNormalization" for i in tree.nodes) or any(
         b.kind == "problem" for b in branches)
     return Candidate(anchor=node.name or node.output[0], branch_labels=_describe(view, branches),
                      near_miss=len(branches) >= 2 or bns)

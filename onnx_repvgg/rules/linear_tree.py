@@ -174,7 +174,7 @@ class LinearIndex:
         if not self._bns_done and op == "BatchNormalization":
             self._expand_bns()
             return cache[index]
-        if op == "Add" and index not in view._opaque:
+        if view.foldable_op(index) == "Add":
             # expand() of an Add of two tensors neither of which may be a constant: no neutral
             # operand (passthrough_input needs one), so the plain sum of its inputs
             inputs = view.inputs_of[index]
@@ -195,12 +195,12 @@ class LinearIndex:
         per channel count (common.bn_affines) instead of one per node."""
         self._bns_done = True
         view = self.view
-        cache, opaque, inputs_of, outputs_of = self._cache, view._opaque, view.inputs_of, view.outputs_of
+        cache, inputs_of, outputs_of = self._cache, view.inputs_of, view.outputs_of
         indices = [i for i in view.of_type("BatchNormalization") if i not in cache]
         affines = bn_affines(view, indices, self.opset)
         for index, affine in zip(indices, affines):
             inputs = inputs_of[index]
-            if index in opaque or not outputs_of[index] or not inputs:
+            if view.foldable_op(index) is None or not outputs_of[index] or not inputs:
                 cache[index] = expand(view, view.nodes[index], self.opset, affine)
             else:  # expand() of a BN, its affine given
                 cache[index] = _bn_expansion(inputs[0], affine)
