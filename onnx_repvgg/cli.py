@@ -376,7 +376,8 @@ def _phases(args, shapes, loaded, staging, say, timings, progress) -> int:
     try:
         model, report = fuse(loaded.model, inplace=True, rules=args.rules, base_dir=loaded.base_dir, sink=sink,
                              allow_densify=args.allow_densify, freeze_initializer_inputs=args.freeze_initializers,
-                             _initializer_elements=loaded.initializer_elements)
+                             _initializer_elements=loaded.initializer_elements,
+                             _stray_subgraphs=loaded.stray_subgraphs)
     except UnsupportedModel as err:
         raise io.BadInput(str(err)) from None
     timings["fuse"] = time.perf_counter() - t

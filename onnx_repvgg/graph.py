@@ -40,6 +40,13 @@ def subgraphs_of(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
     """The subgraphs held in a node's attributes (If/Loop/Scan, or any custom-domain op)."""
     if node.domain in ("", "ai.onnx") and node.op_type not in _CONTROL_FLOW:
         return
+    yield from held_subgraphs(node)
+
+
+def held_subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
+    """The subgraphs held in any node's attributes. Beside control flow and custom ops, onnx.checker
+    passes a subgraph on any op in an attribute named "__..." (its internal symbols), and
+    onnxruntime builds it and resolves the outer values it reads (has_stray_subgraphs)."""
     for attr in node.attribute:
         if attr.type == onnx.AttributeProto.GRAPH:
             yield attr.g
@@ -47,12 +54,23 @@ def subgraphs_of(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
             yield from attr.graphs
 
 
+def has_stray_subgraphs(graph: onnx.GraphProto) -> bool:
+    """Does a node of an op that is neither control flow nor custom hold a subgraph, in this graph
+    or in a subgraph of it?"""
+    for node in graph.node:
+        stray = node.domain in ("", "ai.onnx") and node.op_type not in _CONTROL_FLOW
+        for sub in held_subgraphs(node):
+            if stray or has_stray_subgraphs(sub):
+                return True
+    return False
+
+
 def names_used_in_subgraph(graph: onnx.GraphProto) -> set[str]:
     """Every value name a subgraph reads, including outer-scope captures."""
     used: set[str] = set()
     for node in graph.node:
         used.update(name for name in node.input if name)
-        for sub in subgraphs_of(node):
+        for sub in held_subgraphs(node):
             used |= names_used_in_subgraph(sub)
     used.update(out.name for out in graph.output)
     return used
@@ -72,7 +90,7 @@ def all_names(graph: onnx.GraphProto) -> set[str]:
         names.add(node.name)
         names.update(node.input)
         names.update(node.output)
-        for sub in subgraphs_of(node):
+        for sub in held_subgraphs(node):
             names |= all_names(sub)
     names.discard("")
     return names
@@ -109,7 +127,7 @@ def _indexed_names(view: GraphView) -> Names:
     names.update(v.name for v in graph.value_info)
     names.update([node.name for node in view.nodes])
     for index in view._opaque:
-        for sub in subgraphs_of(view.nodes[index]):
+        for sub in held_subgraphs(view.nodes[index]):
             names |= all_names(sub)
     return Names((view.initializers, view.graph_inputs, view.graph_outputs, view.producer, view.consumers), names)
 
@@ -162,7 +180,7 @@ class GraphView:
 
     def __init__(self, graph: onnx.GraphProto, opset: int | None = None, base_dir: str | None = None,
                  static_shapes=None, reader=None, *, shapes_pending: bool = False, memo: Memo | None = None,
-                 main_graph: bool = False):
+                 main_graph: bool = False, stray_subgraphs: bool = True):
         self.graph = graph
         self.main_graph = main_graph  # the model's own graph, whose inputs' declared dims runtimes enforce
         self.opset = opset
@@ -177,7 +195,7 @@ class GraphView:
         self.initializers = dict(zip(self.initializer_names, tensors))
         self._elem_types: dict[str, int] | None = None
         self._declared_shapes: dict[str, tuple[int, ...]] = {}
-        self._index()
+        self._index(stray_subgraphs)
         self._start(static_shapes, shapes_pending)
         self._find_constants()
 
@@ -192,9 +210,10 @@ class GraphView:
         view._find_constants()
         return view
 
-    def _index(self) -> None:
+    def _index(self, stray_subgraphs: bool = True) -> None:
         """Producers, consumers and node types: a pass over the nodes for each field read, then
-        one over the values."""
+        one over the values. `stray_subgraphs`: a node of any op may hold a subgraph (held_subgraphs),
+        so every node's attributes are read; False when the caller knows none does."""
         self.nodes = nodes = list(self.graph.node)
         self.ops: list[str] = [node.op_type for node in nodes]                # node.op_type of each node, read once
         self.inputs_of: list[list[str]] = [node.input[:] for node in nodes]   # node.input of each node, read once
@@ -206,11 +225,14 @@ class GraphView:
         producer = {out: index for index, outputs in enumerate(self.outputs_of) for out in outputs}
         producer.pop("", None)
         self.producer: dict[str, int] = producer
-        # custom-domain and control-flow nodes: never folded
+        # custom-domain and control-flow nodes (and any node that holds a subgraph): never folded
         self._opaque: set[int] = {index for index, domain in enumerate([node.domain for node in nodes])
                                   if domain and domain != "ai.onnx"}
         for op in _CONTROL_FLOW:
             self._opaque.update(by_op.get(op, ()))
+        if stray_subgraphs:  # a node that holds a subgraph is opaque, whatever its op
+            self._opaque.update(index for index, node in enumerate(nodes)
+                                if index not in self._opaque and any(True for _ in held_subgraphs(node)))
         self.consumers: dict[str, list[tuple[int, int]]] = defaultdict(list)
         consumers, opaque = self.consumers, self._opaque
         uses_of = consumers.get
@@ -222,7 +244,7 @@ class GraphView:
                 else:
                     uses.append((index, slot))
             if index in opaque:
-                for sub in subgraphs_of(nodes[index]):
+                for sub in held_subgraphs(nodes[index]):
                     for name in names_used_in_subgraph(sub):
                         consumers[name].append((index, -1))
         consumers.pop("", None)  # an omitted optional input is no use

@@ -26,10 +26,10 @@ import onnx
 from . import rewrite
 from .algebra import CastError
 from .evaluate import Memo
-from .graph import GraphView, infer_static_shapes, model_names, opset_version, subgraphs_of
+from .graph import GraphView, has_stray_subgraphs, infer_static_shapes, model_names, opset_version, subgraphs_of
 from .report import BlockRecord, ModelStats, Report
 from .rules import DEFAULT_RULES, RULES, bn_audit
-from .storage.external import all_tensors, elements
+from .storage.external import all_tensors, elements, stray_holders
 from .storage.sinks import TensorReader
 
 MAX_ROUNDS = 32
@@ -41,8 +41,8 @@ class UnsupportedModel(ValueError):
 
 def fuse(model: onnx.ModelProto, *, rules: Iterable[str] | None = None, inplace: bool = False,
          base_dir: str | None = None, sink=None, allow_densify: bool = False,
-         freeze_initializer_inputs: bool = False, _initializer_elements: int | None = None
-         ) -> tuple[onnx.ModelProto, Report]:
+         freeze_initializer_inputs: bool = False, _initializer_elements: int | None = None,
+         _stray_subgraphs: bool | None = None) -> tuple[onnx.ModelProto, Report]:
     """Fuse every re-parameterizable block of `model`.
 
     Returns the fused model (the same object when inplace=True, else a copy) and a
@@ -60,11 +60,15 @@ def fuse(model: onnx.ModelProto, *, rules: Iterable[str] | None = None, inplace:
     removes them from the graph inputs first (the model then has fewer inputs), as
     onnxruntime's remove_initializer_from_input tool does.
     (`_initializer_elements`: the element count of the main graph's initializers when the
-    caller has it, e.g. from the loader's survey; it saves reading every initializer's dims.)
+    caller has it, e.g. from the loader's survey; it saves reading every initializer's dims.
+    `_stray_subgraphs`: whether a node of an op that is neither control flow nor custom holds a
+    subgraph (graph.has_stray_subgraphs), when the caller knows; it saves reading every node's
+    attributes.)
     """
     with no_collections():
         return _fuse(model, rules=rules, inplace=inplace, base_dir=base_dir, sink=sink, allow_densify=allow_densify,
-                     freeze_initializer_inputs=freeze_initializer_inputs, initializer_elements=_initializer_elements)
+                     freeze_initializer_inputs=freeze_initializer_inputs, initializer_elements=_initializer_elements,
+                     stray_subgraphs=_stray_subgraphs)
 
 
 @contextlib.contextmanager
@@ -87,7 +91,8 @@ def no_collections():
 
 
 def _fuse(model: onnx.ModelProto, *, rules, inplace: bool, base_dir, sink, allow_densify: bool,
-          freeze_initializer_inputs: bool, initializer_elements: int | None = None) -> tuple[onnx.ModelProto, Report]:
+          freeze_initializer_inputs: bool, initializer_elements: int | None = None,
+          stray_subgraphs: bool | None = None) -> tuple[onnx.ModelProto, Report]:
     if not inplace:
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
@@ -95,7 +100,8 @@ def _fuse(model: onnx.ModelProto, *, rules, inplace: bool, base_dir, sink, allow
     opset = opset_version(model, "")
     if opset is None:
         raise UnsupportedModel("the model imports no default-domain (ai.onnx) opset")
-    if base_dir is None and any(t.data_location == onnx.TensorProto.EXTERNAL for t in all_tensors(model)):
+    holders: list = []  # (read on the walk below, when there is one)
+    if base_dir is None and any(t.data_location == onnx.TensorProto.EXTERNAL for t in all_tensors(model, holders)):
         raise UnsupportedModel("the model's external data is not loaded: pass base_dir= (its folder), "
                                "or load it with onnx.load(path)")
     chosen = list(DEFAULT_RULES) if rules is None else list(rules)
@@ -114,12 +120,15 @@ def _fuse(model: onnx.ModelProto, *, rules, inplace: bool, base_dir, sink, allow
     names = rewrite.NameRegistry(source)  # read on the first name asked for
     reader = TensorReader(base_dir, sink)
     memo = Memo()
+    # A subgraph on a node of another op (named "__..."; onnx.checker passes it) makes that node opaque.
+    if stray_subgraphs is None:
+        stray_subgraphs = stray_holders(holders) if base_dir is None else has_stray_subgraphs(model.graph)
     rewritten = False
     for graph in _graphs(model.graph):  # subgraphs are found in the rewritten graph
         main = graph is model.graph
         rewritten |= _fuse_graph(graph, opset, [RULES[r] for r in chosen], names, report, reader, sink,
                                  {"allow_densify": allow_densify}, model if main else None, memo,
-                                 source if main else None, initializer_elements)
+                                 source if main else None, initializer_elements, stray_subgraphs)
         source.view = None
     before = report.before
     assert before is not None
@@ -175,7 +184,7 @@ def _remove_inputs(model: onnx.ModelProto, names: set[str]) -> None:
 
 
 def _view_with_shapes(graph: onnx.GraphProto, opset: int, reader: TensorReader, model: onnx.ModelProto | None,
-                      memo: Memo, base: GraphView | None = None) -> GraphView:
+                      memo: Memo, base: GraphView | None = None, stray_subgraphs: bool = True) -> GraphView:
     """Index the graph, with the static shapes that make exporters' shape arithmetic constant.
 
     onnx shape inference stops at ops whose parameters are computed; the view carries shapes
@@ -183,9 +192,10 @@ def _view_with_shapes(graph: onnx.GraphProto, opset: int, reader: TensorReader, 
     with those as hints, until nothing new is learned. `base`, a view of the same graph
     without shapes, lends its index (producers, consumers) to the new view."""
     if model is None:  # a subgraph: declared shapes only
-        return GraphView(graph, opset, reader.base_dir, reader=reader, memo=memo)
+        return GraphView(graph, opset, reader.base_dir, reader=reader, memo=memo, stray_subgraphs=stray_subgraphs)
     if base is None:
-        base = GraphView(graph, opset, reader.base_dir, reader=reader, memo=memo, shapes_pending=True, main_graph=True)
+        base = GraphView(graph, opset, reader.base_dir, reader=reader, memo=memo, shapes_pending=True, main_graph=True,
+                         stray_subgraphs=stray_subgraphs)
     view = base.with_shapes(infer_static_shapes(model, graph=graph))
     hints: dict[str, tuple[int, ...]] = {}
     for _ in range(16):
@@ -352,7 +362,7 @@ _CONTROL_FLOW = frozenset({"If", "Loop", "Scan"})
 def _fuse_graph(graph: onnx.GraphProto, opset: int, rules, names: rewrite.NameRegistry,
                 report: Report, reader: TensorReader, sink, options: dict,
                 model: onnx.ModelProto | None, memo: Memo, source: _ModelNames | None = None,
-                initializer_elements: int | None = None) -> bool:
+                initializer_elements: int | None = None, stray_subgraphs: bool = True) -> bool:
     """Fuse one graph to its fixed point; True if it was rewritten.
 
     Each round first runs on a view without inferred shapes (onnx shape inference costs
@@ -370,10 +380,11 @@ def _fuse_graph(graph: onnx.GraphProto, opset: int, rules, names: rewrite.NameRe
     for _ in range(MAX_ROUNDS):
         if view is None:
             if with_shapes:
-                view = _view_with_shapes(graph, opset, reader, model, memo)
+                view = _view_with_shapes(graph, opset, reader, model, memo, stray_subgraphs=stray_subgraphs)
             else:
                 view = GraphView(graph, opset, reader.base_dir, reader=reader, memo=memo,
-                                 shapes_pending=model is not None, main_graph=model is not None)
+                                 shapes_pending=model is not None, main_graph=model is not None,
+                                 stray_subgraphs=stray_subgraphs)
             if source is not None and not rewritten:
                 source.view = view  # the graph as it was: its index holds the model's names
             if model is not None and report.before is None:
@@ -403,9 +414,9 @@ def _fuse_graph(graph: onnx.GraphProto, opset: int, rules, names: rewrite.NameRe
         view = None
     report.blocks.extend(last_skips)
     if view is None:  # the rounds ran out right after a rewrite: index the final graph
-        view = _view_with_shapes(graph, opset, reader, model, memo) if with_shapes else \
+        view = _view_with_shapes(graph, opset, reader, model, memo, stray_subgraphs=stray_subgraphs) if with_shapes else \
             GraphView(graph, opset, reader.base_dir, reader=reader, memo=memo, shapes_pending=model is not None,
-                      main_graph=model is not None)
+                      main_graph=model is not None, stray_subgraphs=stray_subgraphs)
     recorded = {record.anchor for record in last_skips}
     audit = bn_audit.unrecorded(view, opset, recorded)
     if view.shape_questions:  # the audit read a shape: ask again with static shapes

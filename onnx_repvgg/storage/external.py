@@ -83,15 +83,16 @@ def _sparse_parts(sparse_tensors) -> Iterator[onnx.TensorProto]:
         yield sparse.indices
 
 
-def _graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+def _graph_tensors(graph: onnx.GraphProto, holders: list | None = None) -> Iterator[onnx.TensorProto]:
     yield from graph.initializer
     yield from _sparse_parts(graph.sparse_initializer)
-    yield from tensors_in_nodes(graph.node)
+    yield from tensors_in_nodes(graph.node, holders=holders)
 
 
-def tensors_in_nodes(nodes, subgraphs: list | None = None) -> Iterator[onnx.TensorProto]:
+def tensors_in_nodes(nodes, subgraphs: list | None = None, holders: list | None = None) -> Iterator[onnx.TensorProto]:
     """Tensors held by node attributes (Constant values, sparse ones too), and subgraphs'
-    initializers and attribute tensors. Subgraphs met are appended to `subgraphs` if given."""
+    initializers and attribute tensors. Subgraphs met are appended to `subgraphs` if given, and
+    the nodes that hold them, in subgraphs too, to `holders`."""
     for node in nodes:
         for attr in node.attribute:
             kind = attr.type
@@ -106,19 +107,24 @@ def tensors_in_nodes(nodes, subgraphs: list | None = None) -> Iterator[onnx.Tens
             elif kind == onnx.AttributeProto.GRAPH:
                 if subgraphs is not None:
                     subgraphs.append(attr.g)
-                yield from _graph_tensors(attr.g)
+                if holders is not None:
+                    holders.append(node)
+                yield from _graph_tensors(attr.g, holders)
             elif kind == onnx.AttributeProto.GRAPHS:
+                if holders is not None:
+                    holders.append(node)
                 for sub in attr.graphs:
                     if subgraphs is not None:
                         subgraphs.append(sub)
-                    yield from _graph_tensors(sub)
+                    yield from _graph_tensors(sub, holders)
 
 
-def all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+def all_tensors(model: onnx.ModelProto, holders: list | None = None) -> Iterator[onnx.TensorProto]:
     """Every TensorProto of the model: initializers first (the writer relies on that order),
     then sparse initializers' parts, tensors in attributes and subgraphs, and functions'
-    (what onnx.external_data_helper walks, without its per-node overhead)."""
-    yield from _graph_tensors(model.graph)
+    (what onnx.external_data_helper walks, without its per-node overhead). The nodes of the main
+    graph and its subgraphs that hold subgraphs are appended to `holders` if given."""
+    yield from _graph_tensors(model.graph, holders)
     for function in model.functions:
         yield from tensors_in_nodes(function.node)
 
@@ -134,6 +140,8 @@ class TensorSurvey:
                                      # (some do now, or subgraphs a fusion may give new weights exist)
     initializer_inputs: set[str] = field(default_factory=set)  # main-graph initializers that are also graph inputs
     initializer_elements: int | None = None  # elements of the main graph's initializers (None: a negative dim)
+    stray_subgraphs: bool = True     # a node of an op neither control flow nor custom holds a subgraph
+                                     # (graph.has_stray_subgraphs), in the main graph or a subgraph of it
 
 
 def survey(model: onnx.ModelProto) -> TensorSurvey:
@@ -161,14 +169,20 @@ def survey(model: onnx.ModelProto) -> TensorSurvey:
         nbytes += (count + 1) // 2 if data_type in _FOUR_BIT else count * itemsize
     main_external = len(external)
     subgraphs: list = []
-    walk = _chain(_sparse_parts(graph.sparse_initializer), tensors_in_nodes(graph.node, subgraphs),
+    holders: list = []  # the main graph's nodes (and its subgraphs') that hold subgraphs
+    walk = _chain(_sparse_parts(graph.sparse_initializer), tensors_in_nodes(graph.node, subgraphs, holders),
                   *(tensors_in_nodes(function.node, subgraphs) for function in model.functions))
     for tensor in walk:
         if tensor.data_location == _EXTERNAL:
             external.append(tensor)
         nbytes += tensor_nbytes(tensor) or 0
     return TensorSurvey(external, nbytes, len(external) > main_external or bool(subgraphs), initializer_inputs,
-                        elements)
+                        elements, stray_holders(holders))
+
+
+def stray_holders(holders: list) -> bool:
+    """Is one of these nodes that hold subgraphs of an op neither control flow nor custom?"""
+    return any(node.domain in ("", "ai.onnx") and node.op_type not in _CONTROL_FLOW for node in holders)
 
 
 def elements(dims) -> int:
@@ -192,6 +206,7 @@ def _known_count(dims) -> int:
     return -1 if values and min(values) < 0 else math.prod(values)
 
 
+_CONTROL_FLOW = frozenset({"If", "Loop", "Scan"})
 _EXTERNAL = onnx.TensorProto.EXTERNAL
 _STRING = onnx.TensorProto.STRING
 _FOUR_BIT = (onnx.TensorProto.INT4, onnx.TensorProto.UINT4)

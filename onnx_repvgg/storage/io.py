@@ -34,6 +34,7 @@ class LoadedModel:
     nested_tensors: bool = True  # tensors outside the main graph's initializers may use external data
     initializer_inputs: frozenset[str] = frozenset()  # main-graph initializers that are also graph inputs
     initializer_elements: int | None = None  # elements of the main graph's initializers (ModelStats.params)
+    stray_subgraphs: bool = True  # a node of an op neither control flow nor custom holds a subgraph
 
 
 def _check_external_location(tensor: onnx.TensorProto, base_dir: str) -> str:
@@ -107,7 +108,8 @@ def load(path: str, load_external_data: bool = True) -> LoadedModel:
             raise BadInput(f"cannot read external data of {path}: {_one_line(err)}") from None
     size += sum(os.path.getsize(f) for f in data_files)
     return LoadedModel(model, path, size, bool(data_files), base_dir, frozenset(data_files), tensors.nbytes,
-                       tensors.nested, frozenset(tensors.initializer_inputs), tensors.initializer_elements)
+                       tensors.nested, frozenset(tensors.initializer_inputs), tensors.initializer_elements,
+                       tensors.stray_subgraphs)
 
 
 _TORCH_EXTENSIONS = (".pt", ".pth", ".ckpt", ".bin", ".tar")
