@@ -774,16 +774,28 @@ _LIGHT_DROPPED = ("initializer", "sparse_initializer", "value_info", "doc_string
                   "metadata_props")
 
 
+class ReferenceAttribute(ValueError):
+    """A node of a graph has an attribute that refers to a function's attribute (ref_attr_name),
+    which has a value only inside a function body; onnx.checker passes it in a graph too."""
+
+    def __init__(self, node: onnx.NodeProto, attr: onnx.AttributeProto):
+        super().__init__(f"{node.op_type} '{node.name}' has an attribute '{attr.name}' that refers to a function's "
+                         f"attribute '{attr.ref_attr_name}' outside a function; its value is undefined")
+
+
 def attribute(node: onnx.NodeProto, name: str, default=None):
-    """The value of a node's attribute (as onnx.helper.get_attribute_value gives it), else `default`."""
+    """The value of a node's attribute (as onnx.helper.get_attribute_value gives it), else
+    `default`; ReferenceAttribute for one that refers to a function's attribute."""
     for attr in node.attribute:
         if attr.name == name:
             kind = attr.type
-            if kind == _INT and not attr.ref_attr_name:
+            if attr.ref_attr_name:
+                raise ReferenceAttribute(node, attr)
+            if kind == _INT:
                 return attr.i
-            if kind == _INTS and not attr.ref_attr_name:
+            if kind == _INTS:
                 return list(attr.ints)
-            if kind == _FLOAT and not attr.ref_attr_name:
+            if kind == _FLOAT:
                 return attr.f
             return onnx.helper.get_attribute_value(attr)
     return default
@@ -872,11 +884,13 @@ def _read_attributes(node: onnx.NodeProto) -> dict:
         if name in values:
             continue
         kind = attr.type
-        if kind == _INT and not attr.ref_attr_name:
+        if attr.ref_attr_name:
+            raise ReferenceAttribute(node, attr)
+        if kind == _INT:
             values[name] = attr.i
-        elif kind == _INTS and not attr.ref_attr_name:
+        elif kind == _INTS:
             values[name] = list(attr.ints)
-        elif kind == _FLOAT and not attr.ref_attr_name:
+        elif kind == _FLOAT:
             values[name] = attr.f
         else:
             values[name] = onnx.helper.get_attribute_value(attr)

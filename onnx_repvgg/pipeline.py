@@ -26,7 +26,15 @@ import onnx
 from . import rewrite
 from .algebra import CastError
 from .evaluate import Memo
-from .graph import GraphView, has_stray_subgraphs, infer_static_shapes, model_names, opset_version, subgraphs_of
+from .graph import (
+    GraphView,
+    ReferenceAttribute,
+    has_stray_subgraphs,
+    infer_static_shapes,
+    model_names,
+    opset_version,
+    subgraphs_of,
+)
 from .report import BlockRecord, ModelStats, Report
 from .rules import DEFAULT_RULES, RULES, bn_audit
 from .storage.external import all_tensors, elements, stray_holders
@@ -66,9 +74,12 @@ def fuse(model: onnx.ModelProto, *, rules: Iterable[str] | None = None, inplace:
     attributes.)
     """
     with no_collections():
-        return _fuse(model, rules=rules, inplace=inplace, base_dir=base_dir, sink=sink, allow_densify=allow_densify,
-                     freeze_initializer_inputs=freeze_initializer_inputs, initializer_elements=_initializer_elements,
-                     stray_subgraphs=_stray_subgraphs)
+        try:
+            return _fuse(model, rules=rules, inplace=inplace, base_dir=base_dir, sink=sink,
+                         allow_densify=allow_densify, freeze_initializer_inputs=freeze_initializer_inputs,
+                         initializer_elements=_initializer_elements, stray_subgraphs=_stray_subgraphs)
+        except ReferenceAttribute as err:  # an attribute read in a match: the pass cannot tell what it holds
+            raise UnsupportedModel(str(err)) from None
 
 
 @contextlib.contextmanager

@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import onnx
 
+from .graph import ReferenceAttribute, attributes
 from .proof.blocks import WINDOW_OPS, check_regions
 from .proof.changes import find_regions
 from .proof.compare import DEFAULT_ATOL, DEFAULT_RTOL, HALF_ATOL, HALF_RTOL, compare, tolerances
@@ -213,7 +214,10 @@ def _windows_covered(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> bo
     for node in model.graph.node:
         if node.op_type not in WINDOW_OPS or not node.input or node.input[0] not in known:
             continue
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        try:
+            attrs = attributes(node)
+        except ReferenceAttribute:  # no value outside a function: this window tells nothing
+            continue
         kernel = attrs.get("kernel_shape") or (weights.get(node.input[1], [])[2:] if len(node.input) > 1 else [])
         if not kernel:
             continue

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from ..graph import attribute, subgraphs_of
+from ..graph import ReferenceAttribute, attribute, subgraphs_of
 from ..report import BlockCheck
 from ..storage.external import tensor_nbytes
 from .changes import GraphIndex, Region
@@ -80,13 +80,16 @@ def _needed_extent(b: ModelSource, region: Region) -> int:
         node = graph.node[i]
         if node.op_type not in WINDOW_OPS:
             continue
-        kernel = attribute(node, "kernel_shape")
-        if kernel is None and len(node.input) > 1 and node.input[1] in shapes:
-            kernel = shapes[node.input[1]][2:]
-        if not kernel:
+        try:
+            kernel = attribute(node, "kernel_shape")
+            if kernel is None and len(node.input) > 1 and node.input[1] in shapes:
+                kernel = shapes[node.input[1]][2:]
+            if not kernel:
+                continue
+            dilations = attribute(node, "dilations", [1] * len(kernel))
+            strides = attribute(node, "strides", [1] * len(kernel))
+        except ReferenceAttribute:  # no value outside a function: this window tells nothing
             continue
-        dilations = attribute(node, "dilations", [1] * len(kernel))
-        strides = attribute(node, "strides", [1] * len(kernel))
         need = max(need, max(d * (k - 1) + 1 + s - 1 for k, d, s in zip(kernel, dilations, strides)))
     return need
 

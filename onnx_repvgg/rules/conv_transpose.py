@@ -44,6 +44,7 @@ from onnx import helper
 from .. import algebra, rewrite
 from ..block import Candidate, Rewrite
 from ..graph import GraphView, attribute
+from ..graph import attributes as read_attributes
 from .common import FLOAT_DTYPES, NotWorthIt, Skip, const, data_consumers, is_op
 from .linear_tree import Addend, Factor, LinearIndex, LinearTree, addend_scale, channel_vector, constant_bias
 
@@ -311,7 +312,7 @@ def _merge_geometry(params: list[TransposeParams]):
 
 
 def _node_attributes(node: onnx.NodeProto) -> dict:
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    return read_attributes(node)
 
 
 def build_block(view: GraphView, index: LinearIndex, tree: LinearTree, x: str, branches: list[Branch],

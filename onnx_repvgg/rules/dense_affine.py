@@ -28,7 +28,7 @@ from onnx import helper
 from .. import algebra
 from ..block import Candidate, Rewrite
 from ..cheap_shapes import CheapShapes
-from ..graph import GraphView, attribute
+from ..graph import GraphView, attribute, attributes
 from .common import FLOAT_DTYPES, NotWorthIt, Skip, is_op, rank_ruled_out, tensor_rank
 from .linear_tree import Addend, LinearIndex, LinearTree, feature_vector, keeps_shape
 
@@ -75,7 +75,7 @@ class AddendAsC:
 
     def materialize(self, view: GraphView, names) -> Rewrite:
         node = view.nodes[self.layer]
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute} if node.op_type == "Gemm" else {}
+        attrs = attributes(node) if node.op_type == "Gemm" else {}
         attrs.update(alpha=self.alpha, beta=self.beta)
         name = names.fresh(node.name or node.op_type)
         gemm = helper.make_node("Gemm", [node.input[0], node.input[1], self.addend], [self.root_output], name=name,
