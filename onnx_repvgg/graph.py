@@ -57,12 +57,21 @@ def held_subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
 def has_stray_subgraphs(graph: onnx.GraphProto) -> bool:
     """Does a node of an op that is neither control flow nor custom hold a subgraph, in this graph
     or in a subgraph of it?"""
+    return stray_subgraph_holder(graph) is not None
+
+
+def stray_subgraph_holder(graph: onnx.GraphProto) -> onnx.NodeProto | None:
+    """The first node of an op that is neither control flow nor custom that holds a subgraph, in
+    this graph or in a subgraph of it; None if there is none."""
     for node in graph.node:
         stray = node.domain in ("", "ai.onnx") and node.op_type not in _CONTROL_FLOW
         for sub in held_subgraphs(node):
-            if stray or has_stray_subgraphs(sub):
-                return True
-    return False
+            if stray:
+                return node
+            inner = stray_subgraph_holder(sub)
+            if inner is not None:
+                return inner
+    return None
 
 
 def names_used_in_subgraph(graph: onnx.GraphProto) -> set[str]:

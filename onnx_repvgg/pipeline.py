@@ -33,6 +33,7 @@ from .graph import (
     infer_static_shapes,
     model_names,
     opset_version,
+    stray_subgraph_holder,
     subgraphs_of,
 )
 from .report import BlockRecord, ModelStats, Report
@@ -121,6 +122,10 @@ def _fuse(model: onnx.ModelProto, *, rules, inplace: bool, base_dir, sink, allow
         raise ValueError(f"unknown rule(s) {unknown}; known: {sorted(RULES)}")
 
     report = Report()  # report.before: from the main graph's first index (_stats), before anything changes
+    if stray_subgraphs is None:
+        stray_subgraphs = stray_holders(holders) if base_dir is None else has_stray_subgraphs(model.graph)
+    if stray_subgraphs:
+        return model, _left_alone(model, report)
     if freeze_initializer_inputs:
         overridable = _initializer_inputs(model.graph)
         if overridable:
@@ -131,20 +136,32 @@ def _fuse(model: onnx.ModelProto, *, rules, inplace: bool, base_dir, sink, allow
     names = rewrite.NameRegistry(source)  # read on the first name asked for
     reader = TensorReader(base_dir, sink)
     memo = Memo()
-    # A subgraph on a node of another op (named "__..."; onnx.checker passes it) makes that node opaque.
-    if stray_subgraphs is None:
-        stray_subgraphs = stray_holders(holders) if base_dir is None else has_stray_subgraphs(model.graph)
     rewritten = False
     for graph in _graphs(model.graph):  # subgraphs are found in the rewritten graph
         main = graph is model.graph
         rewritten |= _fuse_graph(graph, opset, [RULES[r] for r in chosen], names, report, reader, sink,
                                  {"allow_densify": allow_densify}, model if main else None, memo,
-                                 source if main else None, initializer_elements, stray_subgraphs)
+                                 source if main else None, initializer_elements)
         source.view = None
     before = report.before
     assert before is not None
     report.after = ModelStats.of(model) if rewritten else ModelStats(dict(before.op_counts), before.nodes, before.params)
     return model, report
+
+
+def _left_alone(model: onnx.ModelProto, report: Report) -> Report:
+    """The report on a model with a subgraph on a node of an op that is neither control flow nor
+    custom (onnx.checker passes one in an attribute named "__...", its internal symbols). The
+    rules keep, copy and move nodes they match by op type, and such a subgraph reads values by
+    name: the pass does not touch the model. onnxruntime refuses the node itself unless its
+    optimizer removes it, and so runs such a model only with its optimizations on."""
+    holder = stray_subgraph_holder(model.graph)
+    where = f"{holder.op_type} '{holder.name}'" if holder is not None else "a node"
+    report.notes.append(f"{where} holds a subgraph, which only control flow and custom ops may (onnxruntime "
+                        "refuses such a node unless its optimizer removes it): the model is left as it is")
+    report.before = ModelStats.of(model)
+    report.after = ModelStats(dict(report.before.op_counts), report.before.nodes, report.before.params)
+    return report
 
 
 class _ModelNames:
@@ -195,7 +212,7 @@ def _remove_inputs(model: onnx.ModelProto, names: set[str]) -> None:
 
 
 def _view_with_shapes(graph: onnx.GraphProto, opset: int, reader: TensorReader, model: onnx.ModelProto | None,
-                      memo: Memo, base: GraphView | None = None, stray_subgraphs: bool = True) -> GraphView:
+                      memo: Memo, base: GraphView | None = None) -> GraphView:
     """Index the graph, with the static shapes that make exporters' shape arithmetic constant.
 
     onnx shape inference stops at ops whose parameters are computed; the view carries shapes
@@ -203,10 +220,10 @@ def _view_with_shapes(graph: onnx.GraphProto, opset: int, reader: TensorReader, 
     with those as hints, until nothing new is learned. `base`, a view of the same graph
     without shapes, lends its index (producers, consumers) to the new view."""
     if model is None:  # a subgraph: declared shapes only
-        return GraphView(graph, opset, reader.base_dir, reader=reader, memo=memo, stray_subgraphs=stray_subgraphs)
+        return GraphView(graph, opset, reader.base_dir, reader=reader, memo=memo, stray_subgraphs=False)
     if base is None:
         base = GraphView(graph, opset, reader.base_dir, reader=reader, memo=memo, shapes_pending=True, main_graph=True,
-                         stray_subgraphs=stray_subgraphs)
+                         stray_subgraphs=False)
     view = base.with_shapes(infer_static_shapes(model, graph=graph))
     hints: dict[str, tuple[int, ...]] = {}
     for _ in range(16):
@@ -373,9 +390,11 @@ _CONTROL_FLOW = frozenset({"If", "Loop", "Scan"})
 def _fuse_graph(graph: onnx.GraphProto, opset: int, rules, names: rewrite.NameRegistry,
                 report: Report, reader: TensorReader, sink, options: dict,
                 model: onnx.ModelProto | None, memo: Memo, source: _ModelNames | None = None,
-                initializer_elements: int | None = None, stray_subgraphs: bool = True) -> bool:
+                initializer_elements: int | None = None) -> bool:
     """Fuse one graph to its fixed point; True if it was rewritten.
 
+    No node of the graph holds a subgraph unless it is control flow or custom (_fuse leaves a
+    model with one alone), so its views do not look for one (GraphView's stray_subgraphs).
     Each round first runs on a view without inferred shapes (onnx shape inference costs
     about as much as reading the model); only when a rule asks a question inferred shapes
     could answer differently does the round go on with them (see _run_round), and every
@@ -391,11 +410,11 @@ def _fuse_graph(graph: onnx.GraphProto, opset: int, rules, names: rewrite.NameRe
     for _ in range(MAX_ROUNDS):
         if view is None:
             if with_shapes:
-                view = _view_with_shapes(graph, opset, reader, model, memo, stray_subgraphs=stray_subgraphs)
+                view = _view_with_shapes(graph, opset, reader, model, memo)
             else:
                 view = GraphView(graph, opset, reader.base_dir, reader=reader, memo=memo,
                                  shapes_pending=model is not None, main_graph=model is not None,
-                                 stray_subgraphs=stray_subgraphs)
+                                 stray_subgraphs=False)
             if source is not None and not rewritten:
                 source.view = view  # the graph as it was: its index holds the model's names
             if model is not None and report.before is None:
@@ -425,9 +444,9 @@ def _fuse_graph(graph: onnx.GraphProto, opset: int, rules, names: rewrite.NameRe
         view = None
     report.blocks.extend(last_skips)
     if view is None:  # the rounds ran out right after a rewrite: index the final graph
-        view = _view_with_shapes(graph, opset, reader, model, memo, stray_subgraphs=stray_subgraphs) if with_shapes else \
+        view = _view_with_shapes(graph, opset, reader, model, memo) if with_shapes else \
             GraphView(graph, opset, reader.base_dir, reader=reader, memo=memo, shapes_pending=model is not None,
-                      main_graph=model is not None, stray_subgraphs=stray_subgraphs)
+                      main_graph=model is not None, stray_subgraphs=False)
     recorded = {record.anchor for record in last_skips}
     audit = bn_audit.unrecorded(view, opset, recorded)
     if view.shape_questions:  # the audit read a shape: ask again with static shapes
