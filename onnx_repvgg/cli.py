@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="find and report blocks; write nothing")
     p.add_argument("--exit-code", action="store_true",
                    help="with --dry-run: exit 1 when the model is not in deploy form (a block would be "
-                        "fused, or one was found that cannot be: a near miss), 0 when it is (a CI gate)")
+                        "fused, or one was found that cannot be: a near miss) or was not searched, 0 when it "
+                        "is (a CI gate)")
     p.add_argument("--overwrite", action="store_true", help="allow the output to be the input file")
     p.add_argument("--json", metavar="REPORT.json", help="also write the report as JSON")
     p.add_argument("-v", "--verbose", action="store_true",
@@ -390,8 +391,8 @@ def _phases(args, shapes, loaded, staging, say, timings, progress) -> int:
         say(f"onnx-repvgg {__version__}: {args.input} (dry run, nothing written)")
         say(report.to_text(verbose=args.verbose, color=args.color, dry_run=True))
         _write_json(args, report)
-        if args.exit_code and (report.fused or report.skipped):
-            return EXIT_WOULD_FUSE
+        if args.exit_code and (report.fused or report.skipped or report.left_alone):
+            return EXIT_WOULD_FUSE  # (a model left alone was not searched: it is not known to be in deploy form)
         return EXIT_OK
 
     # --allow-densify can grow it (a model with nothing fused has the tensors it had); the fused

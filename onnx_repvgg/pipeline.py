@@ -157,8 +157,8 @@ def _left_alone(model: onnx.ModelProto, report: Report) -> Report:
     optimizer removes it, and so runs such a model only with its optimizations on."""
     holder = stray_subgraph_holder(model.graph)
     where = f"{holder.op_type} '{holder.name}'" if holder is not None else "a node"
-    report.notes.append(f"{where} holds a subgraph, which only control flow and custom ops may (onnxruntime "
-                        "refuses such a node unless its optimizer removes it): the model is left as it is")
+    report.left_alone = (f"{where} holds a subgraph, which only control flow and custom ops may (onnxruntime "
+                         "refuses such a node unless its optimizer removes it): the model is left as it is")
     report.before = ModelStats.of(model)
     report.after = ModelStats(dict(report.before.op_counts), report.before.nodes, report.before.params)
     return report

@@ -126,6 +126,7 @@ class Report:
     timings: dict[str, float] = field(default_factory=dict)
     frozen_initializer_inputs: int = 0  # initializers removed from the graph inputs
     notes: list[str] = field(default_factory=list)
+    left_alone: str | None = None  # why the pass did not look for blocks (then nothing says it is in deploy form)
 
     @property
     def fused(self) -> list[BlockRecord]:
@@ -149,6 +150,8 @@ class Report:
         data: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
+            if f.name == "left_alone" and value is None:
+                continue  # (a key only where the model was left alone)
             if f.name == "blocks":
                 data[f.name] = [{k: list(v) if isinstance(v, list) else v for k, v in vars(b).items()} for b in value]
             else:
@@ -165,7 +168,9 @@ class Report:
         paint = _painter(color)
         fused_word = "would be fused" if dry_run else "fused"
         lines = [f"blocks: {len(self.fused)} {fused_word}, {len(self.skipped)} skipped"]
-        if not self.fused and not self.skipped:
+        if self.left_alone:
+            lines.append(f"not searched: {self.left_alone}")
+        elif not self.fused and not self.skipped:
             lines.append(NOTHING_TO_FUSE)
         elif not self.fused:
             lines.append(f"nothing fused: {len(self.skipped)} block{'s' if len(self.skipped) != 1 else ''} found, none "

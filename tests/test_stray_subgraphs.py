@@ -3,7 +3,8 @@
 onnx.checker passes an attribute named "__..." (its internal symbols) on any op, a subgraph too,
 and such a subgraph reads outer values by name. onnxruntime refuses the node itself unless its
 optimizer removes it (then it runs the model). The rules keep, copy and move nodes they match by
-op type, so the pass leaves a model with a stray subgraph as it is, with a note. The loader's
+op type, so the pass leaves a model with a stray subgraph as it is, and says so (Report.left_alone;
+the CI gate, --dry-run --exit-code, then exits 1: the model was not searched). The loader's
 survey tells whether a model has one (graph.has_stray_subgraphs); the API walks the model to tell.
 A GraphView on its own treats a node that holds any subgraph as opaque, and its subgraph's reads
 as uses.
@@ -117,7 +118,8 @@ def test_a_model_with_a_stray_subgraph_is_left_as_it_is(tmp_path, capsys):
         for base_dir in (None, str(tmp_path)):  # (the pass walks the model's tensors, or only its nodes)
             fused, report = fuse(model, base_dir=base_dir)
             assert not report.blocks and fused.SerializeToString() == model.SerializeToString(), label
-            assert len(report.notes) == 1 and "holds a subgraph" in report.notes[0], label
+            assert "holds a subgraph" in report.left_alone and report.to_dict()["left_alone"] == report.left_alone
+            assert "not searched: " in report.to_text() and "deploy form" not in report.to_text()
             assert report.after.nodes == report.before.nodes == len(model.graph.node)
 
         path, out = str(tmp_path / "m.onnx"), str(tmp_path / "out.onnx")
@@ -127,6 +129,8 @@ def test_a_model_with_a_stray_subgraph_is_left_as_it_is(tmp_path, capsys):
         assert main([path, out, "--no-check"]) == 0, label
         assert "holds a subgraph" in capsys.readouterr().out
         assert onnx.load(out).graph.SerializeToString() == model.graph.SerializeToString(), label
+        # the CI gate cannot say such a model is in deploy form: it was not searched
+        assert main([path, "--dry-run", "--exit-code", "-q"]) == 1, label
 
 
 def test_the_relu_model_runs_in_onnxruntime_before_and_after(tmp_path):
@@ -167,4 +171,5 @@ def test_models_without_stray_subgraphs_are_told_so_and_fuse_the_same():
         assert not loaded.stray_subgraphs and not has_stray_subgraphs(loaded.model.graph)
         told, told_report = fuse(loaded.model, _stray_subgraphs=False)
         read, read_report = fuse(loaded.model)
-        assert told.SerializeToString() == read.SerializeToString() and read_report.fused and not read_report.notes
+        assert told.SerializeToString() == read.SerializeToString() and read_report.fused
+        assert read_report.left_alone is None and "left_alone" not in read_report.to_dict()
