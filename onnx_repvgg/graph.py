@@ -7,6 +7,7 @@ are touched only where a block is matched.
 
 from __future__ import annotations
 
+import math
 import sys
 from collections import defaultdict
 from collections.abc import Iterator
@@ -640,10 +641,28 @@ def tensor_array(tensor: onnx.TensorProto) -> np.ndarray:
     (read-only, as to_array gives it) without the helper's per-call overhead."""
     dtype = _RAW_DTYPES.get(tensor.data_type) if _LITTLE_ENDIAN else None
     if dtype is not None and tensor.HasField("raw_data") and not tensor.HasField("segment"):
-        array = np.frombuffer(tensor.raw_data, dtype=dtype)
+        raw = tensor.raw_data
         dims = tensor.dims
-        return array if len(dims) == 1 and dims[0] == array.size else array.reshape(dims[:])
-    return numpy_helper.to_array(tensor)
+        if len(dims) == 1 and dims[0] * dtype.itemsize == len(raw):
+            return np.frombuffer(raw, dtype=dtype)
+        shape = dims[:]
+        if math.prod(shape) * dtype.itemsize != len(raw):  # (onnx.checker passes more bytes than the shape needs)
+            raise UnreadableTensor(f"tensor '{tensor.name}' holds {len(raw):,} bytes of raw data where its shape {shape} "
+                                   f"and type need {math.prod(shape) * dtype.itemsize:,}")
+        return np.frombuffer(raw, dtype=dtype).reshape(shape)
+    if tensor.HasField("segment"):
+        raise UnreadableTensor(f"tensor '{tensor.name}' is stored as a segment of a larger one (TensorProto.segment), "
+                               "which onnx does not read")
+    try:
+        return numpy_helper.to_array(tensor)
+    except ValueError as err:  # more values than the shape holds, say (the checker passes it, onnxruntime does not)
+        raise UnreadableTensor(f"tensor '{tensor.name}' cannot be read with its shape {list(tensor.dims)}: "
+                               f"{' '.join(str(err).split())}") from None
+
+
+class UnreadableTensor(ValueError):
+    """A tensor onnx.checker passes but no reader takes: one stored as a segment (onnx cannot read
+    it), or one whose raw data is longer than its shape and type need (onnxruntime refuses it)."""
 
 
 _LITTLE_ENDIAN = sys.byteorder == "little"
@@ -906,8 +925,19 @@ def _read_attributes(node: onnx.NodeProto) -> dict:
     return values
 
 
+class AmbiguousOpset(ValueError):
+    """A model imports one domain more than once, with different versions."""
+
+
 def opset_version(model: onnx.ModelProto, domain: str = "") -> int | None:
-    for entry in model.opset_import:
-        if entry.domain in (domain, "ai.onnx" if domain == "" else domain):
-            return entry.version
-    return None
+    """The version of `domain` ("" also spelled "ai.onnx") the model imports; None if it imports
+    none. AmbiguousOpset when it imports it more than once with different versions: onnx.checker
+    reads the last "" entry, onnxruntime the last of either spelling, so no one version is the
+    model's."""
+    names = ("", "ai.onnx") if domain in ("", "ai.onnx") else (domain,)
+    versions = {entry.version for entry in model.opset_import if entry.domain in names}
+    if len(versions) > 1:
+        what = "default (ai.onnx)" if names[0] == "" else f"'{domain}'"
+        raise AmbiguousOpset(f"the model imports the {what} opset more than once, as versions {sorted(versions)}: "
+                             "onnx.checker and onnxruntime each read another one")
+    return versions.pop() if versions else None

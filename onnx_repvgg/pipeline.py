@@ -27,8 +27,10 @@ from . import rewrite
 from .algebra import CastError
 from .evaluate import Memo
 from .graph import (
+    AmbiguousOpset,
     GraphView,
     ReferenceAttribute,
+    UnreadableTensor,
     has_stray_subgraphs,
     infer_static_shapes,
     model_names,
@@ -79,7 +81,7 @@ def fuse(model: onnx.ModelProto, *, rules: Iterable[str] | None = None, inplace:
             return _fuse(model, rules=rules, inplace=inplace, base_dir=base_dir, sink=sink,
                          allow_densify=allow_densify, freeze_initializer_inputs=freeze_initializer_inputs,
                          initializer_elements=_initializer_elements, stray_subgraphs=_stray_subgraphs)
-        except ReferenceAttribute as err:  # an attribute read in a match: the pass cannot tell what it holds
+        except (ReferenceAttribute, UnreadableTensor) as err:  # read in a match: the pass cannot tell what it holds
             raise UnsupportedModel(str(err)) from None
 
 
@@ -109,7 +111,10 @@ def _fuse(model: onnx.ModelProto, *, rules, inplace: bool, base_dir, sink, allow
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
         model = copy
-    opset = opset_version(model, "")
+    try:
+        opset = opset_version(model, "")
+    except AmbiguousOpset as err:
+        raise UnsupportedModel(str(err)) from None
     if opset is None:
         raise UnsupportedModel("the model imports no default-domain (ai.onnx) opset")
     holders: list = []  # (read on the walk below, when there is one)

@@ -150,7 +150,16 @@ def _conv_geometry(node: onnx.NodeProto, attrs: dict, n: int, kernel: tuple[int,
         raise Skip("auto_pad", f"Conv '{node.name}' has unknown auto_pad {auto_pad!r}")
     if group < 1 or cout % group:
         raise Skip("malformed", f"Conv '{node.name}' has group {group} for {cout} outputs")
+    check_window(f"Conv '{node.name}'", strides, dilations, tuple(begin) + tuple(end))
     return strides, dilations, tuple(begin), tuple(end), group
+
+
+def check_window(what: str, strides: tuple, dilations: tuple, pads: tuple) -> None:
+    """Strides and dilations of 1 or more, pads of 0 or more, as the operators' definitions ask
+    (onnx.checker passes others; onnxruntime refuses them); or Skip."""
+    if any(s < 1 for s in strides) or any(d < 1 for d in dilations) or any(p < 0 for p in pads):
+        raise Skip("malformed", f"{what} has strides {list(strides)}, dilations {list(dilations)}, pads {list(pads)}: "
+                   "strides and dilations must be 1 or more, pads 0 or more")
 
 
 # (attribute bytes, kernel, Cout) -> conv_params' geometry (a pure function of them)
@@ -343,4 +352,7 @@ def pool_params(view: GraphView, node: onnx.NodeProto) -> PoolParams:
         pads = (0,) * (2 * n)
     else:
         raise Skip("auto_pad", f"AveragePool '{node.name}' has auto_pad={auto_pad}")
+    if len(strides) != n or len(pads) != 2 * n:
+        raise Skip("malformed", f"AveragePool '{node.name}' strides/pads do not match {n} spatial axes")
+    check_window(f"AveragePool '{node.name}'", strides, (), pads)
     return PoolParams(kernel, strides, pads[:n], pads[n:])

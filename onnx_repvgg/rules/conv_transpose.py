@@ -45,7 +45,7 @@ from .. import algebra, rewrite
 from ..block import Candidate, Rewrite
 from ..graph import GraphView, attribute
 from ..graph import attributes as read_attributes
-from .common import FLOAT_DTYPES, NotWorthIt, Skip, const, data_consumers, is_op
+from .common import FLOAT_DTYPES, NotWorthIt, Skip, check_window, const, data_consumers, is_op
 from .linear_tree import Addend, Factor, LinearIndex, LinearTree, addend_scale, channel_vector, constant_bias
 
 NAME = "conv_transpose"
@@ -118,6 +118,9 @@ def transpose_params(view: GraphView, index: int) -> TransposeParams:
                    f"match {n} spatial axes")
     if auto_pad not in ("NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER"):
         raise Skip("auto_pad", f"ConvTranspose '{node.name}' has unknown auto_pad {auto_pad!r}")
+    check_window(f"ConvTranspose '{node.name}'", strides, dilations, pads)
+    if any(p < 0 for p in output_padding):
+        raise Skip("malformed", f"ConvTranspose '{node.name}' has output_padding {list(output_padding)}")
     signature = (kernel, strides, dilations, output_padding, auto_pad,
                  tuple(output_shape) if output_shape is not None else None, pads if auto_pad == "NOTSET" else None)
     begin: tuple[int, ...] | None

@@ -186,14 +186,18 @@ def _parse(path: str, binary: bool, weights_on_disk: bool) -> tuple[onnx.ModelPr
 
 
 def _check_raw_data_size(tensor: onnx.TensorProto, path: str) -> None:
-    """The checker's raw_data test, for initializers left in the model file: at least as many
-    bytes as the shape and type need. (The wire walk found them inside the file.)"""
+    """The checker's raw_data test, for initializers left in the model file: as many bytes as the
+    shape and type need (the checker passes more, onnxruntime does not). (The wire walk found
+    them inside the file.)"""
     length = int(external_info(tensor)["length"])
     needed = tensor_nbytes(tensor)
     if needed is not None and needed > length:
         raise BadInput(f"{path} fails the ONNX checker: TensorProto (tensor name: {tensor.name}) "
                        f"raw_data size ({length} bytes) is too small for the declared shape and type "
                        f"({needed} bytes required)")
+    if needed is not None and needed < length:  # the checker passes it; onnxruntime refuses it (graph.tensor_array)
+        raise BadInput(f"tensor '{tensor.name}' holds {length:,} bytes of raw data where its shape {list(tensor.dims)} "
+                       f"and type need {needed:,}")
 
 
 def _with_weights_as_inputs(model: onnx.ModelProto, own_name: str) -> onnx.ModelProto:
@@ -245,8 +249,11 @@ def _working_directory(path: str):
 
 
 def _check_opset(model: onnx.ModelProto, path: str) -> None:
-    versions = {e.domain: e.version for e in model.opset_import}
-    version = versions.get("", versions.get("ai.onnx"))
+    versions = {e.version for e in model.opset_import if e.domain in ("", "ai.onnx")}
+    if len(versions) > 1:  # (graph.opset_version refuses it too)
+        raise BadInput(f"{path} imports the default (ai.onnx) opset more than once, as versions {sorted(versions)}: "
+                       "onnx.checker and onnxruntime each read another one")
+    version = versions.pop() if versions else None
     if version is None:
         raise BadInput(f"{path} imports no default-domain opset")
     newest = onnx.defs.onnx_opset_version()
