@@ -33,7 +33,9 @@ exit codes:
   2  bad usage or bad input: a missing, empty, truncated or non-ONNX file (a PyTorch checkpoint,
      ...), missing external data, an unsupported opset, an output or report path that is a
      file the input reads, an input name the model lacks, a shape onnxruntime refuses, an
-     original model onnxruntime cannot run (use --no-check); or out of memory
+     original model onnxruntime cannot run (use --no-check), a model whose meaning
+     onnx.checker leaves open (the default opset imported twice with different versions, a
+     weight no reader takes); or out of memory
   3  internal error (a bug: please report it; ONNX_REPVGG_DEBUG=1 shows the traceback)
   130 interrupted; nothing written
 """
