@@ -29,7 +29,7 @@ EPILOG = """\
 exit codes:
   0  success, including "nothing to fuse" (the model is re-saved unchanged)
   1  the fused model differs from the original, or onnxruntime cannot run it; nothing written
-     (with --dry-run --exit-code: the model is not in deploy form)
+     (with --dry-run --exit-code: the model is not in deploy form, or was not searched)
   2  bad usage or bad input: a missing, empty, truncated or non-ONNX file (a PyTorch checkpoint,
      ...), missing external data, an unsupported opset, an output or report path that is a
      file the input reads, an input name the model lacks, a shape onnxruntime refuses, an

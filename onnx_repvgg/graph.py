@@ -17,7 +17,7 @@ import onnx
 from onnx import numpy_helper
 
 from .evaluate import Memo
-from .storage.external import read_external
+from .storage.external import UnreadableTensor, read_external
 from .storage.wire import WireError, read_varint
 
 # Ops never folded even when every input is constant: random, control flow, or stateful.
@@ -573,6 +573,8 @@ class GraphView:
 
     def _constant_node_value(self, node: onnx.NodeProto) -> np.ndarray | None:
         for attr in node.attribute:
+            if attr.ref_attr_name:
+                raise ReferenceAttribute(node, attr)
             if attr.name == "value":
                 if attr.t.data_location == onnx.TensorProto.EXTERNAL:  # beside the model, as initializers
                     return self.read_external(attr.t)
@@ -606,6 +608,9 @@ class GraphView:
                 if value is None or value.size > _FOLD_LIMIT:
                     return None
                 inputs[inp] = value
+        for attr in node.attribute:  # (the evaluator would fail on it, and the node pass for computed at run time)
+            if attr.ref_attr_name:
+                raise ReferenceAttribute(node, attr)
         results = self._memo.fold(node, self.opset or 17, inputs)
         if results is None:
             for out in node.output:
@@ -658,11 +663,6 @@ def tensor_array(tensor: onnx.TensorProto) -> np.ndarray:
     except ValueError as err:  # more values than the shape holds, say (the checker passes it, onnxruntime does not)
         raise UnreadableTensor(f"tensor '{tensor.name}' cannot be read with its shape {list(tensor.dims)}: "
                                f"{' '.join(str(err).split())}") from None
-
-
-class UnreadableTensor(ValueError):
-    """A tensor onnx.checker passes but no reader takes: one stored as a segment (onnx cannot read
-    it), or one whose raw data is longer than its shape and type need (onnxruntime refuses it)."""
 
 
 _LITTLE_ENDIAN = sys.byteorder == "little"

@@ -70,6 +70,10 @@ def fuse(model: onnx.ModelProto, *, rules: Iterable[str] | None = None, inplace:
     may be overridden at run time, so they are not constants; `freeze_initializer_inputs`
     removes them from the graph inputs first (the model then has fewer inputs), as
     onnxruntime's remove_initializer_from_input tool does.
+    A model whose meaning onnx.checker leaves open (an attribute that refers to a function's
+    attribute outside a function, a weight no reader takes, the default opset imported twice)
+    raises UnsupportedModel; with inplace=True the model may then hold the rewrites of the rounds
+    done before it (each complete: the model computes what it did).
     (`_initializer_elements`: the element count of the main graph's initializers when the
     caller has it, e.g. from the loader's survey; it saves reading every initializer's dims.
     `_stray_subgraphs`: whether a node of an op that is neither control flow nor custom holds a

@@ -172,3 +172,68 @@ def test_windows_the_operators_forbid_are_left_alone(attrs):
     assert not report.fused and fused.graph.SerializeToString() == model.graph.SerializeToString()
     assert report.blocks and all(b.reason_code == "malformed" for b in report.blocks), \
         [(b.anchor, b.reason_code, b.reason) for b in report.blocks]
+
+
+def test_a_large_weight_stored_as_a_segment_is_refused_at_load(tmp_path, capsys):
+    """A weight the loader leaves in the file (or in a data file) is read through its external
+    reference: the segment is refused at load, and by the reader an API caller reaches."""
+    rng = np.random.default_rng(10)
+    weight = numpy_helper.from_array(rng.standard_normal((96, 96, 3, 3)).astype(np.float32), "w")
+    weight.segment.begin, weight.segment.end = 0, 1
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 96, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 96, 4, 4])], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    path = str(tmp_path / "m.onnx")
+    onnx.save(model, path, save_as_external_data=True, location="m.data", size_threshold=0)
+    capsys.readouterr()
+    assert main([path, str(tmp_path / "out.onnx"), "--no-check"]) == 2
+    assert "stored as a segment" in capsys.readouterr().err
+    from onnx_repvgg.storage.external import UnreadableTensor, read_external
+    with pytest.raises(UnreadableTensor, match="stored as a segment"):
+        read_external(onnx.load(path, load_external_data=False).graph.initializer[0], str(tmp_path))
+
+
+def test_external_data_longer_than_the_shape_is_refused_by_the_reader(tmp_path):
+    """The loader refuses it; so does the reader behind fuse(model, base_dir=...)."""
+    model = _model("pool")
+    path = str(tmp_path / "m.onnx")
+    onnx.save(model, path, save_as_external_data=True, location="m.data", size_threshold=0)
+    loaded = onnx.load(path, load_external_data=False)
+    weight = next(t for t in loaded.graph.initializer if t.name == "w3")
+    entry = next(e for e in weight.external_data if e.key == "length")
+    entry.value = str(int(entry.value) + 4)
+    with pytest.raises(UnsupportedModel, match="tensor 'w3' has 580 bytes of external data where its shape"):
+        fuse(loaded, base_dir=str(tmp_path))
+
+
+def test_a_pad_is_not_folded_into_a_conv_whose_window_the_operator_forbids():
+    """Pad -> Conv(pads -1): the fold would write a Conv onnxruntime runs for one it refuses."""
+    rng = np.random.default_rng(11)
+    inits = [numpy_helper.from_array(rng.standard_normal((C, C, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64), "p")]
+    for conv_attrs in (dict(pads=[-1, -1, -1, -1]), dict(strides=[0, 0])):
+        nodes = [helper.make_node("Pad", ["x", "p"], ["q"]), helper.make_node("Conv", ["q", "w"], ["y"], **conv_attrs)]
+        graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, C, 8, 8])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, C, 8, 8])], inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        onnx.checker.check_model(model)
+        fused, report = fuse(model)
+        assert fused.graph.SerializeToString() == model.graph.SerializeToString(), conv_attrs
+        assert [b.reason_code for b in report.blocks] == ["malformed"], conv_attrs
+
+
+def test_a_constant_whose_value_is_a_reference_refuses_the_model(tmp_path, capsys):
+    """A Constant node's value that refers to a function attribute, read as a weight."""
+    model = _model("pool")
+    index = next(i for i, t in enumerate(model.graph.initializer) if t.name == "w1")
+    value = helper.make_attribute("value", model.graph.initializer[index])
+    value.ref_attr_name = "p"
+    constant = helper.make_node("Constant", [], ["w1"], name="cst")
+    constant.attribute.append(value)
+    del model.graph.initializer[index]
+    model.graph.node.insert(0, constant)
+    onnx.checker.check_model(model)
+    _assert_refused(model, tmp_path, capsys, "Constant 'cst' has an attribute 'value' that refers to a function's "
+                    "attribute 'p'", "refers to a function's attribute 'p'")

@@ -17,7 +17,7 @@ import onnx
 
 from ..block import Candidate, Rewrite
 from ..graph import GraphView, attribute
-from .common import Skip, data_consumers, is_op
+from .common import Skip, check_window, data_consumers, is_op
 
 NAME = "pad_into_conv"
 NEAR_MISS = False  # a Pad that is not a zero padding is no re-parameterization block
@@ -101,6 +101,8 @@ def find(view: GraphView, opset: int, options: dict | None = None):
                 own = [0] * (2 * (rank - 2)) if auto_pad == "VALID" else list(attribute(conv, "pads", [0] * (2 * (rank - 2))))
                 if len(own) != 2 * (rank - 2):
                     raise Skip("rank_mismatch", f"Pad '{node.name}' is {rank}-D, Conv '{conv.name}' is not")
+                check_window(f"Conv '{conv.name}'", tuple(attribute(conv, "strides", [1] * (rank - 2))),
+                             tuple(attribute(conv, "dilations", [1] * (rank - 2))), tuple(own))
                 begin, end = own[:rank - 2], own[rank - 2:]
                 new = [a + b for a, b in zip(begin, spatial_begin)] + [a + b for a, b in zip(end, spatial_end)]
                 folds.append((i, new))

@@ -59,6 +59,11 @@ def external_range(tensor: onnx.TensorProto, base_dir: str) -> tuple[str, int, i
     return path, offset, length
 
 
+class UnreadableTensor(ValueError):
+    """A tensor onnx.checker passes but no reader takes: one stored as a segment (onnx cannot read
+    it), or one with more data than its shape and type need (onnxruntime refuses it)."""
+
+
 def read_external(tensor: onnx.TensorProto, base_dir: str) -> np.ndarray:
     """Read one tensor's external data from disk, leaving the TensorProto untouched.
 
@@ -68,7 +73,14 @@ def read_external(tensor: onnx.TensorProto, base_dir: str) -> np.ndarray:
     count = 1
     for d in tensor.dims:
         count *= d
-    path, offset, _ = external_range(tensor, base_dir)
+    if tensor.HasField("segment"):
+        raise UnreadableTensor(f"tensor '{tensor.name}' is stored as a segment of a larger one (TensorProto.segment), "
+                               "which onnx does not read")
+    path, offset, length = external_range(tensor, base_dir)
+    needed = tensor_nbytes(tensor)
+    if needed is not None and length != needed:  # (the loader refuses it; an API caller's model may have it)
+        raise UnreadableTensor(f"tensor '{tensor.name}' has {length:,} bytes of external data where its shape "
+                               f"{list(tensor.dims)} and type need {needed:,}")
     if count * dtype.itemsize > os.path.getsize(path) - offset:
         raise ValueError(f"external data of '{tensor.name}' is shorter than its {count} elements")
     values = np.fromfile(path, dtype=dtype, count=count, offset=offset)

@@ -92,6 +92,9 @@ def load(path: str, load_external_data: bool = True) -> LoadedModel:
     external = tensors.external
     data_files = set()
     for tensor in external:
+        if tensor.HasField("segment"):  # the checker passes it; onnx cannot read it (graph.tensor_array)
+            raise BadInput(f"tensor '{tensor.name}' is stored as a segment of a larger one (TensorProto.segment), "
+                           "which onnx does not read")
         if external_info(tensor).get("location") == own_name:
             _check_raw_data_size(tensor, path)
         else:
