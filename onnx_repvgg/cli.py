@@ -197,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError("--exit-code goes with --dry-run (it reports whether anything would be fused)")
         if args.check < 1:
             raise UsageError("--check needs at least 1 input set")
+        if args.seed < 0:
+            raise UsageError("--seed must be 0 or more")
         for flag, value in (("--rtol", args.rtol), ("--atol", args.atol)):
             if value is not None and not value >= 0:
                 raise UsageError(f"{flag} must be >= 0, got {value}")

@@ -21,6 +21,7 @@ import contextlib
 import gc
 from collections.abc import Iterable
 
+import numpy as np
 import onnx
 
 from . import rewrite
@@ -80,7 +81,9 @@ def fuse(model: onnx.ModelProto, *, rules: Iterable[str] | None = None, inplace:
     subgraph (graph.has_stray_subgraphs), when the caller knows; it saves reading every node's
     attributes.)
     """
-    with no_collections():
+    # Values out of range are refused by explicit checks (algebra.cast_like): numpy's warnings
+    # about them (an inf constant times a scale, say) would only reach the user's stderr.
+    with no_collections(), np.errstate(all="ignore"):
         try:
             return _fuse(model, rules=rules, inplace=inplace, base_dir=base_dir, sink=sink,
                          allow_densify=allow_densify, freeze_initializer_inputs=freeze_initializer_inputs,

@@ -134,7 +134,10 @@ def _inputs(graph: onnx.GraphProto) -> list[str]:
 
 
 def _tensor_names(graph: onnx.GraphProto) -> set[str]:
+    """Every value the graph holds: inputs, initializers (a graph output may be one) and node outputs."""
     names = {v.name for v in graph.input}
+    names.update(t.name for t in graph.initializer)
+    names.update(sparse.values.name for sparse in graph.sparse_initializer)
     for node in graph.node:
         names.update(out for out in node.output if out)
     return names
