@@ -28,7 +28,8 @@ EXIT_INTERRUPTED = 130
 EPILOG = """\
 exit codes:
   0  success, including "nothing to fuse" (the model is re-saved unchanged)
-  1  the fused model differs from the original, or onnxruntime cannot run it; nothing written
+  1  the fused model differs from the original, cannot be proven equal to it (every input
+     empty, say), or onnxruntime cannot run it; nothing written
      (with --dry-run --exit-code: the model is not in deploy form, or was not searched)
   2  bad usage or bad input: a missing, empty, truncated or non-ONNX file (a PyTorch checkpoint,
      ...), missing external data, an unsupported opset, an output or report path that is a
@@ -437,8 +438,12 @@ def _phases(args, shapes, loaded, staging, say, timings, progress) -> int:
     if report.validation is not None and not report.validation.passed:
         say(f"onnx-repvgg {__version__}: {args.input} -> (not written)")
         say(report.to_text(verbose=args.verbose, color=args.color))
-        print("onnx-repvgg: error: the fused model differs from the original; nothing written",
-              file=sys.stderr)
+        validation = report.validation
+        differs = any(not o.passed for o in validation.compared) or any(
+            b.checked and not b.passed for b in validation.blocks)
+        why = "differs from the original" if differs else \
+            f"could not be proven equal to the original ({'; '.join(validation.notes) or 'nothing was compared'})"
+        print(f"onnx-repvgg: error: the fused model {why}; nothing written", file=sys.stderr)
         _write_json_after_failure(args, report)
         return EXIT_VALIDATION_FAILED
     report.size_after = staging.size()

@@ -72,3 +72,21 @@ def test_an_inf_constant_is_refused_without_numpy_warnings(tmp_path, capsys):
     capsys.readouterr()
     assert main([path, str(tmp_path / "out.onnx"), "-q", "--no-check"]) == 0
     assert capsys.readouterr().err == ""
+
+
+def test_a_model_with_empty_inputs_is_not_said_to_differ(tmp_path, capsys):
+    """A declared batch of 0: every input is empty, so validation proves nothing and fails; the
+    error said "the fused model differs from the original", which nothing showed."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["x", "W3"], ["a"], pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["x", "W1"], ["b"]), helper.make_node("Add", ["a", "b"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [0, C, 7, 7])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [0, C, 7, 7])], _weights(rng))
+    path = str(tmp_path / "m.onnx")
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    capsys.readouterr()
+    assert main([path, str(tmp_path / "out.onnx")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == ("onnx-repvgg: error: the fused model could not be proven equal to the original "
+                   "(every input is empty: nothing was compared); nothing written")
+    assert not (tmp_path / "out.onnx").exists()
