@@ -90,3 +90,34 @@ def test_a_model_with_empty_inputs_is_not_said_to_differ(tmp_path, capsys):
     assert err == ("onnx-repvgg: error: the fused model could not be proven equal to the original "
                    "(every input is empty: nothing was compared); nothing written")
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_a_batchnorm_with_empty_optional_outputs_is_validated(tmp_path):
+    """BatchNormalization-9 whose four optional outputs are empty names (not produced: the
+    checker passes it). onnxruntime crashes running it (SIGSEGV), and validation ran it in this
+    process: the CLI died without a word. The proof now drops trailing empty output names, which
+    changes nothing, from what it hands onnxruntime (in a subprocess here: a crash fails the test)."""
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(0)
+    inits = [_weights(rng)[0]] + [numpy_helper.from_array(v.astype(np.float32), n) for n, v in (
+        ("g", rng.uniform(0.5, 1.5, C)), ("b", rng.uniform(-1, 1, C)), ("m", rng.uniform(-1, 1, C)),
+        ("v", rng.uniform(0.5, 2, C)))]
+    nodes = [helper.make_node("Conv", ["x", "W3"], ["a"], pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["a", "g", "b", "m", "v"], ["y", "", "", "", ""], name="bn")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, C, 7, 7])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, C, 7, 7])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 9)])
+    model.ir_version = 4
+    onnx.checker.check_model(model, full_check=True)
+    path, out = str(tmp_path / "m.onnx"), str(tmp_path / "out.onnx")
+    onnx.save(model, path)
+    run = subprocess.run([sys.executable, "-m", "onnx_repvgg", path, out], capture_output=True, text=True)
+    assert run.returncode == 0, (run.returncode, run.stderr)
+    assert "validation: passed" in run.stdout
+    assert [n.op_type for n in onnx.load(out).graph.node] == ["Conv"]
+    from onnx_repvgg import validate
+    before = model.SerializeToString()
+    assert validate(model, onnx.load(out)).passed
+    assert model.SerializeToString() == before  # the empty names are back

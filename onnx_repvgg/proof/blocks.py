@@ -22,7 +22,7 @@ from ..report import BlockCheck
 from ..storage.external import tensor_nbytes
 from .changes import GraphIndex, Region
 from .compare import compare, tolerances
-from .runtime import ModelSource, ValidationError, one_line, random_value, session
+from .runtime import ModelSource, ValidationError, drop_trailing_empty_outputs, one_line, random_value, session
 
 CHUNK_BYTES = 1 << 28      # weights per pair of models
 CHUNK_REGIONS = 1000
@@ -47,6 +47,7 @@ def _side(source: ModelSource, index: GraphIndex, node_ids, prefix: str) -> _Sid
     for i in ids:
         node = onnx.NodeProto()
         node.CopyFrom(graph.node[i])
+        drop_trailing_empty_outputs(node)  # (as extra_outputs does for whole models)
         if prefix:
             node.name = rename(node.name or f"node{i}")
             node.input[:] = [rename(n) for n in node.input]

@@ -130,9 +130,23 @@ def feeds_for(session_inputs, shapes: Mapping[str, Sequence[int]], data: Mapping
     return feeds
 
 
+def drop_trailing_empty_outputs(node: onnx.NodeProto) -> int:
+    """Drop a node's trailing empty output names (outputs not produced: the same node; a node
+    keeps one output); return how many were dropped."""
+    outputs = node.output
+    count = 0
+    while count < len(outputs) - 1 and not outputs[len(outputs) - 1 - count]:
+        count += 1
+    if count:
+        del outputs[len(outputs) - count:]
+    return count
+
+
 @contextlib.contextmanager
 def extra_outputs(model: onnx.ModelProto, names: Sequence[str]):
-    """`model` with `names` added to its graph outputs for the duration (nothing is copied)."""
+    """`model` with `names` added to its graph outputs for the duration (nothing is copied), and
+    its nodes' trailing empty output names dropped: an empty name is an output not produced (the
+    same model), and onnxruntime crashes on some (a BatchNormalization-9 with four)."""
     present = {v.name for v in model.graph.output}
     added = 0
     for name in names:
@@ -140,8 +154,16 @@ def extra_outputs(model: onnx.ModelProto, names: Sequence[str]):
             model.graph.output.add().name = name
             present.add(name)
             added += 1
+    trimmed = []  # (node, how many empty names it ended with)
+    for node in model.graph.node:
+        if node.output and not node.output[-1]:
+            count = drop_trailing_empty_outputs(node)
+            if count:
+                trimmed.append((node, count))
     try:
         yield model
     finally:
+        for node, count in trimmed:
+            node.output.extend([""] * count)
         for _ in range(added):
             del model.graph.output[-1]
