@@ -146,6 +146,10 @@ def load_input_data(specs: list[str]) -> dict:
             feeds[name] = np.load(path, allow_pickle=False)
         except (OSError, ValueError) as err:
             raise io.BadInput(f"--input-data {spec!r}: cannot read a .npy array: {err}") from None
+        value = feeds[name]
+        if np.issubdtype(value.dtype, np.inexact) and np.isnan(value).any():
+            raise UsageError(f"--input-data {spec!r}: holds NaN, which spreads through the model: a comparison "
+                             "on it proves nothing")
     return feeds
 
 
@@ -208,6 +212,10 @@ def main(argv: list[str] | None = None) -> int:
         shapes = parse_shapes(args.input_shape)
         args.rules = choose_rules(args)
         args.feeds = load_input_data(args.input_data)
+        for name, shape in shapes.items():
+            if name in args.feeds and tuple(shape) != tuple(args.feeds[name].shape):
+                raise UsageError(f"--input-shape {name}:{','.join(map(str, shape))} contradicts --input-data {name}, "
+                                 f"of shape {','.join(map(str, args.feeds[name].shape))}")
         return _run(args, shapes)
     except UsageError as err:
         print(f"onnx-repvgg: error: {err}", file=sys.stderr)

@@ -121,3 +121,20 @@ def test_a_batchnorm_with_empty_optional_outputs_is_validated(tmp_path):
     before = model.SerializeToString()
     assert validate(model, onnx.load(out)).passed
     assert model.SerializeToString() == before  # the empty names are back
+
+
+def test_input_data_that_proves_nothing_or_contradicts_a_shape_is_refused(tmp_path, capsys):
+    """--input-data holding NaN (every output it reaches is NaN on both sides: validation passed
+    vacuously), and --input-shape contradicting --input-data (the data's shape won, silently)."""
+    nan = tmp_path / "nan.npy"
+    np.save(nan, np.full((1, 3, 32, 32), np.nan, dtype=np.float32))
+    ok = tmp_path / "ok.npy"
+    np.save(ok, np.zeros((1, 3, 32, 32), dtype=np.float32))
+    model, out = "models/repvgg_tiny_g4_ts.onnx", str(tmp_path / "out.onnx")
+    name = onnx.load(model).graph.input[0].name
+    for args, text in (([f"--input-data={name}:{nan}"], "holds NaN"),
+                       ([f"--input-data={name}:{ok}", f"--input-shape={name}:1,3,64,64"],
+                        f"--input-shape {name}:1,3,64,64 contradicts --input-data {name}, of shape 1,3,32,32")):
+        capsys.readouterr()
+        assert main([model, out, *args]) == 2
+        assert text in capsys.readouterr().err and not (tmp_path / "out.onnx").exists()
