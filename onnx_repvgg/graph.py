@@ -17,7 +17,7 @@ import onnx
 from onnx import numpy_helper
 
 from .evaluate import Memo
-from .storage.external import UnreadableTensor, read_external
+from .storage.external import UnreadableTensor, read_external, segment_refusal, size_refusal
 from .storage.wire import WireError, read_varint
 
 # Ops never folded even when every input is constant: random, control flow, or stateful.
@@ -46,8 +46,8 @@ def subgraphs_of(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
 
 def held_subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
     """The subgraphs held in any node's attributes. Beside control flow and custom ops, onnx.checker
-    passes a subgraph on any op in an attribute named "__..." (its internal symbols), and
-    onnxruntime builds it and resolves the outer values it reads (has_stray_subgraphs)."""
+    passes a subgraph on any op in an attribute named "__..." (its internal symbols), which reads
+    outer values by name: the pass leaves a model with one alone (has_stray_subgraphs)."""
     for attr in node.attribute:
         if attr.type == onnx.AttributeProto.GRAPH:
             yield attr.g
@@ -80,7 +80,7 @@ def names_used_in_subgraph(graph: onnx.GraphProto) -> set[str]:
     used: set[str] = set()
     for node in graph.node:
         used.update(name for name in node.input if name)
-        for sub in held_subgraphs(node):
+        for sub in subgraphs_of(node):
             used |= names_used_in_subgraph(sub)
     used.update(out.name for out in graph.output)
     return used
@@ -100,7 +100,7 @@ def all_names(graph: onnx.GraphProto) -> set[str]:
         names.add(node.name)
         names.update(node.input)
         names.update(node.output)
-        for sub in held_subgraphs(node):
+        for sub in subgraphs_of(node):
             names |= all_names(sub)
     names.discard("")
     return names
@@ -137,7 +137,7 @@ def _indexed_names(view: GraphView) -> Names:
     names.update(v.name for v in graph.value_info)
     names.update([node.name for node in view.nodes])
     for index in view._opaque:
-        for sub in held_subgraphs(view.nodes[index]):
+        for sub in subgraphs_of(view.nodes[index]):
             names |= all_names(sub)
     return Names((view.initializers, view.graph_inputs, view.graph_outputs, view.producer, view.consumers), names)
 
@@ -190,7 +190,7 @@ class GraphView:
 
     def __init__(self, graph: onnx.GraphProto, opset: int | None = None, base_dir: str | None = None,
                  static_shapes=None, reader=None, *, shapes_pending: bool = False, memo: Memo | None = None,
-                 main_graph: bool = False, stray_subgraphs: bool = True):
+                 main_graph: bool = False):
         self.graph = graph
         self.main_graph = main_graph  # the model's own graph, whose inputs' declared dims runtimes enforce
         self.opset = opset
@@ -205,7 +205,7 @@ class GraphView:
         self.initializers = dict(zip(self.initializer_names, tensors))
         self._elem_types: dict[str, int] | None = None
         self._declared_shapes: dict[str, tuple[int, ...]] = {}
-        self._index(stray_subgraphs)
+        self._index()
         self._start(static_shapes, shapes_pending)
         self._find_constants()
 
@@ -220,10 +220,9 @@ class GraphView:
         view._find_constants()
         return view
 
-    def _index(self, stray_subgraphs: bool = True) -> None:
+    def _index(self) -> None:
         """Producers, consumers and node types: a pass over the nodes for each field read, then
-        one over the values. `stray_subgraphs`: a node of any op may hold a subgraph (held_subgraphs),
-        so every node's attributes are read; False when the caller knows none does."""
+        one over the values."""
         self.nodes = nodes = list(self.graph.node)
         self.ops: list[str] = [node.op_type for node in nodes]                # node.op_type of each node, read once
         self.inputs_of: list[list[str]] = [node.input[:] for node in nodes]   # node.input of each node, read once
@@ -235,14 +234,11 @@ class GraphView:
         producer = {out: index for index, outputs in enumerate(self.outputs_of) for out in outputs}
         producer.pop("", None)
         self.producer: dict[str, int] = producer
-        # custom-domain and control-flow nodes (and any node that holds a subgraph): never folded
+        # custom-domain and control-flow nodes: never folded
         self._opaque: set[int] = {index for index, domain in enumerate([node.domain for node in nodes])
                                   if domain and domain != "ai.onnx"}
         for op in _CONTROL_FLOW:
             self._opaque.update(by_op.get(op, ()))
-        if stray_subgraphs:  # a node that holds a subgraph is opaque, whatever its op
-            self._opaque.update(index for index, node in enumerate(nodes)
-                                if index not in self._opaque and any(True for _ in held_subgraphs(node)))
         self.consumers: dict[str, list[tuple[int, int]]] = defaultdict(list)
         consumers, opaque = self.consumers, self._opaque
         uses_of = consumers.get
@@ -254,7 +250,7 @@ class GraphView:
                 else:
                     uses.append((index, slot))
             if index in opaque:
-                for sub in held_subgraphs(nodes[index]):
+                for sub in subgraphs_of(nodes[index]):
                     for name in names_used_in_subgraph(sub):
                         consumers[name].append((index, -1))
         consumers.pop("", None)  # an omitted optional input is no use
@@ -651,13 +647,12 @@ def tensor_array(tensor: onnx.TensorProto) -> np.ndarray:
         if len(dims) == 1 and dims[0] * dtype.itemsize == len(raw):
             return np.frombuffer(raw, dtype=dtype)
         shape = dims[:]
-        if math.prod(shape) * dtype.itemsize != len(raw):  # (onnx.checker passes more bytes than the shape needs)
-            raise UnreadableTensor(f"tensor '{tensor.name}' holds {len(raw):,} bytes of raw data where its shape {shape} "
-                                   f"and type need {math.prod(shape) * dtype.itemsize:,}")
+        needed = math.prod(shape) * dtype.itemsize
+        if needed != len(raw):  # (onnx.checker passes more bytes than the shape needs)
+            raise UnreadableTensor(size_refusal(tensor, len(raw), needed, "raw data"))
         return np.frombuffer(raw, dtype=dtype).reshape(shape)
     if tensor.HasField("segment"):
-        raise UnreadableTensor(f"tensor '{tensor.name}' is stored as a segment of a larger one (TensorProto.segment), "
-                               "which onnx does not read")
+        raise UnreadableTensor(segment_refusal(tensor))
     try:
         return numpy_helper.to_array(tensor)
     except ValueError as err:  # more values than the shape holds, say (the checker passes it, onnxruntime does not)

@@ -232,10 +232,9 @@ def _view_with_shapes(graph: onnx.GraphProto, opset: int, reader: TensorReader, 
     with those as hints, until nothing new is learned. `base`, a view of the same graph
     without shapes, lends its index (producers, consumers) to the new view."""
     if model is None:  # a subgraph: declared shapes only
-        return GraphView(graph, opset, reader.base_dir, reader=reader, memo=memo, stray_subgraphs=False)
+        return GraphView(graph, opset, reader.base_dir, reader=reader, memo=memo)
     if base is None:
-        base = GraphView(graph, opset, reader.base_dir, reader=reader, memo=memo, shapes_pending=True, main_graph=True,
-                         stray_subgraphs=False)
+        base = GraphView(graph, opset, reader.base_dir, reader=reader, memo=memo, shapes_pending=True, main_graph=True)
     view = base.with_shapes(infer_static_shapes(model, graph=graph))
     hints: dict[str, tuple[int, ...]] = {}
     for _ in range(16):
@@ -405,8 +404,8 @@ def _fuse_graph(graph: onnx.GraphProto, opset: int, rules, names: rewrite.NameRe
                 initializer_elements: int | None = None) -> bool:
     """Fuse one graph to its fixed point; True if it was rewritten.
 
-    No node of the graph holds a subgraph unless it is control flow or custom (_fuse leaves a
-    model with one alone), so its views do not look for one (GraphView's stray_subgraphs).
+    No node of the graph holds a subgraph unless it is control flow or custom: _fuse leaves a
+    model with one alone.
     Each round first runs on a view without inferred shapes (onnx shape inference costs
     about as much as reading the model); only when a rule asks a question inferred shapes
     could answer differently does the round go on with them (see _run_round), and every
@@ -425,8 +424,7 @@ def _fuse_graph(graph: onnx.GraphProto, opset: int, rules, names: rewrite.NameRe
                 view = _view_with_shapes(graph, opset, reader, model, memo)
             else:
                 view = GraphView(graph, opset, reader.base_dir, reader=reader, memo=memo,
-                                 shapes_pending=model is not None, main_graph=model is not None,
-                                 stray_subgraphs=False)
+                                 shapes_pending=model is not None, main_graph=model is not None)
             if source is not None and not rewritten:
                 source.view = view  # the graph as it was: its index holds the model's names
             if model is not None and report.before is None:
@@ -458,7 +456,7 @@ def _fuse_graph(graph: onnx.GraphProto, opset: int, rules, names: rewrite.NameRe
     if view is None:  # the rounds ran out right after a rewrite: index the final graph
         view = _view_with_shapes(graph, opset, reader, model, memo) if with_shapes else \
             GraphView(graph, opset, reader.base_dir, reader=reader, memo=memo, shapes_pending=model is not None,
-                      main_graph=model is not None, stray_subgraphs=False)
+                      main_graph=model is not None)
     recorded = {record.anchor for record in last_skips}
     audit = bn_audit.unrecorded(view, opset, recorded)
     if view.shape_questions:  # the audit read a shape: ask again with static shapes

@@ -138,9 +138,9 @@ def eager(monkeypatch):
     original = pipeline.GraphView
 
     def with_shapes_first(graph, opset=None, base_dir=None, static_shapes=None, reader=None, *,
-                          shapes_pending=False, memo=None, main_graph=False, stray_subgraphs=True):
+                          shapes_pending=False, memo=None, main_graph=False):
         view = original(graph, opset, base_dir, static_shapes, reader, shapes_pending=shapes_pending, memo=memo,
-                        main_graph=main_graph, stray_subgraphs=stray_subgraphs)
+                        main_graph=main_graph)
         view.shape_questions = 1 if shapes_pending else 0  # as if it had asked: the round runs with shapes
         return view
     monkeypatch.setattr(pipeline, "GraphView", with_shapes_first)

@@ -204,7 +204,7 @@ def test_external_data_longer_than_the_shape_is_refused_by_the_reader(tmp_path):
     weight = next(t for t in loaded.graph.initializer if t.name == "w3")
     entry = next(e for e in weight.external_data if e.key == "length")
     entry.value = str(int(entry.value) + 4)
-    with pytest.raises(UnsupportedModel, match="tensor 'w3' has 580 bytes of external data where its shape"):
+    with pytest.raises(UnsupportedModel, match="tensor 'w3' holds 580 bytes of external data where its shape"):
         fuse(loaded, base_dir=str(tmp_path))
 
 

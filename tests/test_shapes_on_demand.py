@@ -111,9 +111,9 @@ def test_same_output_as_fuse_with_shapes_from_the_start(monkeypatch):
     original = pipeline.GraphView.__init__
 
     def with_shapes_at_once(self, graph, opset=None, base_dir=None, static_shapes=None, reader=None, *,
-                            shapes_pending=False, memo=None, main_graph=False, stray_subgraphs=True):
+                            shapes_pending=False, memo=None, main_graph=False):
         original(self, graph, opset, base_dir, static_shapes, reader, shapes_pending=False, memo=memo,
-                 main_graph=main_graph, stray_subgraphs=stray_subgraphs)
+                 main_graph=main_graph)
         if shapes_pending:  # a round's first view: ask every question right away
             self._asked("shape")
     monkeypatch.setattr(pipeline.GraphView, "__init__", with_shapes_at_once)

@@ -6,8 +6,6 @@ optimizer removes it (then it runs the model). The rules keep, copy and move nod
 op type, so the pass leaves a model with a stray subgraph as it is, and says so (Report.left_alone;
 the CI gate, --dry-run --exit-code, then exits 1: the model was not searched). The loader's
 survey tells whether a model has one (graph.has_stray_subgraphs); the API walks the model to tell.
-A GraphView on its own treats a node that holds any subgraph as opaque, and its subgraph's reads
-as uses.
 """
 
 from __future__ import annotations
@@ -22,7 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnx_repvgg import fuse
 from onnx_repvgg.cli import main
-from onnx_repvgg.graph import GraphView, has_stray_subgraphs
+from onnx_repvgg.graph import has_stray_subgraphs
 from onnx_repvgg.storage import io as rio
 
 C = 4
@@ -143,15 +141,6 @@ def test_the_relu_model_runs_in_onnxruntime_before_and_after(tmp_path):
     outputs = [ort.InferenceSession(p, providers=["CPUExecutionProvider"]).run(None, feed)[0]
                for p in (path, str(tmp_path / "out.onnx"))]
     np.testing.assert_array_equal(outputs[0], outputs[1])
-
-
-def test_a_graph_view_counts_a_stray_subgraphs_reads_as_uses():
-    model = _model("relu")
-    view = GraphView(model.graph, 17)
-    relu = view.by_op["Relu"][0]
-    assert view.foldable_op(relu) is None and (relu, -1) in view.consumers["a"]
-    told = GraphView(model.graph, 17, stray_subgraphs=False)  # told there is none: it does not look
-    assert told.foldable_op(relu) == "Relu" and len(told.consumers["a"]) == 1
 
 
 def test_models_without_stray_subgraphs_are_told_so_and_fuse_the_same():

@@ -64,6 +64,15 @@ class UnreadableTensor(ValueError):
     it), or one with more data than its shape and type need (onnxruntime refuses it)."""
 
 
+def segment_refusal(tensor: onnx.TensorProto) -> str:
+    return (f"tensor '{tensor.name}' is stored as a segment of a larger one (TensorProto.segment), "
+            "which onnx does not read")
+
+
+def size_refusal(tensor: onnx.TensorProto, held: int, needed: int, what: str) -> str:
+    return f"tensor '{tensor.name}' holds {held:,} bytes of {what} where its shape {list(tensor.dims)} and type need {needed:,}"
+
+
 def read_external(tensor: onnx.TensorProto, base_dir: str) -> np.ndarray:
     """Read one tensor's external data from disk, leaving the TensorProto untouched.
 
@@ -74,13 +83,11 @@ def read_external(tensor: onnx.TensorProto, base_dir: str) -> np.ndarray:
     for d in tensor.dims:
         count *= d
     if tensor.HasField("segment"):
-        raise UnreadableTensor(f"tensor '{tensor.name}' is stored as a segment of a larger one (TensorProto.segment), "
-                               "which onnx does not read")
+        raise UnreadableTensor(segment_refusal(tensor))
     path, offset, length = external_range(tensor, base_dir)
     needed = tensor_nbytes(tensor)
     if needed is not None and length != needed:  # (the loader refuses it; an API caller's model may have it)
-        raise UnreadableTensor(f"tensor '{tensor.name}' has {length:,} bytes of external data where its shape "
-                               f"{list(tensor.dims)} and type need {needed:,}")
+        raise UnreadableTensor(size_refusal(tensor, length, needed, "external data"))
     if count * dtype.itemsize > os.path.getsize(path) - offset:
         raise ValueError(f"external data of '{tensor.name}' is shorter than its {count} elements")
     values = np.fromfile(path, dtype=dtype, count=count, offset=offset)

@@ -10,8 +10,9 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
+from ..graph import AmbiguousOpset, opset_version
 from . import skeleton, wire
-from .external import all_tensors, external_info, external_range, survey, tensor_nbytes
+from .external import all_tensors, external_info, external_range, segment_refusal, size_refusal, survey, tensor_nbytes
 from .wire import WireError
 
 MIN_OPSET = 7  # BatchNormalization lost `is_test`/`consumed_inputs` at opset 7
@@ -93,8 +94,7 @@ def load(path: str, load_external_data: bool = True) -> LoadedModel:
     data_files = set()
     for tensor in external:
         if tensor.HasField("segment"):  # the checker passes it; onnx cannot read it (graph.tensor_array)
-            raise BadInput(f"tensor '{tensor.name}' is stored as a segment of a larger one (TensorProto.segment), "
-                           "which onnx does not read")
+            raise BadInput(segment_refusal(tensor))
         if external_info(tensor).get("location") == own_name:
             _check_raw_data_size(tensor, path)
         else:
@@ -199,8 +199,7 @@ def _check_raw_data_size(tensor: onnx.TensorProto, path: str) -> None:
                        f"raw_data size ({length} bytes) is too small for the declared shape and type "
                        f"({needed} bytes required)")
     if needed is not None and needed < length:  # the checker passes it; onnxruntime refuses it (graph.tensor_array)
-        raise BadInput(f"tensor '{tensor.name}' holds {length:,} bytes of raw data where its shape {list(tensor.dims)} "
-                       f"and type need {needed:,}")
+        raise BadInput(size_refusal(tensor, length, needed, "raw data"))
 
 
 def _with_weights_as_inputs(model: onnx.ModelProto, own_name: str) -> onnx.ModelProto:
@@ -252,11 +251,10 @@ def _working_directory(path: str):
 
 
 def _check_opset(model: onnx.ModelProto, path: str) -> None:
-    versions = {e.version for e in model.opset_import if e.domain in ("", "ai.onnx")}
-    if len(versions) > 1:  # (graph.opset_version refuses it too)
-        raise BadInput(f"{path} imports the default (ai.onnx) opset more than once, as versions {sorted(versions)}: "
-                       "onnx.checker and onnxruntime each read another one")
-    version = versions.pop() if versions else None
+    try:
+        version = opset_version(model, "")
+    except AmbiguousOpset as err:
+        raise BadInput(f"{path}: {err}") from None
     if version is None:
         raise BadInput(f"{path} imports no default-domain opset")
     newest = onnx.defs.onnx_opset_version()
