@@ -9,6 +9,8 @@ from typing import Any
 
 import onnx
 
+from .storage.external import elements
+
 SCHEMA_VERSION = 2
 NOTHING_TO_FUSE = ("nothing to fuse: no re-parameterizable block was found (the model is already in deploy form, "
                    "or its blocks are none of the supported patterns: --list-patterns)")
@@ -102,14 +104,10 @@ class ModelStats:
 
     @classmethod
     def of(cls, model: onnx.ModelProto) -> ModelStats:
-        counts = Counter(node.op_type for node in model.graph.node)
-        params = 0
-        for tensor in model.graph.initializer:
-            size = 1
-            for d in tensor.dims:
-                size *= d
-            params += size
-        return cls(dict(counts), len(model.graph.node), params)
+        graph = model.graph
+        counts = Counter([node.op_type for node in graph.node])
+        params = sum([elements(tensor.dims) for tensor in graph.initializer])
+        return cls(dict(counts), len(graph.node), params)
 
 
 @dataclass

@@ -298,15 +298,13 @@ def apply(graph: onnx.GraphProto, view: GraphView, rewrites: list[Rewrite], sink
     frontier = []
     for name, count in lost.items():
         producer = producer_of(name)
-        if producer is not None and producer in removed:
-            continue  # computed by a removed node: it goes with it (as in the loop below)
-        if len(uses_of(name, ())) + gained_of(name, 0) - count > 0:
-            continue
         if producer is None:  # what the loop below decides of it (its uses can only go down)
-            if name not in graph_outputs and name in initializers and name not in graph_inputs:
+            if len(uses_of(name, ())) + gained_of(name, 0) <= count and name not in graph_outputs \
+                    and name in initializers and name not in graph_inputs:
                 dead_initializers.add(name)
-        elif producer not in removed:
+        elif producer not in removed and len(uses_of(name, ())) + gained_of(name, 0) <= count:
             frontier.append(name)
+        # (a value computed by a removed node goes with it, as in the loop below)
     while frontier:
         name = frontier.pop()
         producer = producer_of(name)
@@ -344,14 +342,13 @@ def apply(graph: onnx.GraphProto, view: GraphView, rewrites: list[Rewrite], sink
     del graph.node[:]
     graph.node.extend(new_nodes)
 
-    if dead_initializers:  # deleted run by run, from the end
-        dead = [i for i, name in enumerate(view.initializer_names) if name in dead_initializers]
-        while dead:
-            stop = dead.pop()
-            start = stop
-            while dead and dead[-1] == start - 1:
-                start = dead.pop()
-            del graph.initializer[start:stop + 1]
+    if dead_initializers:  # deleted run by run (of consecutive indices), from the end
+        dead = np.flatnonzero([name in dead_initializers for name in view.initializer_names])  # (one at least)
+        ends = np.flatnonzero(np.diff(dead) != 1)  # each run's last position in `dead`, but the last run's
+        starts = [0] + (ends + 1).tolist()
+        stops = ends.tolist() + [len(dead) - 1]
+        for first, last in zip(reversed(starts), reversed(stops)):
+            del graph.initializer[int(dead[first]):int(dead[last]) + 1]
     return len(removed)
 
 

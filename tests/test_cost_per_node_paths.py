@@ -412,11 +412,16 @@ def test_parameter_count_and_tensor_bytes_from_the_loader(tmp_path):
                               [helper.make_tensor("s", TensorProto.STRING, [3], [b"a", b"b", b"c"]),
                                numpy_helper.from_array(np.array(1.5, dtype=np.float32), "scalar"),
                                numpy_helper.from_array(np.zeros((0, 4), dtype=np.float32), "empty"),
-                               numpy_helper.from_array(np.ones((2, 3), dtype=np.int64), "ints")])
+                               numpy_helper.from_array(np.ones((2, 3), dtype=np.int64), "ints"),
+                               helper.make_tensor("four_a", TensorProto.INT4, [3], [1, 2, 3]),
+                               helper.make_tensor("four_b", TensorProto.UINT4, [5], [1, 2, 3, 4, 5]),
+                               numpy_helper.from_array(np.ones(3, dtype=np.float16), "half")])
     path = str(tmp_path / "m.onnx")
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), path)
     loaded = rio.load(path)
-    assert loaded.initializer_elements == ModelStats.of(loaded.model).params == 3 + 1 + 0 + 6
+    assert loaded.initializer_elements == ModelStats.of(loaded.model).params == 3 + 1 + 0 + 6 + 3 + 5 + 3
+    # bytes from shapes: sub-byte types rounded up per tensor (2 + 3), strings not counted
+    assert loaded.tensor_bytes == rio.tensor_bytes(loaded.model) == 4 + 0 + 48 + 2 + 3 + 6
 
     for model_path in sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "models", "*.onnx"))):
         loaded = rio.load(model_path, load_external_data=False)

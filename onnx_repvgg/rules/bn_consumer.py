@@ -150,6 +150,20 @@ def use_paths(view: GraphView, bn: onnx.NodeProto, quiet: bool = False) -> list[
     return sorted(paths)
 
 
+def _first_uses_fold(view: GraphView, name: str) -> bool:
+    """The first step of use_paths from `name`, the BN's output: False when it ends the walk
+    (a graph output, or a use that is neither the data input of a layer nor that of a layout
+    op), where use_paths(quiet=True) is None."""
+    if name in view.graph_outputs:
+        return False
+    inputs_of, outputs_of = view.inputs_of, view.outputs_of
+    for index, slot in view.consumers.get(name, ()):
+        op = view.foldable_op(index)
+        if slot != 0 or not (op in CONSUMER_OPS or (op in LAYOUT_OPS and inputs_of[index] and outputs_of[index])):
+            return False
+    return True
+
+
 def _features(view: GraphView, node: onnx.NodeProto) -> int | None:
     """How many input features a consumer's weight reads (None when its shape is not known)."""
     shape = view.constant_shape(node.input[1]) if len(node.input) > 1 else None
@@ -222,6 +236,8 @@ def find(view: GraphView, opset: int, options: dict | None = None) -> list[Candi
     for index in view.of_type("BatchNormalization"):
         if view.foldable_op(index) is None or not inputs_of[index] or not outputs_of[index]:
             continue  # not is_op(node, "BatchNormalization"), or no input or output
+        if not _first_uses_fold(view, outputs_of[index][0]):
+            continue  # use_paths(quiet=True) is None (most BNs of a model: read by an Add, a Relu, ...)
         node = view.nodes[index]
         paths = use_paths(view, node, quiet=True)
         if paths is None:

@@ -373,10 +373,12 @@ def _identity_kernel(channels: int, group: int, n: int) -> np.ndarray:
 def _dead_copies(view: GraphView, index: LinearIndex, x: str, removed: list[int], branches: list[Branch]) -> list[int]:
     """Value-preserving nodes between X and a branch that read a copy of X (Conv(Identity(X)))
     which only the block's removed nodes use: once the fused node reads X, they are dead."""
+    reads = [view.inputs_of[b.node][0] for b in branches if b.kind in ("conv", "pool")]
+    if all(name == x for name in reads):
+        return []  # every branch reads X itself: no copy between (dead_chain of X is empty)
     gone = set(removed)
-    for b in branches:
-        if b.kind in ("conv", "pool"):
-            gone.update(index.dead_chain(view.inputs_of[b.node][0], x, gone))
+    for name in reads:
+        gone.update(index.dead_chain(name, x, gone))
     return sorted(gone - set(removed))
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
-from functools import cached_property
 
 import numpy as np
 import onnx
@@ -83,9 +82,11 @@ class ConvParams:
     pads_end: tuple[int, ...]
     group: int
 
-    @cached_property
+    @property
     def kernel(self) -> tuple[int, ...]:
-        return tuple(self.weight.shape[2:])
+        # (not a functools.cached_property: on Python 3.11 that takes a lock on every first
+        # read, which costs more than this tuple)
+        return self.weight.shape[2:]
 
 
 def conv_params(view: GraphView, node: onnx.NodeProto) -> ConvParams:

@@ -514,6 +514,10 @@ def constant_bias(constants: list[Addend], rank: int, channels: int) -> tuple[np
     bias = np.zeros(channels)
     kept: list[str] = []
     for c in constants:
+        factors = c.factors
+        if len(factors) == 1 and factors[0].per_channel and factors[0].value.shape == (channels,):
+            bias = bias + factors[0].value  # channel_vector's own fast path, without its copy: the same sum
+            continue
         try:
             bias = bias + channel_vector(c.factors, rank, channels, f"constant '{c.name or 'BN shift'}'")
         except Skip:

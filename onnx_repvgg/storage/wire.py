@@ -68,6 +68,21 @@ def spans(buf, start: int = 0, end: int | None = None, number: int | None = None
     while pos < end:
         field_start = pos
         key = buf[pos]
+        if key & 7 == LENGTH_DELIMITED and 8 <= key < 0x80 and pos + 2 < end:
+            # the common field (a node, a tensor, a name): a one-byte tag, a one- or two-byte length
+            length = buf[pos + 1]
+            if length < 0x80:
+                value_start = pos + 2
+            elif buf[pos + 2] < 0x80:
+                length, value_start = (length & 0x7F) | (buf[pos + 2] << 7), pos + 3
+            else:
+                length, value_start = read_varint(buf, pos + 1, end)
+            pos = value_start + length
+            if pos > end:
+                raise WireError("field runs past the end of its message")
+            if number is None or (key >> 3 == number and length >= min_length):
+                yield key >> 3, LENGTH_DELIMITED, field_start, value_start, pos
+            continue
         if key < 0x80:
             pos += 1
         else:
