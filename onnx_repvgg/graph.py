@@ -508,27 +508,31 @@ class GraphView:
         initializers, graph_inputs = self.initializers, self.graph_inputs
         out: list[bytes] = []
         kind = None
+        data_type = length = size = 0
         for name in names:
             tensor = initializers.get(name)
-            if tensor is None or name in graph_inputs:
-                return None
-            data_type = tensor.data_type
-            dtype = _RAW_DTYPES.get(data_type)
-            if dtype is None or tensor.data_location == _EXTERNAL or tensor.HasField("segment"):
+            if tensor is None or name in graph_inputs or tensor.data_location == _EXTERNAL \
+                    or tensor.HasField("segment"):
                 return None
             dims = tensor.dims
             if len(dims) != 1:
                 return None
-            # No raw_data field reads as b"": right only for a tensor of no elements, which has no data.
-            raw, length = tensor.raw_data, dims[0]
-            if len(raw) != length * dtype.itemsize:
-                return None
             if kind is None:
-                kind = (data_type, dtype, length)
-            elif data_type != kind[0] or length != kind[2]:
+                data_type = tensor.data_type
+                dtype = _RAW_DTYPES.get(data_type)
+                if dtype is None:
+                    return None
+                length = dims[0]
+                size = length * dtype.itemsize
+                kind = (dtype, length)
+            elif tensor.data_type != data_type or dims[0] != length:
+                return None
+            # No raw_data field reads as b"": right only for a tensor of no elements, which has no data.
+            raw = tensor.raw_data
+            if len(raw) != size:
                 return None
             out.append(raw)
-        return ((kind[1], kind[2]), out) if kind is not None else None
+        return (kind, out) if kind is not None else None
 
     def constant_shape(self, name: str) -> tuple[int, ...] | None:
         """The shape of a constant, without converting an initializer to numpy."""

@@ -186,7 +186,7 @@ def build_block(view: GraphView, index: LinearIndex, tree: LinearTree, x: str,
     for b in branches:
         if b.kind == "conv":
             _check_private(view, b.addend.name, "branch output")
-            convs.append((b, conv_params(view, view.nodes[b.node])))
+            convs.append((b, conv_params(view, view.nodes[b.node], view.inputs_of[b.node])))
     if not convs:
         raise NotWorthIt()
     for b, _ in pools:
@@ -411,7 +411,7 @@ def _describe(view: GraphView, branches: list[Branch]) -> list[str]:
             labels.append(view.nodes[b.node].op_type)
         elif b.kind == "pool":
             labels.append("avgpool")
-        elif view.nodes[b.node].op_type == "Gemm":
+        elif view.ops[b.node] == "Gemm":
             labels.append("linear")
         else:
             inputs = view.inputs_of[b.node]

@@ -89,9 +89,11 @@ class ConvParams:
         return self.weight.shape[2:]
 
 
-def conv_params(view: GraphView, node: onnx.NodeProto) -> ConvParams:
-    """A Conv's constant weight and bias and its explicit geometry (auto_pad resolved)."""
-    inputs = node.input[:]
+def conv_params(view: GraphView, node: onnx.NodeProto, inputs: list[str] | None = None) -> ConvParams:
+    """A Conv's constant weight and bias and its explicit geometry (auto_pad resolved).
+    `inputs`: the node's inputs, when the caller has read them (view.inputs_of)."""
+    if inputs is None:
+        inputs = node.input[:]
     if len(inputs) < 2:
         raise Skip("malformed", f"Conv '{node.name}' has no weight input")
     weight = const(view, inputs[1], "weight", node)

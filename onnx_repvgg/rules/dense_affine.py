@@ -177,7 +177,7 @@ def find(view: GraphView, opset: int, options: dict | None = None):
     index = LinearIndex(view, opset)
     for root in index.roots():
         tree = index.tree(root)
-        if tree.passthrough_only or any(is_op(view.nodes[i], "BatchNormalization") for i in tree.nodes):
+        if tree.passthrough_only or any(view.foldable_op(i) == "BatchNormalization" for i in tree.nodes):
             continue
         if not tree.leaves or any(not leaf.name for leaf in tree.leaves):
             continue

@@ -370,13 +370,14 @@ class LinearIndex:
                                                              self._absorbed)
         nodes, leaves, constants = [root], [], []
         passthrough_only = True
-        # (kind, node or name, factors, parent): a leaf's parent is the nearest node above it
-        # that is not value-preserving (the root if all are), so BN(Identity(x)) is a BN branch.
-        stack: list[tuple] = [("node", root, (), root)]
-        while stack:
-            item = stack.pop()
-            if item[0] == "node":
-                _, index, outer, above = item
+        # (name, factors, parent): a leaf's parent is the nearest node above it that is not
+        # value-preserving (the root if all are), so BN(Identity(x)) is a BN branch. A node is
+        # expanded where it is reached (its constants, then its children on the stack, the first
+        # on top), which is the order a stack of nodes and names would visit them in.
+        stack: list[tuple] = []
+        index, outer, above = root, (), root
+        while True:
+            if index >= 0:
                 exp = expansion(index)
                 assert exp is not None
                 if exp.passthrough:
@@ -385,16 +386,17 @@ class LinearIndex:
                     parent = index
                     passthrough_only = False
                 for offset in exp.offsets:
-                    constants.append(Addend("", (offset,) + outer, index, constant=True))
+                    constants.append(Addend("", (offset,) + outer, index, True))
                 for name, local in reversed(exp.children):
-                    stack.append(("name", name, local + outer, parent))
-                continue
-            _, name, factors, parent = item
+                    stack.append((name, local + outer, parent))
+                index = -1
+            if not stack:
+                break
+            name, factors, parent = stack.pop()
             value = view.constant(name) if may_be_constant(name) else None  # (constant() is None otherwise)
             if value is not None:
                 if np.issubdtype(value.dtype, np.floating):
-                    constants.append(Addend(name, (Factor(value.astype(np.float64), False),) + factors, parent,
-                                            constant=True))
+                    constants.append(Addend(name, (Factor(value.astype(np.float64), False),) + factors, parent, True))
                 else:
                     leaves.append(Addend(name, factors, parent))
                 continue
@@ -403,7 +405,7 @@ class LinearIndex:
                 exp = expansion(child)
                 if exp is not None and exp.problem is None and exp.children and absorbed(name):  # usable(child)
                     nodes.append(child)
-                    stack.append(("node", child, factors, parent))
+                    index, outer, above = child, factors, parent
                     continue
             leaves.append(Addend(name, factors, parent))
         return LinearTree(root, nodes, leaves, constants, passthrough_only)

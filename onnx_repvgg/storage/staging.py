@@ -142,6 +142,15 @@ def write_inline(model: onnx.ModelProto, path: str, payloads: Payloads, nested: 
     if nested:
         _load_nested_external(model, payloads)
     graph = model.graph
+    if not any(tensor.data_location == onnx.TensorProto.EXTERNAL for tensor in graph.initializer) \
+            and model.ByteSize() < _PROTOBUF_LIMIT:
+        # Nothing to splice in: protobuf serializes fields in number order, which is the order
+        # written below, so the model's own bytes are the same file (a model of many small
+        # tensors, whose headers the loop below would serialize one by one).
+        data = model.SerializeToString()
+        with open(path, "wb", buffering=0) as f:
+            write_all(f.fileno(), data)
+        return
     # per initializer: (bytes before the payload, the payload (an array or a file range) or None, bytes after)
     entries: list[tuple[bytes, np.ndarray | tuple[str, int, int] | None, bytes]] = []
     initializer_bytes = 0  # all of them, as serialized fields of the graph
@@ -189,6 +198,9 @@ def write_inline(model: onnx.ModelProto, path: str, payloads: Payloads, nested: 
         out.write(graph_bytes[graph_cut:])
         out.write(model_bytes[model_cut:])
         out.flush()
+
+
+_PROTOBUF_LIMIT = (1 << 31) - 1  # bytes: protobuf serializes no larger message
 
 
 def _load_nested_external(model: onnx.ModelProto, payloads: Payloads) -> None:
