@@ -20,6 +20,7 @@ import tempfile
 
 import numpy as np
 import onnx
+from google.protobuf.message import EncodeError
 
 from . import wire
 from .external import all_tensors, external_range
@@ -142,15 +143,18 @@ def write_inline(model: onnx.ModelProto, path: str, payloads: Payloads, nested: 
     if nested:
         _load_nested_external(model, payloads)
     graph = model.graph
-    if not any(tensor.data_location == onnx.TensorProto.EXTERNAL for tensor in graph.initializer) \
-            and model.ByteSize() < _PROTOBUF_LIMIT:
+    if not any(tensor.data_location == onnx.TensorProto.EXTERNAL for tensor in graph.initializer):
         # Nothing to splice in: protobuf serializes fields in number order, which is the order
         # written below, so the model's own bytes are the same file (a model of many small
         # tensors, whose headers the loop below would serialize one by one).
-        data = model.SerializeToString()
-        with open(path, "wb", buffering=0) as f:
-            write_all(f.fileno(), data)
-        return
+        try:
+            data = model.SerializeToString()
+        except EncodeError:  # over protobuf's 2 GB: written piece by piece below
+            data = None
+        if data is not None:
+            with open(path, "wb", buffering=0) as f:
+                write_all(f.fileno(), data)
+            return
     # per initializer: (bytes before the payload, the payload (an array or a file range) or None, bytes after)
     entries: list[tuple[bytes, np.ndarray | tuple[str, int, int] | None, bytes]] = []
     initializer_bytes = 0  # all of them, as serialized fields of the graph
@@ -198,9 +202,6 @@ def write_inline(model: onnx.ModelProto, path: str, payloads: Payloads, nested: 
         out.write(graph_bytes[graph_cut:])
         out.write(model_bytes[model_cut:])
         out.flush()
-
-
-_PROTOBUF_LIMIT = (1 << 31) - 1  # bytes: protobuf serializes no larger message
 
 
 def _load_nested_external(model: onnx.ModelProto, payloads: Payloads) -> None:
