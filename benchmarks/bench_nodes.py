@@ -2,6 +2,7 @@
 
     python benchmarks/bench_nodes.py [--repeat 3] [--no-checked]          the two models of issue 13
     python benchmarks/bench_nodes.py --series [--repeat 1] [--plot P.png]  node-count series
+    python benchmarks/bench_nodes.py --instructions                       the two models, by callgrind
 
 Models (generated once into --work, default /tmp/onnx_repvgg_bench, and reused):
   transformer: a 400-layer nn.TransformerEncoder (width 64), TorchScript export with dynamic
@@ -16,9 +17,13 @@ Jobs, each in a fresh process (imports before the clock starts), interleaved, me
   pass     python -m onnx_repvgg IN OUT --no-check   (the target: within 2x of floor)
   checked  the same with validation (two onnxruntime sessions; measured, not targeted)
 Seconds are wall time; CPU seconds (the process's user + system time) are shown beside them,
-as the steadier measure on a shared machine. Peak RSS is the process's high-water mark (VmHWM),
-imports included; "base" is the RSS after imports, before the clock. The pass's own phase
-times (load / fuse / save) come from its JSON report. PYTHONPATH picks the onnx_repvgg measured.
+as the steadier measure on a shared machine. --instructions counts instructions instead (one run
+of each job under valgrind's callgrind, which must be installed; ~10 minutes): the same on every
+run, so it shows a change of a few percent that timing on a noisy machine cannot. Each job then
+imports both onnx and onnx_repvgg, and the count of a run that only imports is subtracted.
+Peak RSS is the process's high-water mark (VmHWM), imports included; "base" is the RSS after
+imports, before the clock. The pass's own phase times (load / fuse / save) come from its JSON
+report. PYTHONPATH picks the onnx_repvgg measured.
 """
 
 from __future__ import annotations
@@ -50,9 +55,13 @@ def _rss_mb(field: str) -> float:
     return float("nan")
 
 
-def run_job(job: str, src: str, dst: str, extra: list[str]) -> dict:
+def run_job(job: str, src: str, dst: str, extra: list[str], import_all: bool = False) -> dict:
     import onnx
 
+    if import_all:  # (--instructions: every job imports the same, and "imports" does only that)
+        import onnx_repvgg.cli  # noqa: F401
+    if job == "imports":
+        return {"job": job}
     report_path = dst + ".report.json"
     if job == "floor":
         def work():
@@ -99,6 +108,42 @@ def measure(job: str, model: str, out_dir: str, extra: list[str]) -> dict:
         print(f"  {job} on {os.path.basename(model)} failed: {tail}", file=sys.stderr)
         return {}
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def instructions(job: str, model: str, out_dir: str, extra: list[str]) -> int:
+    """Instructions one run of `job` executes (callgrind's total, imports included)."""
+    out = os.path.join(out_dir, f"{job}.onnx")
+    counts = os.path.join(out_dir, f"{job}.callgrind")
+    proc = subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={counts}", sys.executable,
+                           os.path.abspath(__file__), "--job", job, model, out, "--import-all", "--"] + extra,
+                          capture_output=True, text=True)
+    for f in (out, out + ".data", counts):
+        if os.path.exists(f):
+            os.remove(f)
+    found = [line for line in proc.stderr.splitlines() if "Collected :" in line]
+    if proc.returncode != 0 or not found:
+        raise SystemExit(f"{job} on {os.path.basename(model)} under callgrind failed: "
+                         f"{(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+    return int(found[-1].split(":")[-1].strip())
+
+
+def count_instructions(models: list[tuple[str, str, list[str]]], work: str) -> None:
+    if shutil.which("valgrind") is None:
+        raise SystemExit("--instructions needs valgrind (apt-get install valgrind)")
+    out_dir = tempfile.mkdtemp(dir=work, prefix=".out.")
+    print("| model | nodes | floor G instr | pass G instr | x |")
+    print("|---|---|---|---|---|")
+    try:
+        for label, path, extra in models:
+            counts = {}
+            for job in ("imports", "floor", "pass"):
+                counts[job] = instructions(job, path, out_dir, extra)
+                print(f"  {label} {job}: {counts[job] / 1e9:.3f} G instructions", file=sys.stderr)
+            floor, pass_ = counts["floor"] - counts["imports"], counts["pass"] - counts["imports"]
+            print(f"| {label} | {node_count(path):,} | {floor / 1e9:.2f} | {pass_ / 1e9:.2f} | {pass_ / floor:.2f} |")
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    print("(callgrind, one run a job, the instructions of a run that only imports subtracted)")
 
 
 def transformer(work: str, layers: int, copies: int = 1) -> str:
@@ -223,10 +268,13 @@ def plot(rows: list[dict], path: str) -> None:
 
 
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "--job":
+    if len(sys.argv) > 1 and sys.argv[1] == "--job":  # --job JOB SRC DST [--import-all] -- EXTRA...
         job, src, dst = sys.argv[2:5]
-        extra = sys.argv[6:] if len(sys.argv) > 5 and sys.argv[5] == "--" else []
-        print(json.dumps(run_job(job, src, dst, extra)))
+        rest = sys.argv[5:]
+        import_all = bool(rest) and rest[0] == "--import-all"
+        rest = rest[1:] if import_all else rest
+        extra = rest[1:] if rest and rest[0] == "--" else []
+        print(json.dumps(run_job(job, src, dst, extra, import_all)))
         return
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--repeat", type=int, default=3)
@@ -237,8 +285,14 @@ def main() -> None:
                    help="where generated models are kept (default /tmp/onnx_repvgg_bench)")
     p.add_argument("--plot", default=None, help="with --series: write a PNG plot here")
     p.add_argument("--json", default=None, help="also write the rows as JSON")
+    p.add_argument("--instructions", action="store_true",
+                   help="count instructions with valgrind's callgrind (one run a job) instead of timing")
     a = p.parse_args()
     os.makedirs(a.work, exist_ok=True)
+    if a.instructions:
+        count_instructions([("transformer 400 layers", transformer(a.work, 400), [f"--input-shape={TRANSFORMER_SHAPE}"]),
+                            ("repvgg 3000 blocks", repvgg(a.work, 3000), [])], a.work)
+        return
     if a.series:
         models = [(f"transformer {100 * c} layers (100 x {c})", transformer(a.work, 100, c),
                    [f"--input-shape={TRANSFORMER_SHAPE}"])
