@@ -365,3 +365,25 @@ def test_weight_left_in_the_file_with_too_few_bytes_is_refused(tmp_path, capsys)
     err = capsys.readouterr().err
     assert "is too small for the declared shape" in err and big.name in err and err.count("\n") == 1
     assert sorted(os.listdir(tmp_path)) == ["m.onnx"]
+
+
+def test_inline_output_is_what_onnx_save_writes_with_an_unknown_graph_field(tmp_path):
+    """A model of small tensors is written in one protobuf call: the bytes onnx.save writes,
+    unknown fields last, also for a graph whose only field after the initializers is an
+    unknown one (the field-by-field writer put the initializers after it). Found by review."""
+    weight = numpy_helper.from_array(np.ones((2, 2, 1, 1), np.float32), "W")
+    nodes = [helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(np.ones((1, 2, 3, 3), np.float32))),
+             helper.make_node("Conv", ["c", "W"], ["y"])]
+    model = helper.make_model(helper.make_graph(nodes, "g", [], [], [weight]),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    model.graph.ParseFromString(model.graph.SerializeToString() + bytes([0x18, 5]))  # field 3 (reserved): unknown
+    onnx.checker.check_model(model, full_check=True)
+    path, out = str(tmp_path / "in.onnx"), str(tmp_path / "out.onnx")
+    with open(path, "wb") as f:
+        f.write(model.SerializeToString())
+    assert main([path, out, "--no-check", "-q"]) == 0
+    written = read_bytes(out)
+    assert written == onnx.load(out).SerializeToString()  # what onnx.save writes of the fused model
+    parsed = onnx.ModelProto.FromString(written)
+    assert parsed.graph.SerializeToString().endswith(bytes([0x18, 5]))  # the unknown field kept, last
+    assert op_counts(parsed) == {"Constant": 1, "Conv": 1}
