@@ -367,12 +367,16 @@ def test_weight_left_in_the_file_with_too_few_bytes_is_refused(tmp_path, capsys)
     assert sorted(os.listdir(tmp_path)) == ["m.onnx"]
 
 
-def test_inline_output_is_what_onnx_save_writes_with_an_unknown_graph_field(tmp_path):
-    """A model of small tensors is written in one protobuf call: the bytes onnx.save writes,
-    unknown fields last, also for a graph whose only field after the initializers is an
-    unknown one (the field-by-field writer put the initializers after it). Found by review."""
-    weight = numpy_helper.from_array(np.ones((2, 2, 1, 1), np.float32), "W")
-    nodes = [helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(np.ones((1, 2, 3, 3), np.float32))),
+@pytest.mark.parametrize("channels", [2, 128])
+def test_inline_output_is_what_onnx_save_writes_with_an_unknown_graph_field(tmp_path, channels):
+    """The output is the bytes onnx.save writes, unknown fields last, also for a graph whose only
+    field after the initializers is an unknown one: a model of small tensors (written in one
+    protobuf call) and one whose 64 KiB weight stays in the input file and is spliced in (the
+    splice goes before the graph's first field that is of a higher number or unknown; it went
+    after such an unknown field). Found by review."""
+    weight = numpy_helper.from_array(np.ones((channels, channels, 1, 1), np.float32), "W")
+    nodes = [helper.make_node("Constant", [], ["c"],
+                              value=numpy_helper.from_array(np.ones((1, channels, 3, 3), np.float32))),
              helper.make_node("Conv", ["c", "W"], ["y"])]
     model = helper.make_model(helper.make_graph(nodes, "g", [], [], [weight]),
                               opset_imports=[helper.make_opsetid("", 17)])

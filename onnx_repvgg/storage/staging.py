@@ -173,7 +173,7 @@ def write_inline(model: onnx.ModelProto, path: str, payloads: Payloads, nested: 
         header.ClearField("external_data")
         header.ClearField("data_location")
         serialized = header.SerializeToString()
-        cut = wire.split_before(serialized, wire.TENSOR_RAW_DATA)
+        cut = wire.split_before(serialized, wire.TENSOR_RAW_DATA, _TENSOR_FIELDS)
         before = serialized[:cut] + wire.length_delimited(wire.TENSOR_RAW_DATA, length)
         after = serialized[cut:]
         size = len(before) + length + len(after)
@@ -182,11 +182,11 @@ def write_inline(model: onnx.ModelProto, path: str, payloads: Payloads, nested: 
         initializer_bytes += len(before) + length + len(after)
     graph.ClearField("initializer")
     graph_bytes = graph.SerializeToString()
-    graph_cut = wire.split_before(graph_bytes, wire.GRAPH_INITIALIZER)
+    graph_cut = wire.split_before(graph_bytes, wire.GRAPH_INITIALIZER, _GRAPH_FIELDS)
     graph_size = len(graph_bytes) + initializer_bytes
     model.ClearField("graph")
     model_bytes = model.SerializeToString()
-    model_cut = wire.split_before(model_bytes, wire.MODEL_GRAPH)
+    model_cut = wire.split_before(model_bytes, wire.MODEL_GRAPH, _MODEL_FIELDS)
     with open(path, "wb", buffering=0) as f:
         out = _Output(f.fileno())
         out.write(model_bytes[:model_cut])
@@ -202,6 +202,13 @@ def write_inline(model: onnx.ModelProto, path: str, payloads: Payloads, nested: 
         out.write(graph_bytes[graph_cut:])
         out.write(model_bytes[model_cut:])
         out.flush()
+
+
+# The field numbers each message type knows (a field not among them is an unknown one, which
+# protobuf writes after the known ones).
+_TENSOR_FIELDS = frozenset(onnx.TensorProto.DESCRIPTOR.fields_by_number)
+_GRAPH_FIELDS = frozenset(onnx.GraphProto.DESCRIPTOR.fields_by_number)
+_MODEL_FIELDS = frozenset(onnx.ModelProto.DESCRIPTOR.fields_by_number)
 
 
 def _load_nested_external(model: onnx.ModelProto, payloads: Payloads) -> None:

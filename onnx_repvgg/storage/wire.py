@@ -139,11 +139,13 @@ def length_delimited(number: int, payload_length: int) -> bytes:
     return tag(number, LENGTH_DELIMITED) + encode_varint(payload_length)
 
 
-def split_before(message: bytes, number: int) -> int:
+def split_before(message: bytes, number: int, known: frozenset[int] | None = None) -> int:
     """Where a field numbered `number` goes in a serialized message: before the first field with
-    a higher number. Protobuf serializes fields in ascending order, so inserting there gives the
-    bytes SerializeToString would give (any position would parse the same)."""
+    a higher number, or (given the message type's `known` field numbers) before its first
+    unknown field. Protobuf serializes known fields in ascending order and unknown ones after
+    them, so inserting there gives the bytes SerializeToString would give (any position would
+    parse the same)."""
     for f in fields(message):
-        if f.number > number:
+        if f.number > number or (known is not None and f.number not in known):
             return f.start
     return len(message)
