@@ -144,9 +144,10 @@ def write_inline(model: onnx.ModelProto, path: str, payloads: Payloads, nested: 
         _load_nested_external(model, payloads)
     graph = model.graph
     if not any(tensor.data_location == onnx.TensorProto.EXTERNAL for tensor in graph.initializer):
-        # Nothing to splice in: protobuf serializes fields in number order, which is the order
-        # written below, so the model's own bytes are the same file (a model of many small
-        # tensors, whose headers the loop below would serialize one by one).
+        # Nothing to splice in: the model's own bytes are the file the splicing below writes
+        # (protobuf writes known fields in number order and unknown ones after them; the splice
+        # goes where it would), in one call instead of a header per tensor (a model of many small
+        # tensors).
         try:
             data = model.SerializeToString()
         except EncodeError:  # over protobuf's 2 GB: written piece by piece below
