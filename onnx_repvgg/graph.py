@@ -17,7 +17,7 @@ import onnx
 from onnx import numpy_helper
 
 from .evaluate import Memo
-from .storage.external import UnreadableTensor, read_external, segment_refusal, size_refusal
+from .storage.external import CONTROL_FLOW, UnreadableTensor, ordinary_op, read_external, segment_refusal, size_refusal
 from .storage.wire import WireError, read_varint
 
 # Ops never folded even when every input is constant: random, control flow, or stateful.
@@ -34,12 +34,9 @@ _FOLD_LIMIT = 1 << 26
 _CACHE_LIMIT = 1 << 20
 
 
-_CONTROL_FLOW = {"If", "Loop", "Scan"}
-
-
 def subgraphs_of(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
     """The subgraphs held in a node's attributes (If/Loop/Scan, or any custom-domain op)."""
-    if node.domain in ("", "ai.onnx") and node.op_type not in _CONTROL_FLOW:
+    if ordinary_op(node):
         return
     yield from held_subgraphs(node)
 
@@ -65,7 +62,7 @@ def stray_subgraph_holder(graph: onnx.GraphProto) -> onnx.NodeProto | None:
     """The first node of an op that is neither control flow nor custom that holds a subgraph, in
     this graph or in a subgraph of it; None if there is none."""
     for node in graph.node:
-        stray = node.domain in ("", "ai.onnx") and node.op_type not in _CONTROL_FLOW
+        stray = ordinary_op(node)
         for sub in held_subgraphs(node):
             if stray:
                 return node
@@ -237,7 +234,7 @@ class GraphView:
         # custom-domain and control-flow nodes: never folded
         self._opaque: set[int] = {index for index, domain in enumerate([node.domain for node in nodes])
                                   if domain and domain != "ai.onnx"}
-        for op in _CONTROL_FLOW:
+        for op in CONTROL_FLOW:
             self._opaque.update(by_op.get(op, ()))
         self.consumers: dict[str, list[tuple[int, int]]] = defaultdict(list)
         consumers, opaque = self.consumers, self._opaque

@@ -41,7 +41,7 @@ from .graph import (
 )
 from .report import BlockRecord, ModelStats, Report
 from .rules import DEFAULT_RULES, RULES, bn_audit
-from .storage.external import all_tensors, elements, stray_holders
+from .storage.external import all_tensors, elements, ordinary_op, stray_holders
 from .storage.sinks import TensorReader
 
 MAX_ROUNDS = 32
@@ -390,12 +390,9 @@ def _commit(outcome, report: Report, sink, state: _Round) -> None:
 def _graphs(graph: onnx.GraphProto):
     yield graph
     for node in graph.node:
-        if node.op_type in _CONTROL_FLOW or node.domain not in ("", "ai.onnx"):
+        if not ordinary_op(node):
             for sub in subgraphs_of(node):
                 yield from _graphs(sub)
-
-
-_CONTROL_FLOW = frozenset({"If", "Loop", "Scan"})
 
 
 def _fuse_graph(graph: onnx.GraphProto, opset: int, rules, names: rewrite.NameRegistry,

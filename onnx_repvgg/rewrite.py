@@ -344,11 +344,8 @@ def apply(graph: onnx.GraphProto, view: GraphView, rewrites: list[Rewrite], sink
 
     if dead_initializers:  # deleted run by run (of consecutive indices), from the end
         dead = np.flatnonzero([name in dead_initializers for name in view.initializer_names])  # (one at least)
-        ends = np.flatnonzero(np.diff(dead) != 1)  # each run's last position in `dead`, but the last run's
-        starts = [0] + (ends + 1).tolist()
-        stops = ends.tolist() + [len(dead) - 1]
-        for first, last in zip(reversed(starts), reversed(stops)):
-            del graph.initializer[int(dead[first]):int(dead[last]) + 1]
+        for run in reversed(np.split(dead, np.flatnonzero(np.diff(dead) != 1) + 1)):
+            del graph.initializer[int(run[0]):int(run[-1]) + 1]
     return len(removed)
 
 

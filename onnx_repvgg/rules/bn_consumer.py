@@ -128,7 +128,7 @@ def use_paths(view: GraphView, bn: onnx.NodeProto, quiet: bool = False) -> list[
     when a use, or a tensor on the way, is anything else (`quiet`: None instead)."""
     paths = []
     stack: list[tuple[str, list[int]]] = [(bn.output[0], [])]
-    inputs_of, outputs_of = view.inputs_of, view.outputs_of
+    outputs_of = view.outputs_of
     while stack:
         name, path = stack.pop()
         if name in view.graph_outputs:
@@ -136,10 +136,10 @@ def use_paths(view: GraphView, bn: onnx.NodeProto, quiet: bool = False) -> list[
                 return None
             raise Skip("intermediate_is_output", f"'{name}' after BatchNormalization '{bn.name}' is a graph output")
         for index, slot in view.consumers.get(name, ()):
-            op = view.foldable_op(index)  # is_op(node, *CONSUMER_OPS), and is_layout(node) below
-            if slot == 0 and op in CONSUMER_OPS:
+            step = _use_step(view, index, slot)
+            if step == "layer":
                 paths.append((index, path))
-            elif slot == 0 and op in LAYOUT_OPS and inputs_of[index] and outputs_of[index]:
+            elif step == "layout":
                 stack.append((outputs_of[index][0], path + [index]))
             elif quiet:
                 return None
@@ -150,18 +150,25 @@ def use_paths(view: GraphView, bn: onnx.NodeProto, quiet: bool = False) -> list[
     return sorted(paths)
 
 
+def _use_step(view: GraphView, index: int, slot: int) -> str | None:
+    """How use_paths goes on through the use of a value by node `index` at input `slot`: "layer"
+    (the data input of a Conv, Gemm or MatMul: a path ends there), "layout" (that of a layout op:
+    the walk goes on from its output), or None (any other use: the walk fails)."""
+    if slot != 0:
+        return None
+    op = view.foldable_op(index)  # is_op(node, *CONSUMER_OPS), and is_layout(node)
+    if op in CONSUMER_OPS:
+        return "layer"
+    if op in LAYOUT_OPS and view.inputs_of[index] and view.outputs_of[index]:
+        return "layout"
+    return None
+
+
 def _first_uses_fold(view: GraphView, name: str) -> bool:
     """The first step of use_paths from `name`, the BN's output: False when it ends the walk
-    (a graph output, or a use that is neither the data input of a layer nor that of a layout
-    op), where use_paths(quiet=True) is None."""
-    if name in view.graph_outputs:
-        return False
-    inputs_of, outputs_of = view.inputs_of, view.outputs_of
-    for index, slot in view.consumers.get(name, ()):
-        op = view.foldable_op(index)
-        if slot != 0 or not (op in CONSUMER_OPS or (op in LAYOUT_OPS and inputs_of[index] and outputs_of[index])):
-            return False
-    return True
+    (a graph output, or a use _use_step fails), where use_paths(quiet=True) is None."""
+    return name not in view.graph_outputs and all(
+        _use_step(view, index, slot) is not None for index, slot in view.consumers.get(name, ()))
 
 
 def _features(view: GraphView, node: onnx.NodeProto) -> int | None:

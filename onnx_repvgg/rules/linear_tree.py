@@ -484,10 +484,13 @@ def keeps_shape(tree: LinearTree, shape: tuple[int, ...] | None, unknown_rank_li
     return True
 
 
-def channel_vector(factors: tuple[Factor, ...], rank: int, channels: int, what: str) -> np.ndarray:
-    """Multiply factors into one (channels,) vector for a tensor of `rank`, or Skip."""
+def channel_vector(factors: tuple[Factor, ...], rank: int, channels: int, what: str, copy: bool = True) -> np.ndarray:
+    """Multiply factors into one (channels,) vector for a tensor of `rank`, or Skip. A new array,
+    unless `copy` is False (a caller that only reads it: one per-channel factor is then returned
+    as it is)."""
     if len(factors) == 1 and factors[0].per_channel and factors[0].value.shape == (channels,):
-        return factors[0].value.astype(np.float64)  # = ones * value, elementwise exact (a new array)
+        # = ones * value, elementwise exact
+        return factors[0].value.astype(np.float64, copy=copy)
     vec = np.ones(channels)
     for f in factors:
         value = np.asarray(f.value, dtype=np.float64)
@@ -516,12 +519,8 @@ def constant_bias(constants: list[Addend], rank: int, channels: int) -> tuple[np
     bias = np.zeros(channels)
     kept: list[str] = []
     for c in constants:
-        factors = c.factors
-        if len(factors) == 1 and factors[0].per_channel and factors[0].value.shape == (channels,):
-            bias = bias + factors[0].value  # channel_vector's own fast path, without its copy: the same sum
-            continue
         try:
-            bias = bias + channel_vector(c.factors, rank, channels, f"constant '{c.name or 'BN shift'}'")
+            bias = bias + channel_vector(c.factors, rank, channels, f"constant '{c.name or 'BN shift'}'", copy=False)
         except Skip:
             if not c.name or len(c.factors) != 1:
                 raise

@@ -185,12 +185,7 @@ def survey(model: onnx.ModelProto) -> TensorSurvey:
             initializer_inputs.add(tensor.name)
         if tensor.data_location == _EXTERNAL:
             external.append(tensor)
-        dims = tensor.dims
-        if len(dims) == 1:
-            count = dims[0]
-        else:
-            values = dims[:]
-            count = -1 if values and min(values) < 0 else math.prod(values)
+        count = _known_count(tensor.dims)
         if count < 0:
             negative = True
             continue
@@ -220,7 +215,13 @@ def survey(model: onnx.ModelProto) -> TensorSurvey:
 
 def stray_holders(holders: list) -> bool:
     """Is one of these nodes that hold subgraphs of an op neither control flow nor custom?"""
-    return any(node.domain in ("", "ai.onnx") and node.op_type not in _CONTROL_FLOW for node in holders)
+    return any(ordinary_op(node) for node in holders)
+
+
+def ordinary_op(node: onnx.NodeProto) -> bool:
+    """Is the node of a default-domain op other than control flow (If, Loop, Scan)? Only control
+    flow and custom ops hold subgraphs by their definition."""
+    return node.domain in ("", "ai.onnx") and node.op_type not in CONTROL_FLOW
 
 
 def elements(dims) -> int:
@@ -244,7 +245,7 @@ def _known_count(dims) -> int:
     return -1 if values and min(values) < 0 else math.prod(values)
 
 
-_CONTROL_FLOW = frozenset({"If", "Loop", "Scan"})
+CONTROL_FLOW = frozenset({"If", "Loop", "Scan"})
 _EXTERNAL = onnx.TensorProto.EXTERNAL
 _STRING = onnx.TensorProto.STRING
 _FOUR_BIT = (onnx.TensorProto.INT4, onnx.TensorProto.UINT4)
