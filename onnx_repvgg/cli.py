@@ -435,6 +435,7 @@ def _phases(args, shapes, loaded, staging, say, timings, progress) -> int:
                                 f"(the model's inputs: {args.declared})"),
                       "original": "The original model does not run in onnxruntime; --no-check writes the "
                                   "fused model unvalidated",
+                      "sets": "Nothing written",
                       "fused": "Nothing written"}[err.side]
             print(f"onnx-repvgg: error: validation could not run: {str(err).rstrip('. ')}. {advice}.",
                   file=sys.stderr)

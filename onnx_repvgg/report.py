@@ -211,7 +211,7 @@ class Report:
         return "\n".join(lines)
 
 
-def _human_bytes(n: int | None) -> str:
+def human_bytes(n: int | None) -> str:
     if n is None:
         return "-"
     size = float(n)
@@ -230,7 +230,7 @@ def _side_by_side(report: Report) -> list[str]:
     rows.append(("nodes", str(b.nodes), str(a.nodes)))
     rows.append(("params", f"{b.params:,}", f"{a.params:,}"))
     if report.size_before is not None or report.size_after is not None:
-        rows.append(("file size", _human_bytes(report.size_before), _human_bytes(report.size_after)))
+        rows.append(("file size", human_bytes(report.size_before), human_bytes(report.size_after)))
     w0 = max(len(r[0]) for r in rows)
     w1 = max(len("original"), *(len(r[1]) for r in rows))
     w2 = max(len("fused"), *(len(r[2]) for r in rows))

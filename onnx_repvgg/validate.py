@@ -18,6 +18,7 @@ report says which. --input-shape / --input-data override.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Mapping, Sequence
 
@@ -30,7 +31,7 @@ from .proof.changes import find_regions
 from .proof.compare import DEFAULT_ATOL, DEFAULT_RTOL, HALF_ATOL, HALF_RTOL, compare, tolerances
 from .proof.continuity import not_comparable
 from .proof.runtime import ModelSource, ValidationError, extra_outputs, feeds_for, one_line, open_model, session
-from .report import OutputCheck, Validation
+from .report import OutputCheck, Validation, human_bytes
 
 __all__ = ["validate", "compare", "ValidationError", "DEFAULT_RTOL", "DEFAULT_ATOL", "HALF_RTOL", "HALF_ATOL"]
 
@@ -235,6 +236,37 @@ def _windows_covered(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> bo
     return True if seen else None
 
 
+def _check_sets_fit(first: tuple[dict, dict], input_sets: int) -> None:
+    """Every input set's inputs and outputs are kept until the fused model has run on them:
+    ValidationError ("sets") when that many sets of the size of the first would take more than
+    half the memory available, before it is spent (the kernel would end the process unannounced)."""
+    available = available_memory()
+    if available is None:
+        return
+    per_set = sum(np.asarray(v).nbytes for part in first for v in part.values())
+    if per_set * input_sets > available // 2:
+        most = max(1, (available // 2) // max(per_set, 1))
+        raise ValidationError(f"{input_sets} input sets would keep {human_bytes(per_set * input_sets)} of inputs and "
+                              f"outputs for the comparison ({human_bytes(per_set)} each), more than half the memory "
+                              f"available ({human_bytes(available)}): ask for {most} or fewer", "sets")
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation without swapping (Linux's MemAvailable),
+    or None where the system does not say."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
 def _run_original(a: ModelSource, fetch: list[str], shapes, data, input_sets: int, seed: int, defaulted):
     """Run the original on every input set: [(feeds, {name: value})], and the shapes used.
     A model that cannot run at the chosen sizes is tried at the others."""
@@ -252,6 +284,8 @@ def _run_original(a: ModelSource, fetch: list[str], shapes, data, input_sets: in
             for k in range(max(1, input_sets)):
                 feeds = feeds_for(reference.get_inputs(), candidate, data, seed + k)
                 runs.append((feeds, dict(zip(fetch, reference.run(fetch, feeds)))))
+                if k == 0 and input_sets > 1:
+                    _check_sets_fit(runs[0], input_sets)
             return runs, candidate
         except ValidationError:
             raise

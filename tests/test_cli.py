@@ -547,3 +547,34 @@ def test_colour_only_on_a_terminal(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("NO_COLOR", "1")
     assert main([str(tmp_path / "in.onnx"), "--dry-run"]) == 0
     assert "\033[" not in capsys.readouterr().out
+
+
+def test_check_sets_beyond_memory_are_refused_before_they_are_made(tmp_path, capsys, monkeypatch):
+    """--check N keeps every set's inputs and outputs for the comparison: N sets that would take
+    more than half the memory available are refused after the first, with one line and exit 2
+    (the kernel would otherwise kill the process unannounced), and nothing is written."""
+    import importlib
+
+    validate = importlib.import_module("onnx_repvgg.validate")
+    block_model(tmp_path / "in.onnx")
+    monkeypatch.setattr(validate, "available_memory", lambda: 64 << 20)
+    made = []
+    feeds_for = validate.feeds_for
+
+    def counted(*args):
+        made.append(1)
+        if len(made) > 10:  # (without the check: sets until memory runs out)
+            raise KeyboardInterrupt
+        return feeds_for(*args)
+
+    monkeypatch.setattr(validate, "feeds_for", counted)
+    out = tmp_path / "out.onnx"
+    assert main([str(tmp_path / "in.onnx"), str(out), "--check", "1000000000"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "1000000000 input sets would keep" in err
+    assert "more than half the memory available (64.00 MB): ask for" in err and "Nothing written" in err
+    assert len(made) == 1 and listing(tmp_path) == ["in.onnx"]
+    fits = int(err.split("ask for ")[1].split()[0])  # 64 MB / 2 over the first set's bytes
+    assert 1000 < fits < 1000000000
+    made.clear()
+    assert main([str(tmp_path / "in.onnx"), str(out), "-q", "--check", "3"]) == 0 and len(made) == 3

@@ -35,7 +35,8 @@ class ValidationError(RuntimeError):
 
     `side` is "original" when the input model itself cannot run (the user may choose
     --no-check), "fused" when only the fused model fails (a failed proof), "input" when the
-    inputs asked for do not fit the model (a wrong --input-shape or --input-data)."""
+    inputs asked for do not fit the model (a wrong --input-shape or --input-data), "sets" when
+    the input sets asked for would not fit in memory (--check N)."""
 
     def __init__(self, message: str, side: str = "fused"):
         super().__init__(message)
