@@ -51,8 +51,9 @@ def validate(original, fused, *, input_sets: int = 1, rtol: float | None = None,
     real arrays for some inputs (used in every input set); the rest are random. Dynamic dims
     not given by `input_shapes` are chosen (see SIZES). `base_dir` is where the external data
     of ModelProtos given without it loaded lies (the original's folder, for fuse()'s output).
-    Raises ValidationError if onnxruntime cannot run a model, or if `input_shapes`/`input_data`
-    name an input the model lacks or do not fit it.
+    Raises ValidationError if onnxruntime cannot run a model, if `input_shapes`/`input_data`
+    name an input the model lacks or do not fit it, or if the `input_sets` (whose inputs and
+    outputs are kept for the comparison) would take more than half the memory available.
     """
     start = time.perf_counter()
     a, b = open_model(original, "original", base_dir), open_model(fused, "fused", base_dir)
@@ -236,24 +237,52 @@ def _windows_covered(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> bo
     return True if seen else None
 
 
-def _check_sets_fit(first: tuple[dict, dict], input_sets: int) -> None:
+def _check_sets_fit(first: tuple[dict, dict], given: Mapping[str, np.ndarray], input_sets: int) -> None:
     """Every input set's inputs and outputs are kept until the fused model has run on them:
     ValidationError ("sets") when that many sets of the size of the first would take more than
-    half the memory available, before it is spent (the kernel would end the process unannounced)."""
+    half the memory available, before it is spent (the kernel would end the process unannounced).
+    The arrays of `given` (--input-data) are the same objects in every set: counted once."""
     available = available_memory()
     if available is None:
         return
-    per_set = sum(np.asarray(v).nbytes for part in first for v in part.values())
-    if per_set * input_sets > available // 2:
-        most = max(1, (available // 2) // max(per_set, 1))
-        raise ValidationError(f"{input_sets} input sets would keep {human_bytes(per_set * input_sets)} of inputs and "
-                              f"outputs for the comparison ({human_bytes(per_set)} each), more than half the memory "
-                              f"available ({human_bytes(available)}): ask for {most} or fewer", "sets")
+    feeds, outputs = first
+    shared = sum(_nbytes(feeds[name]) for name in given if name in feeds)
+    per_set = _nbytes(feeds) - shared + _nbytes(outputs)
+    budget = available // 2 - shared
+    if per_set * input_sets > budget:
+        most = max(0, budget) // max(per_set, 1)
+        raise ValidationError(f"{input_sets} input sets would keep {human_bytes(shared + per_set * input_sets)} of "
+                              f"inputs and outputs for the comparison ({human_bytes(per_set)} a set), more than half "
+                              f"the memory available ({human_bytes(available)}): ask for at most {max(most, 1)} "
+                              "(--check)", "sets")
+
+
+def _nbytes(value) -> int:
+    """Bytes held by a run's value: an array, or the arrays in a sequence or map output (0 for
+    anything else; never raises)."""
+    if isinstance(value, np.ndarray):
+        return value.nbytes
+    if isinstance(value, dict):
+        return sum(_nbytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_nbytes(v) for v in value)
+    return 0
 
 
 def available_memory() -> int | None:
-    """Bytes of memory available to a new allocation without swapping (Linux's MemAvailable),
-    or None where the system does not say."""
+    """Bytes of memory a new allocation may take without swapping or being killed: the least of
+    Linux's MemAvailable and the room left under the process's cgroup memory limit (a container's
+    --memory), or what sysconf says elsewhere; None where the system does not say."""
+    found = [room for room in (_meminfo_available(), _cgroup_room()) if room is not None]
+    if found:
+        return min(found)
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _meminfo_available() -> int | None:
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -261,10 +290,27 @@ def available_memory() -> int | None:
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError):
-        return None
+    return None
+
+
+_CGROUP_FILES = (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),  # cgroup v2
+                 ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"))  # v1
+
+
+def _cgroup_room(files=_CGROUP_FILES) -> int | None:
+    """The limit of the cgroup this process runs in, less what it uses; None without a limit."""
+    for limit_path, usage_path in files:
+        try:
+            with open(limit_path) as f:
+                limit = f.read().strip()
+            with open(usage_path) as f:
+                usage = int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+        if limit == "max" or not limit.isdigit() or int(limit) >= 1 << 60:  # no limit (v1 says so with a huge number)
+            return None
+        return max(0, int(limit) - usage)
+    return None
 
 
 def _run_original(a: ModelSource, fetch: list[str], shapes, data, input_sets: int, seed: int, defaulted):
@@ -285,7 +331,7 @@ def _run_original(a: ModelSource, fetch: list[str], shapes, data, input_sets: in
                 feeds = feeds_for(reference.get_inputs(), candidate, data, seed + k)
                 runs.append((feeds, dict(zip(fetch, reference.run(fetch, feeds)))))
                 if k == 0 and input_sets > 1:
-                    _check_sets_fit(runs[0], input_sets)
+                    _check_sets_fit(runs[0], data, input_sets)
             return runs, candidate
         except ValidationError:
             raise

@@ -572,9 +572,9 @@ def test_check_sets_beyond_memory_are_refused_before_they_are_made(tmp_path, cap
     assert main([str(tmp_path / "in.onnx"), str(out), "--check", "1000000000"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "1000000000 input sets would keep" in err
-    assert "more than half the memory available (64.00 MB): ask for" in err and "Nothing written" in err
-    assert len(made) == 1 and listing(tmp_path) == ["in.onnx"]
-    fits = int(err.split("ask for ")[1].split()[0])  # 64 MB / 2 over the first set's bytes
+    assert "more than half the memory available (64.00 MB): ask for at most" in err and "(--check)" in err
+    assert "Nothing written" in err and len(made) == 1 and listing(tmp_path) == ["in.onnx"]
+    fits = int(err.split("ask for at most ")[1].split()[0])  # 64 MB / 2 over the first set's bytes
     assert 1000 < fits < 1000000000
     made.clear()
     assert main([str(tmp_path / "in.onnx"), str(out), "-q", "--check", "3"]) == 0 and len(made) == 3

@@ -58,3 +58,49 @@ def test_special_values(expected, actual, passed):
 def test_integer_outputs_must_be_equal():
     assert compare("i", np.arange(4), np.arange(4), 1e-4, 1e-5).passed
     assert not compare("i", np.arange(4), np.arange(4) + 1, 1e-4, 1e-5).passed
+
+
+def test_kept_bytes_of_a_run_count_arrays_in_sequences_and_maps_and_never_raise():
+    from onnx_repvgg.validate import _nbytes
+
+    ragged = [np.zeros((1, 4), np.float32), np.zeros((3, 4), np.float32)]  # SplitToSequence: pieces of two sizes
+    assert _nbytes({"seq": ragged, "map": {1: np.zeros(2)}, "x": np.zeros(3, np.int64)}) == 64 + 16 + 24
+    assert _nbytes({"odd": object(), "none": None}) == 0
+
+
+def test_the_room_under_a_cgroup_limit_bounds_the_memory_available(tmp_path, monkeypatch):
+    import importlib
+
+    module = importlib.import_module("onnx_repvgg.validate")
+    limit, usage = tmp_path / "memory.max", tmp_path / "memory.current"
+    files = ((str(limit), str(usage)),)
+    usage.write_text("1000\n")
+    limit.write_text("max\n")
+    assert module._cgroup_room(files) is None  # no limit
+    limit.write_text(f"{1 << 62}\n")
+    assert module._cgroup_room(files) is None  # cgroup v1's way of saying none
+    limit.write_text("5000\n")
+    assert module._cgroup_room(files) == 4000
+    usage.write_text("9000\n")
+    assert module._cgroup_room(files) == 0
+    assert module._cgroup_room(((str(tmp_path / "absent"), str(usage)),)) is None
+    monkeypatch.setattr(module, "_meminfo_available", lambda: 1 << 30)
+    monkeypatch.setattr(module, "_cgroup_room", lambda: 1 << 20)
+    assert module.available_memory() == 1 << 20  # the least of the two
+    monkeypatch.setattr(module, "_cgroup_room", lambda: None)
+    assert module.available_memory() == 1 << 30
+
+
+def test_given_input_data_is_counted_once_not_per_set(monkeypatch):
+    import importlib
+
+    module = importlib.import_module("onnx_repvgg.validate")
+    given = {"big": np.zeros(1 << 20, np.uint8)}  # 1 MB, the same array in every set
+    first = ({"big": given["big"], "x": np.zeros(1000, np.uint8)}, {"y": np.zeros(24, np.uint8)})
+    monkeypatch.setattr(module, "available_memory", lambda: 4 << 20)  # half: 2 MB, 1 MB of it the given array
+    module._check_sets_fit(first, given, 900)  # 1 MB + 900 * 1,024 bytes fits
+    with pytest.raises(module.ValidationError, match=r"ask for at most 1024 \(--check\)") as err:
+        module._check_sets_fit(first, given, 1100)
+    assert err.value.side == "sets"
+    with pytest.raises(module.ValidationError, match="ask for at most"):  # counted per set, 900 would not fit
+        module._check_sets_fit(first, {}, 900)
