@@ -104,3 +104,49 @@ def test_given_input_data_is_counted_once_not_per_set(monkeypatch):
     assert err.value.side == "sets"
     with pytest.raises(module.ValidationError, match="ask for at most"):  # counted per set, 900 would not fit
         module._check_sets_fit(first, {}, 900)
+
+
+def test_sequence_map_and_absent_outputs_are_compared_part_by_part():
+    seq = [np.ones((1, 2), np.float32), np.full((3, 2), 2.0, np.float32)]
+    near = [seq[0] + 1e-7, seq[1]]
+    assert compare("s", seq, near, 1e-4, 1e-5).passed
+    off = compare("s", seq, [seq[0], seq[1] + 0.5], 1e-4, 1e-5)
+    assert not off.passed and off.max_abs_diff == pytest.approx(0.5)
+    short = compare("s", seq, seq[:1], 1e-4, 1e-5)
+    assert not short.passed and "a sequence of 1, the original a sequence of 2" in short.reason
+    assert not compare("s", seq, np.ones((1, 2), np.float32), 1e-4, 1e-5).passed
+    maps = [{1: np.float32(0.25), 2: np.float32(0.75)}]  # ZipMap: a sequence of maps
+    assert compare("m", maps, [{1: np.float32(0.25), 2: np.float32(0.75)}], 1e-4, 1e-5).passed
+    assert not compare("m", maps, [{1: np.float32(0.25), 3: np.float32(0.75)}], 1e-4, 1e-5).passed
+    assert not compare("m", maps, [{1: np.float32(0.25), 2: np.float32(0.5)}], 1e-4, 1e-5).passed
+    assert compare("o", None, None, 1e-4, 1e-5).passed and not compare("o", None, seq[0], 1e-4, 1e-5).passed
+
+
+def test_a_model_with_a_sequence_output_validates_and_a_wrong_weight_is_caught(tmp_path):
+    """onnxruntime gives a sequence output as a list of arrays (SplitToSequence, here in pieces of
+    two sizes): it was an internal error (exit 3) of the comparison."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnx_repvgg import fuse, validate
+    from tests.graphs import GraphBuilder
+    from tests.test_branch_sum import repvgg_block
+
+    b = GraphBuilder()
+    model = b.model([repvgg_block(b, identity="bn")])
+    graph = model.graph
+    graph.node.append(helper.make_node("SplitToSequence", [graph.output[0].name, "split"], ["seq"], axis=1))
+    graph.initializer.append(numpy_helper.from_array(np.array([1, 3], np.int64), "split"))
+    graph.output.append(helper.make_tensor_sequence_value_info("seq", TensorProto.FLOAT, None))
+    onnx.checker.check_model(model)
+    fused, report = fuse(model)
+    assert len(report.fused) == 1
+    result = validate(model, fused)
+    assert result.passed and [o.name for o in result.outputs][-1] == "seq"
+    conv = next(n for n in fused.graph.node if n.op_type == "Conv")
+    weight = next(t for t in fused.graph.initializer if t.name == conv.input[1])
+    wrong = numpy_helper.to_array(weight).copy()
+    wrong[0, 0, 1, 1] += 0.5
+    weight.CopyFrom(numpy_helper.from_array(wrong, weight.name))
+    result = validate(model, fused)
+    assert not result.passed and not next(o for o in result.outputs if o.name == "seq").passed

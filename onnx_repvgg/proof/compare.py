@@ -8,6 +8,9 @@ coordinates) is not measured against its largest values.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
 
 from ..report import OutputCheck
@@ -19,14 +22,29 @@ HALF_RTOL = 1e-2
 HALF_ATOL = 1e-3
 
 
-def tolerances(expected: np.ndarray, rtol: float | None, atol: float | None) -> tuple[float, float]:
-    """The tolerances for a tensor: the ones given, else the defaults of its dtype."""
-    half = np.asarray(expected).dtype == np.float16
+def tolerances(expected, rtol: float | None, atol: float | None) -> tuple[float, float]:
+    """The tolerances for a tensor (or the tensors of a sequence or map output): the ones given,
+    else the defaults of its dtype."""
+    half = _first_array(expected).dtype == np.float16
     return (rtol if rtol is not None else (HALF_RTOL if half else DEFAULT_RTOL),
             atol if atol is not None else (HALF_ATOL if half else DEFAULT_ATOL))
 
 
-def compare(name: str, expected: np.ndarray, actual: np.ndarray, rtol: float, atol: float) -> OutputCheck:
+def _first_array(value) -> np.ndarray:
+    """The first tensor of a value as onnxruntime gives it (an array; a list of them for a
+    sequence output; a dict, or a list of dicts, for a map output), or an empty float32 array."""
+    while isinstance(value, (list, tuple, dict)):
+        parts = list(value.values()) if isinstance(value, dict) else list(value)
+        if not parts:
+            return np.zeros(0, np.float32)
+        value = parts[0]
+    return np.asarray(value) if value is not None else np.zeros(0, np.float32)
+
+
+def compare(name: str, expected, actual, rtol: float, atol: float) -> OutputCheck:
+    if isinstance(expected, (list, tuple, dict)) or isinstance(actual, (list, tuple, dict)) \
+            or expected is None or actual is None:
+        return _compare_parts(name, expected, actual, rtol, atol)
     expected = np.asarray(expected)
     actual = np.asarray(actual)
     if expected.shape != actual.shape or expected.dtype != actual.dtype:
@@ -56,3 +74,33 @@ def compare(name: str, expected: np.ndarray, actual: np.ndarray, rtol: float, at
     max_rel = float(relative.max()) if relative.size else 0.0
     passed = bool(same_nan.all() and same_inf.all() and np.all(diff <= atol + rtol * scale))
     return OutputCheck(name, max_abs, max_rel, rtol, atol, passed)
+
+
+def _compare_parts(name: str, expected, actual, rtol: float, atol: float) -> OutputCheck:
+    """A sequence output (a list of tensors), a map (a dict), a sequence of maps, or an optional
+    output that is absent (None): equal in structure (lengths, keys) and part by part within
+    the tolerances; the worst part is reported."""
+    def differs(what: Callable[[Any], str]) -> OutputCheck:
+        return OutputCheck(name, float("inf"), float("inf"), rtol, atol, False,
+                           reason=f"the fused model gives {what(actual)}, the original {what(expected)}")
+
+    if expected is None or actual is None:
+        if expected is None and actual is None:
+            return OutputCheck(name, 0.0, 0.0, rtol, atol, True)
+        return differs(lambda v: "no value" if v is None else "a value")
+    if isinstance(expected, dict) or isinstance(actual, dict):
+        if not (isinstance(expected, dict) and isinstance(actual, dict)) or list(expected) != list(actual):
+            return differs(lambda v: f"a map with keys {sorted(v)[:8]}" if isinstance(v, dict) else type(v).__name__)
+        pairs = [(expected[k], actual[k]) for k in expected]
+    elif not (isinstance(expected, (list, tuple)) and isinstance(actual, (list, tuple))) or len(expected) != len(actual):
+        return differs(lambda v: f"a sequence of {len(v)}" if isinstance(v, (list, tuple)) else "a tensor")
+    else:
+        pairs = list(zip(expected, actual))
+    worst = OutputCheck(name, 0.0, 0.0, rtol, atol, True)
+    for e, a in pairs:
+        part = compare(name, e, a, rtol, atol)
+        worst.max_abs_diff = max(worst.max_abs_diff, part.max_abs_diff)
+        worst.max_rel_diff = max(worst.max_rel_diff, part.max_rel_diff)
+        if not part.passed and worst.passed:
+            worst.passed, worst.reason = False, part.reason
+    return worst
