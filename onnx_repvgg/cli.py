@@ -134,12 +134,24 @@ def choose_rules(args) -> list[str]:
     return [r for r in chosen if r not in _names(args.skip)]
 
 
+def _split_name_path(spec: str) -> tuple[str, str, str]:
+    """NAME:FILE split at the first colon after which an existing file is named, so that an input
+    name may hold colons (tf2onnx's 'input:0') and a path may too (C:\\data\\x.npy); at the first
+    colon when no split names a file (the error then names the file not found)."""
+    at = spec.find(":")
+    while at >= 0:
+        if os.path.isfile(spec[at + 1:]):
+            return spec[:at], ":", spec[at + 1:]
+        at = spec.find(":", at + 1)
+    return spec.partition(":")
+
+
 def load_input_data(specs: list[str]) -> dict:
     import numpy as np
 
     feeds = {}
     for spec in specs:
-        name, sep, path = spec.partition(":")
+        name, sep, path = _split_name_path(spec)
         if not sep or not name or not path:
             raise UsageError(f"--input-data {spec!r}: expected NAME:FILE.npy")
         try:

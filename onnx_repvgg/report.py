@@ -64,6 +64,7 @@ class BlockCheck:
     max_rel_diff: float = 0.0
     input_shapes: dict[str, list[int]] = field(default_factory=dict)
     note: str | None = None
+    reason: str | None = None       # failed: what differs beyond the diffs (a NaN or inf in one model only)
 
 
 @dataclass
@@ -294,7 +295,9 @@ def _validation_text(v: Validation, paint=_PLAIN) -> str:
             lines.append(f"  not comparable: {o.role} '{o.name}' {o.reason} (max abs diff {o.max_abs_diff:.3g}, "
                          "not held to the tolerance)")
     for b in v.blocks:
-        if b.checked and not b.passed:
+        if b.checked and not b.passed and b.reason:
+            lines.append(f"  block '{b.nodes[0]}' checked alone: {b.reason}")
+        elif b.checked and not b.passed:
             lines.append(f"  block '{b.nodes[0]}' checked alone: max abs diff {b.max_abs_diff:.3g}, max rel diff "
                          f"{b.max_rel_diff:.3g} exceed the tolerance")
         elif b.note:

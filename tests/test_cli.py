@@ -496,8 +496,9 @@ def test_json_schema(tmp_path, capsys):
     assert {o["role"] for o in v["tensors"]} == {"block input"}  # the block's output is a graph output
     [block] = v["blocks"]
     assert set(block) == {"nodes", "outputs", "checked", "passed", "max_abs_diff", "max_rel_diff", "input_shapes",
-                          "note"}
+                          "note", "reason"}
     assert block["checked"] and block["passed"] and block["nodes"][0] == by_status["fused"]["fused_node"]
+    assert block["reason"] is None
 
 
 def test_large_models_are_written_with_external_data(tmp_path, capsys, monkeypatch):
@@ -578,3 +579,23 @@ def test_check_sets_beyond_memory_are_refused_before_they_are_made(tmp_path, cap
     assert 1000 < fits < 1000000000
     made.clear()
     assert main([str(tmp_path / "in.onnx"), str(out), "-q", "--check", "3"]) == 0 and len(made) == 3
+
+
+def test_input_data_names_an_input_whose_name_holds_colons(tmp_path, capsys):
+    """tf2onnx names inputs 'input:0': NAME:FILE is split where the rest names a file."""
+    b = GraphBuilder()
+    model = b.model([repvgg_block(b, identity="bn")])
+    old = b.x
+    model.graph.input[0].name = "input:0"
+    for node in model.graph.node:
+        node.input[:] = ["input:0" if name == old else name for name in node.input]
+    onnx.save(model, str(tmp_path / "in.onnx"))
+    data = tmp_path / "x.npy"
+    np.save(data, np.random.default_rng(0).standard_normal(b.input_shape).astype(np.float32))
+    report = tmp_path / "r.json"
+    assert main([str(tmp_path / "in.onnx"), str(tmp_path / "out.onnx"), "-q", "--input-data", f"input:0:{data}",
+                 "--json", str(report)]) == 0
+    assert json.loads(report.read_text())["validation"]["given_inputs"] == ["input:0"]
+    assert main([str(tmp_path / "in.onnx"), str(tmp_path / "o2.onnx"), "-q", "--input-data",
+                 f"input:0:{tmp_path / 'absent.npy'}"]) == 2
+    assert "cannot read a .npy array" in capsys.readouterr().err

@@ -150,3 +150,51 @@ def test_a_model_with_a_sequence_output_validates_and_a_wrong_weight_is_caught(t
     weight.CopyFrom(numpy_helper.from_array(wrong, weight.name))
     result = validate(model, fused)
     assert not result.passed and not next(o for o in result.outputs if o.name == "seq").passed
+
+
+def test_nan_or_inf_in_one_model_only_is_named_as_what_differs():
+    expected = np.array([[1.0, np.nan, 3.0, np.inf]], np.float32)
+    check = compare("y", expected, np.array([[1.0, np.inf, 3.0, np.inf]], np.float32), 1e-4, 1e-5)
+    assert not check.passed and check.max_abs_diff == 0.0
+    assert check.reason.startswith("1 element(s) NaN or infinite in one model and not the same in the other "
+                                   "(at [0, 1]: original nan, fused inf)")
+    assert compare("y", expected, expected.copy(), 1e-4, 1e-5).reason is None  # NaN where NaN, inf where inf
+
+
+def test_a_model_without_inputs_is_compared_not_called_empty(tmp_path):
+    """A model of no inputs (its data from a seeded RandomNormal) has no empty input: it was
+    refused as "every input is empty: nothing was compared" (exit 1)."""
+    import onnx
+    from onnx import helper
+
+    from onnx_repvgg import fuse, validate
+    from onnx_repvgg.cli import main
+    from tests.graphs import GraphBuilder
+    from tests.test_branch_sum import repvgg_block
+
+    b = GraphBuilder()
+    model = b.model([repvgg_block(b, identity="bn")])
+    graph = model.graph
+    graph.node.insert(0, helper.make_node("RandomNormal", [], [b.x], shape=list(b.input_shape), seed=1.0,
+                                          dtype=onnx.TensorProto.FLOAT))
+    del graph.input[:]
+    onnx.checker.check_model(model, full_check=True)
+    fused, report = fuse(model)
+    assert len(report.fused) == 1
+    result = validate(model, fused)
+    assert result.passed and not result.notes and result.outputs[0].max_abs_diff < 1e-4
+    path = str(tmp_path / "m.onnx")
+    onnx.save(model, path)
+    assert main([path, str(tmp_path / "out.onnx"), "-q"]) == 0
+
+
+def test_a_block_that_failed_on_nan_or_inf_says_so_in_the_report():
+    from onnx_repvgg.report import BlockCheck, Validation, _validation_text
+
+    why = "output 'y': 1 element(s) NaN or infinite in one model and not the same in the other"
+    failed = BlockCheck(["conv"], ["y"], checked=True, passed=False, reason=why)
+    text = _validation_text(Validation(passed=False, input_sets=1, blocks=[failed]))
+    assert f"block 'conv' checked alone: {why}" in text
+    failed.reason = None
+    assert "block 'conv' checked alone: max abs diff 0, max rel diff 0 exceed the tolerance" in \
+        _validation_text(Validation(passed=False, input_sets=1, blocks=[failed]))

@@ -204,3 +204,5 @@ def _run_chunk(chunk, a: ModelSource, b: ModelSource, a_index: GraphIndex, b_ind
             check.max_abs_diff = max(check.max_abs_diff, result.max_abs_diff)
             check.max_rel_diff = max(check.max_rel_diff, result.max_rel_diff)
             check.passed = check.passed and result.passed
+            if not result.passed and result.reason and not check.reason:
+                check.reason = f"output '{name}': {result.reason}"

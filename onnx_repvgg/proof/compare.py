@@ -73,7 +73,14 @@ def compare(name: str, expected, actual, rtol: float, atol: float) -> OutputChec
         relative = np.where(scale > 0, diff / scale, np.where(diff > 0, np.inf, 0.0))
     max_rel = float(relative.max()) if relative.size else 0.0
     passed = bool(same_nan.all() and same_inf.all() and np.all(diff <= atol + rtol * scale))
-    return OutputCheck(name, max_abs, max_rel, rtol, atol, passed)
+    check = OutputCheck(name, max_abs, max_rel, rtol, atol, passed)
+    apart = ~(same_nan & same_inf)
+    if apart.any():  # the differences above are of the elements finite in both: say what else differs
+        first = np.unravel_index(int(np.argmax(apart)), apart.shape) if apart.ndim else ()
+        check.reason = (f"{int(apart.sum())} element(s) NaN or infinite in one model and not the same in the other "
+                        f"(at {list(map(int, first))}: original {expected[first]}, fused {actual[first]}); "
+                        f"the elements finite in both differ by at most {max_abs:.3g} (rel {max_rel:.3g})")
+    return check
 
 
 def _compare_parts(name: str, expected, actual, rtol: float, atol: float) -> OutputCheck:
