@@ -465,8 +465,9 @@ def _fuse_graph(graph: onnx.GraphProto, opset: int, rules, names: rewrite.NameRe
         if near.reason is not None:
             report.blocks.append(BlockRecord(anchor=near.anchor, branches=near.branch_labels, status="skipped",
                                              reason_code=near.reason.code, reason=near.reason.message))
-    if rewrite.stale_value_info(graph):
+    stale = rewrite.stale_value_info(graph)
+    if stale:
         names.ensure()
-        rewrite.drop_stale_value_info(graph)
+        rewrite.drop_stale_value_info(graph, stale)
         rewritten = True
     return rewritten

@@ -27,6 +27,7 @@ import weakref
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_repvgg import rewrite
@@ -623,3 +624,20 @@ def test_foldable_op_is_is_op_read_from_the_index():
         for op in ("Conv", "BatchNormalization", "Add", "Relu", "Cast", "Custom", "If"):
             expected = is_op(node, op) and op != "If"
             assert (view.foldable_op(i) == op) == expected, (node.op_type, node.domain, op)
+
+
+@pytest.mark.parametrize("moves_at_most", [0, 1 << 60])
+def test_stale_value_info_is_dropped_the_same_in_one_pass_or_one_by_one(monkeypatch, moves_at_most):
+    """A fused dynamo export leaves most of its value_info stale; many deletions one by one each
+    move the entries after them (quadratic), so the kept entries are put back in one pass: the
+    same entries in the same order."""
+    graph = onnx.GraphProto()
+    graph.value_info.extend(helper.make_tensor_value_info(f"t{i}", TensorProto.FLOAT, [1, i % 7 + 1]) for i in range(300))
+    graph.node.extend(helper.make_node("Relu", ["x"], [f"t{i}"]) for i in range(0, 300, 7))
+    expected = [v.SerializeToString() for v in graph.value_info if int(v.name[1:]) % 7 == 0]
+    monkeypatch.setattr(rewrite, "_MOVES_AT_MOST", moves_at_most)
+    stale = rewrite.stale_value_info(graph)
+    assert len(stale) == 300 - len(expected)
+    rewrite.drop_stale_value_info(graph, stale)
+    assert [v.SerializeToString() for v in graph.value_info] == expected
+    assert rewrite.stale_value_info(graph) == []
