@@ -47,7 +47,16 @@ from ..block import Block, Candidate, ConvGeometry, Rewrite, Term
 from ..graph import GraphView
 from .common import ConvParams, NotWorthIt, Skip, conv_params, is_op, pool_params
 from .dense import DenseBlock, build_dense_block
-from .linear_tree import Addend, LinearIndex, LinearTree, addend_scale, channel_vector, constant_bias, linear_index
+from .linear_tree import (
+    Addend,
+    LinearIndex,
+    LinearTree,
+    addend_scale,
+    channel_vector,
+    constant_bias,
+    linear_index,
+    per_channel_vector,
+)
 
 NAME = "branch_sum"
 LEAF_OPS = ("Conv", "Gemm", "MatMul")  # a branch of X is one of these applied to X (or X itself)
@@ -292,7 +301,9 @@ def build_block(view: GraphView, index: LinearIndex, tree: LinearTree, x: str,
 
     terms: list[Term] = []
     for b, grid in zip(identities, branch_offsets):
-        scale = channel_vector(b.addend.factors, rank, cout, f"identity branch '{x}'")
+        vector = per_channel_vector(b.addend.factors, cout)  # (a BN's: no message built)
+        scale = vector.astype(np.float64) if vector is not None else \
+            channel_vector(b.addend.factors, rank, cout, f"identity branch '{x}'")
         kernel = _identity_kernel(cout, group, n)
         terms.append(Term(kernel, np.zeros(cout), grid, scale))
     for (b, pp), grid in zip(pools, branch_offsets[len(identities):]):
@@ -303,7 +314,9 @@ def build_block(view: GraphView, index: LinearIndex, tree: LinearTree, x: str,
         kernel = algebra.avgpool_kernel(cout, group, pp.kernel)
         terms.append(Term(kernel, np.zeros(cout), grid, scale))
     for (b, p), grid in zip(convs, branch_offsets[len(identities) + len(pools):]):
-        factor = channel_vector(b.addend.factors, rank, cout, f"branch '{b.addend.name}'") if b.addend.factors else None
+        vector = per_channel_vector(b.addend.factors, cout)
+        factor = vector.astype(np.float64) if vector is not None else \
+            channel_vector(b.addend.factors, rank, cout, f"branch '{b.addend.name}'") if b.addend.factors else None
         bias = np.zeros(cout) if p.bias is None else p.bias
         terms.append(Term(p.weight, bias, grid, factor))
     bias_from_constants, kept = constant_bias(tree.constants, rank, cout)
@@ -316,7 +329,10 @@ def build_block(view: GraphView, index: LinearIndex, tree: LinearTree, x: str,
 
     removed = list(tree.nodes) + [b.node for b, _ in convs] + [b.node for b, _ in pools]
     removed += _dead_copies(view, index, x, removed, branches)
-    main = max(convs, key=lambda c: math.prod(c[1].kernel))[1]
+    main = convs[0][1]  # the first of the widest kernels (max() of the taps)
+    for _, p in convs[1:]:
+        if math.prod(p.kernel) > math.prod(main.kernel):
+            main = p
     geometry = ConvGeometry(tuple(kernel_shape), tuple(strides), tuple(dilations),
                             tuple(pad_begin) + tuple(pad_end), group)
     root = view.nodes[tree.root]
