@@ -448,6 +448,7 @@ def _phases(args, shapes, loaded, staging, say, timings, progress) -> int:
                       "original": "The original model does not run in onnxruntime; --no-check writes the "
                                   "fused model unvalidated",
                       "sets": "Nothing written",
+                      "unsupported": "--no-check writes the fused model unvalidated",
                       "fused": "Nothing written"}[err.side]
             print(f"onnx-repvgg: error: validation could not run: {str(err).rstrip('. ')}. {advice}.",
                   file=sys.stderr)

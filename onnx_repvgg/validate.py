@@ -170,7 +170,8 @@ def _declared_dims(graph: onnx.GraphProto, names: list[str]) -> dict[str, list[i
     for value in graph.input:
         if value.name in names:
             shape = value.type.tensor_type.shape
-            dims[value.name] = [d.dim_value if d.HasField("dim_value") else None for d in shape.dim]
+            # (a negative dim_value is no size: dynamic, as for the pass's own reading of declared dims)
+            dims[value.name] = [d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else None for d in shape.dim]
     return dims
 
 
@@ -340,6 +341,8 @@ def _run_original(a: ModelSource, fetch: list[str], shapes, data, input_sets: in
             if not defaulted:
                 break
     text = one_line(first_error) if first_error else "no input shape worked"
+    if "No corresponding Numpy type" in text:  # onnxruntime ran it, but cannot hand a value's type to Python
+        raise ValidationError(f"onnxruntime cannot hand a value the comparison reads to numpy ({text})", "unsupported")
     shape_error = any(key in text for key in ("dimension", "Invalid rank", "shape", "Got:", "Expected:"))
     raise ValidationError(f"onnxruntime cannot run the original model at input shapes "
                           f"{ {k: list(v) for k, v in shapes.items()} }: {text}",

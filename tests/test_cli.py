@@ -599,3 +599,45 @@ def test_input_data_names_an_input_whose_name_holds_colons(tmp_path, capsys):
     assert main([str(tmp_path / "in.onnx"), str(tmp_path / "o2.onnx"), "-q", "--input-data",
                  f"input:0:{tmp_path / 'absent.npy'}"]) == 2
     assert "cannot read a .npy array" in capsys.readouterr().err
+
+
+def test_types_validation_cannot_make_or_read_are_named_as_such(tmp_path, capsys):
+    """A bfloat16 graph output (onnxruntime runs the model; numpy cannot take the value) or a
+    string input without data was blamed on the original model not running in onnxruntime."""
+    b = GraphBuilder()
+    model = b.model([repvgg_block(b, identity="bn")])
+    out = model.graph.output[0].name
+    model.graph.node.append(onnx.helper.make_node("Cast", [out], ["half"], to=onnx.TensorProto.BFLOAT16))
+    model.graph.output.append(onnx.helper.make_tensor_value_info("half", onnx.TensorProto.BFLOAT16, b.input_shape))
+    onnx.save(model, str(tmp_path / "bf16.onnx"))
+    assert main([str(tmp_path / "bf16.onnx"), str(tmp_path / "out.onnx"), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "onnxruntime cannot hand a value the comparison reads to numpy" in err and "bfloat16" in err
+    assert "--no-check writes the fused model unvalidated" in err and "does not run" not in err
+    assert not os.path.exists(tmp_path / "out.onnx")
+
+    b = GraphBuilder()
+    model = b.model([repvgg_block(b, identity="bn")])
+    model.graph.input.append(onnx.helper.make_tensor_value_info("s", onnx.TensorProto.STRING, [2]))
+    model.graph.node.append(onnx.helper.make_node("Identity", ["s"], ["s_out"]))
+    model.graph.output.append(onnx.helper.make_tensor_value_info("s_out", onnx.TensorProto.STRING, [2]))
+    onnx.save(model, str(tmp_path / "text.onnx"))
+    assert main([str(tmp_path / "text.onnx"), str(tmp_path / "out.onnx"), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "input 's' has type tensor(string), which random inputs do not cover (--input-data" in err
+    np.save(tmp_path / "s.npy", np.array(["a", "bc"]))  # given: used as it is
+    assert main([str(tmp_path / "text.onnx"), str(tmp_path / "out.onnx"), "-q", "--input-data",
+                 f"s:{tmp_path / 's.npy'}"]) == 0
+
+
+def test_a_negative_declared_dim_is_chosen_like_a_dynamic_one(tmp_path, capsys):
+    """dim_value -1 (the checker passes it; runtimes read it as unknown) was passed to numpy as a
+    size ("negative dimensions are not allowed")."""
+    b = GraphBuilder()
+    model = b.model([repvgg_block(b, identity="bn")])
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = -1
+    onnx.save(model, str(tmp_path / "in.onnx"))
+    report = tmp_path / "r.json"
+    assert main([str(tmp_path / "in.onnx"), str(tmp_path / "out.onnx"), "-q", "--json", str(report)]) == 0
+    validation = json.loads(report.read_text())["validation"]
+    assert validation["passed"] and validation["defaulted_dims"] == ["x[0]"] and validation["input_shapes"]["x"][0] > 0

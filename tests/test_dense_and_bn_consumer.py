@@ -99,3 +99,24 @@ def test_api_with_unloaded_external_data(tmp_path):
         fuse(lazy)
     fused, report = fuse(lazy, base_dir=models)
     assert len(report.fused) == 22
+
+
+def test_a_block_that_computes_a_constant_is_named_so():
+    """A block whose input is an initializer computes a constant, which the rules leave to
+    constant folding: the audit said it 'was not folded by the rules run'."""
+    import onnx
+    from onnx import numpy_helper
+
+    b = GraphBuilder()
+    x = b.x
+    out = b.add(b.bn(b.conv(x, 4, 4, 3), 4), b.bn(b.conv(x, 4, 4, 1, pads=[0, 0, 0, 0]), 4))
+    model = b.model([out])
+    data = np.random.default_rng(0).standard_normal(b.input_shape).astype(np.float32)
+    model.graph.initializer.append(numpy_helper.from_array(data, x))
+    del model.graph.input[:]
+    onnx.checker.check_model(model)
+    fused, report = fuse(model)
+    assert not report.fused and report.skipped
+    assert {r.reason_code for r in report.skipped} == {"constant"}
+    assert all("computes a constant" in r.reason and "constant folding" in r.reason for r in report.skipped)
+    assert op_counts(fused) == op_counts(model)

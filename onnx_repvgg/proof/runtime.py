@@ -36,7 +36,8 @@ class ValidationError(RuntimeError):
     `side` is "original" when the input model itself cannot run (the user may choose
     --no-check), "fused" when only the fused model fails (a failed proof), "input" when the
     inputs asked for do not fit the model (a wrong --input-shape or --input-data), "sets" when
-    the input sets asked for would not fit in memory (--check N)."""
+    the input sets asked for would not fit in memory (--check N), "unsupported" when a value's
+    type is one the comparison cannot make or read (bfloat16, a string input without data)."""
 
     def __init__(self, message: str, side: str = "fused"):
         super().__init__(message)
@@ -118,8 +119,11 @@ def feeds_for(session_inputs, shapes: Mapping[str, Sequence[int]], data: Mapping
     for arg in session_inputs:
         dtype = ORT_DTYPES.get(arg.type)
         if dtype is None:
-            raise ValidationError(f"input '{arg.name}' has type {arg.type}, which random inputs do not cover",
-                                  "original")
+            if arg.name in data:  # given: onnxruntime checks it against the input's type
+                feeds[arg.name] = np.asarray(data[arg.name])
+                continue
+            raise ValidationError(f"input '{arg.name}' has type {arg.type}, which random inputs do not cover "
+                                  "(--input-data gives an input's values)", "unsupported")
         if arg.name in data:
             given = np.asarray(data[arg.name])
             if given.dtype.kind != np.dtype(dtype).kind:  # float data for an int input, or the reverse

@@ -8,7 +8,8 @@ BN's own anchor, or by the anchor of the sum it is part of) are not reported aga
 
 The reason is the first failing precondition of the fold that would have removed the BN:
 into the layer before it (branch_sum for a Conv or Gemm, bn_into_matmul for a MatMul), then
-into the layers after it (bn_into_consumer); `not_folded` when none fails (e.g. a rule that
+into the layers after it (bn_into_consumer); `constant` when it computes a constant (the rules
+leave constant subgraphs to constant folding); `not_folded` when none fails (e.g. a rule that
 would fold it was not run).
 """
 
@@ -128,6 +129,10 @@ def unrecorded(view: GraphView, opset: int, recorded: set[str]) -> list[Candidat
             reason = _producer_reason(view, index, opset, producer)
         if reason is None and consumers:
             reason = _consumer_reason(view, index, opset)
+        if reason is None and view.is_constant_node(index):
+            reason = Reason("constant", f"BatchNormalization '{node.name}' computes a constant (its input is computed "
+                            "from constants only): constant folding (onnxsim, onnxruntime's optimizer) removes it, "
+                            "with the layers beside it")
         if reason is None:
             neighbours = [view.nodes[producer[0]]] if producer else []
             neighbours += [view.nodes[i] for i in consumers]
