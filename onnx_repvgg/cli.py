@@ -416,8 +416,8 @@ def _phases(args, shapes, loaded, staging, say, timings, progress) -> int:
         say(f"onnx-repvgg {__version__}: {args.input} (dry run, nothing written)")
         say(report.to_text(verbose=args.verbose, color=args.color, dry_run=True))
         _write_json(args, report)
-        if args.exit_code and (report.fused or report.skipped or report.left_alone):
-            return EXIT_WOULD_FUSE  # (a model left alone was not searched: it is not known to be in deploy form)
+        if args.exit_code and (report.fused or report.skipped or report.left_alone or report.unsearched):
+            return EXIT_WOULD_FUSE  # (a model, or a part of it, not searched is not known to be in deploy form)
         return EXIT_OK
 
     # --allow-densify can grow it (a model with nothing fused has the tensors it had); the fused

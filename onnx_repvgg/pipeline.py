@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+from collections import Counter
 from collections.abc import Iterable
 
 import numpy as np
@@ -155,10 +156,46 @@ def _fuse(model: onnx.ModelProto, *, rules, inplace: bool, base_dir, sink, allow
                                  {"allow_densify": allow_densify}, model if main else None, memo,
                                  source if main else None, initializer_elements)
         source.view = None
+    report.unsearched = _unsearched_functions(model)
     before = report.before
     assert before is not None
     report.after = ModelStats.of(model) if rewritten else ModelStats(dict(before.op_counts), before.nodes, before.params)
     return model, report
+
+
+_LAYER_OPS = frozenset({"Conv", "ConvTranspose", "BatchNormalization", "Gemm", "MatMul"})
+
+
+def _unsearched_functions(model: onnx.ModelProto) -> str | None:
+    """What the report says of the model-local functions that hold layers a rule folds (a
+    TorchScript export with export_modules_as_functions puts each block in one): the pass
+    searches graphs, not function bodies, so blocks in them stay as they are. None when no
+    such function is called."""
+    local = {(f.domain, f.name): f for f in model.functions}
+    if not local:
+        return None
+    holding: dict[tuple[str, str], bool] = {}
+
+    def holds(key: tuple[str, str], seen: frozenset = frozenset()) -> bool:
+        if key not in holding:
+            nodes = local[key].node
+            holding[key] = any(n.domain in ("", "ai.onnx") and n.op_type in _LAYER_OPS for n in nodes) or any(
+                (n.domain, n.op_type) in local and (n.domain, n.op_type) not in seen
+                and holds((n.domain, n.op_type), seen | {key}) for n in nodes)
+        return holding[key]
+
+    calls: Counter[str] = Counter()
+    for graph in _graphs(model.graph):
+        for node in graph.node:
+            key = (node.domain, node.op_type)
+            if key in local and holds(key):
+                calls[node.op_type] += 1
+    if not calls:
+        return None
+    listed = ", ".join(f"{name} x{count}" for name, count in calls.most_common(5))
+    return (f"{sum(calls.values())} calls of model-local functions that hold layers ({listed}): the pass searches "
+            "graphs, not function bodies, so blocks inside them are not fused; inline them first "
+            "(onnx.inliner.inline_local_functions) to fuse them")
 
 
 def _left_alone(model: onnx.ModelProto, report: Report) -> Report:

@@ -126,6 +126,7 @@ class Report:
     frozen_initializer_inputs: int = 0  # initializers removed from the graph inputs
     notes: list[str] = field(default_factory=list)
     left_alone: str | None = None  # why the pass did not look for blocks (then nothing says it is in deploy form)
+    unsearched: str | None = None  # parts of the model the pass did not search (model-local functions' bodies)
 
     @property
     def fused(self) -> list[BlockRecord]:
@@ -149,8 +150,8 @@ class Report:
         data: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name == "left_alone" and value is None:
-                continue  # (a key only where the model was left alone)
+            if f.name in ("left_alone", "unsearched") and value is None:
+                continue  # (a key only where the model, or a part of it, was not searched)
             if f.name == "blocks":
                 data[f.name] = [{k: list(v) if isinstance(v, list) else v for k, v in vars(b).items()} for b in value]
             else:
@@ -169,6 +170,8 @@ class Report:
         lines = [f"blocks: {len(self.fused)} {fused_word}, {len(self.skipped)} skipped"]
         if self.left_alone:
             lines.append(f"not searched: {self.left_alone}")
+        elif not self.fused and not self.skipped and self.unsearched:
+            lines.append("nothing found in the graph; not searched: " + self.unsearched)
         elif not self.fused and not self.skipped:
             lines.append(NOTHING_TO_FUSE)
         elif not self.fused:
@@ -200,6 +203,8 @@ class Report:
         if self.frozen_initializer_inputs:
             lines.append(f"  {self.frozen_initializer_inputs} initializers removed from the graph inputs "
                          "(--freeze-initializers)")
+        if self.unsearched and (self.fused or self.skipped):
+            lines.append(f"not searched: {self.unsearched}")
         lines.extend(f"note: {note}" for note in self.notes)
         if self.before and self.after:
             lines.append("")

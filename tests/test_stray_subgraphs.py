@@ -15,6 +15,7 @@ import os
 
 import numpy as np
 import onnx
+import onnx.inliner
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
@@ -162,3 +163,76 @@ def test_models_without_stray_subgraphs_are_told_so_and_fuse_the_same():
         read, read_report = fuse(loaded.model)
         assert told.SerializeToString() == read.SerializeToString() and read_report.fused
         assert read_report.left_alone is None and "left_alone" not in read_report.to_dict()
+
+
+def _function_model(body_ops):
+    """A model whose graph calls a model-local function twice; the function's body is `body_ops`
+    (a conv+BN block sum, or a Relu)."""
+    c = 4
+    rng = np.random.default_rng(0)
+    if body_ops == "block":
+        nodes = [helper.make_node("Conv", ["x", "w3"], ["a"], pads=[1, 1, 1, 1]),
+                 helper.make_node("Conv", ["x", "w1"], ["b"]),
+                 helper.make_node("Add", ["a", "b"], ["y"])]
+        inputs = ["x", "w3", "w1"]
+    else:
+        nodes, inputs = [helper.make_node("Relu", ["x"], ["y"])], ["x"]
+    function = helper.make_function("local", "Block", inputs, ["y"], nodes, [helper.make_opsetid("", 17)])
+    weights = [numpy_helper.from_array(rng.standard_normal((c, c, 3, 3)).astype(np.float32), "w3"),
+               numpy_helper.from_array(rng.standard_normal((c, c, 1, 1)).astype(np.float32), "w1")]
+    extra = ["w3", "w1"] if body_ops == "block" else []
+    calls = [helper.make_node("Block", ["x"] + extra, ["h"], domain="local"),
+             helper.make_node("Block", ["h"] + extra, ["out"], domain="local")]
+    graph = helper.make_graph(calls, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, 8, 8])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, c, 8, 8])],
+                              weights if body_ops == "block" else [])
+    return helper.make_model(graph, functions=[function],
+                             opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local", 1)])
+
+
+def test_blocks_inside_local_functions_are_said_to_be_unsearched(tmp_path, capsys):
+    """A TorchScript export with export_modules_as_functions puts each block in a model-local
+    function; the pass searches graphs only. It said 'nothing to fuse ... already in deploy form'
+    and the CI gate passed the model."""
+    model = _function_model("block")
+    onnx.checker.check_model(model)
+    fused, report = fuse(model)
+    assert not report.blocks and "2 calls of model-local functions that hold layers (Block x2)" in report.unsearched
+    assert "inline_local_functions" in report.unsearched and report.to_dict()["unsearched"] == report.unsearched
+    text = report.to_text()
+    assert "not searched: 2 calls" in text and "deploy form" not in text
+    path = str(tmp_path / "m.onnx")
+    onnx.save(model, path)
+    assert main([path, "--dry-run", "--exit-code", "-q"]) == 1
+    inlined = str(tmp_path / "inlined.onnx")  # what the note advises: then the blocks fuse
+    onnx.save(onnx.inliner.inline_local_functions(model), inlined)
+    capsys.readouterr()
+    assert main([inlined, str(tmp_path / "out.onnx")]) == 0
+    assert "blocks: 2 fused, 0 skipped" in capsys.readouterr().out
+
+    plain = _function_model("relu")  # a function without layers: nothing to say
+    _, report = fuse(plain)
+    assert report.unsearched is None and "unsearched" not in report.to_dict()
+
+
+def test_a_block_in_an_if_body_reading_outer_weights_says_where_they_come_from():
+    c = 4
+    rng = np.random.default_rng(0)
+    body = helper.make_graph([helper.make_node("Conv", ["x", "w3"], ["a"], pads=[1, 1, 1, 1]),
+                              helper.make_node("Conv", ["x", "w1"], ["b"]),
+                              helper.make_node("Add", ["a", "b"], ["t"])], "then", [],
+                             [helper.make_tensor_value_info("t", TensorProto.FLOAT, [1, c, 8, 8])])
+    other = helper.make_graph([helper.make_node("Identity", ["x"], ["e"])], "else", [],
+                              [helper.make_tensor_value_info("e", TensorProto.FLOAT, [1, c, 8, 8])])
+    graph = helper.make_graph([helper.make_node("If", ["cond"], ["y"], then_branch=body, else_branch=other)], "g",
+                              [helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+                               helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, c, 8, 8])],
+                              [numpy_helper.from_array(rng.standard_normal((c, c, 3, 3)).astype(np.float32), "w3"),
+                               numpy_helper.from_array(rng.standard_normal((c, c, 1, 1)).astype(np.float32), "w1")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    _, report = fuse(model)
+    [skip] = report.skipped
+    assert skip.reason_code == "non_constant" and "read from the enclosing graph" in skip.reason
+    assert "computed at run time" not in skip.reason

@@ -66,7 +66,13 @@ def const(view: GraphView, name: str, what: str, node: onnx.NodeProto) -> np.nda
         if producer is not None and producer.op_type in ("DequantizeLinear", "QuantizeLinear"):
             raise Skip("quantized", f"{what} '{name}' of {node.op_type} '{node.name}' is quantized "
                        f"({producer.op_type}); QDQ models are left as they are")
-        where = "a graph input" if name in view.graph_inputs else "computed at run time"
+        if name in view.graph_inputs:
+            where = "a graph input"
+        elif name not in view.producer and name not in view.initializers:  # read from an enclosing graph
+            where = ("read from the enclosing graph: blocks inside an If, Loop or Scan body are fused only when "
+                     "their weights are the body's own constants")
+        else:
+            where = "computed at run time"
         raise Skip("non_constant", f"{what} '{name}' of {node.op_type} '{node.name}' is not a constant ({where})")
     return value
 
