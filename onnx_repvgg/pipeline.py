@@ -168,34 +168,43 @@ _LAYER_OPS = frozenset({"Conv", "ConvTranspose", "BatchNormalization", "Gemm", "
 
 def _unsearched_functions(model: onnx.ModelProto) -> str | None:
     """What the report says of the model-local functions that hold layers a rule folds (a
-    TorchScript export with export_modules_as_functions puts each block in one): the pass
-    searches graphs, not function bodies, so blocks in them stay as they are. None when no
-    such function is called."""
+    TorchScript export with export_modules_as_functions puts each block in one), in their
+    bodies, the subgraphs there, or the functions they call: the pass searches graphs, not
+    function bodies, so blocks in them stay as they are. None when no such function is called."""
     local = {(f.domain, f.name): f for f in model.functions}
     if not local:
         return None
     holding: dict[tuple[str, str], bool] = {}
-
-    def holds(key: tuple[str, str], seen: frozenset = frozenset()) -> bool:
-        if key not in holding:
-            nodes = local[key].node
-            holding[key] = any(n.domain in ("", "ai.onnx") and n.op_type in _LAYER_OPS for n in nodes) or any(
-                (n.domain, n.op_type) in local and (n.domain, n.op_type) not in seen
-                and holds((n.domain, n.op_type), seen | {key}) for n in nodes)
-        return holding[key]
-
+    calls_of: dict[tuple[str, str], set[tuple[str, str]]] = {}
+    for key, function in local.items():
+        nodes = list(_nodes_within(function.node))
+        holding[key] = any(n.domain in ("", "ai.onnx") and n.op_type in _LAYER_OPS for n in nodes)
+        calls_of[key] = {(n.domain, n.op_type) for n in nodes} & local.keys()
+    changed = True
+    while changed:  # a function holds layers when one it calls does (a fixed point: cycles end)
+        changed = False
+        for key, called in calls_of.items():
+            if not holding[key] and any(holding[c] for c in called):
+                holding[key] = changed = True
     calls: Counter[str] = Counter()
-    for graph in _graphs(model.graph):
-        for node in graph.node:
-            key = (node.domain, node.op_type)
-            if key in local and holds(key):
-                calls[node.op_type] += 1
+    for node in _nodes_within(model.graph.node):
+        key = (node.domain, node.op_type)
+        if key in local and holding[key]:
+            calls[node.op_type if node.domain == "local" else f"{node.domain}.{node.op_type}"] += 1
     if not calls:
         return None
     listed = ", ".join(f"{name} x{count}" for name, count in calls.most_common(5))
     return (f"{sum(calls.values())} calls of model-local functions that hold layers ({listed}): the pass searches "
             "graphs, not function bodies, so blocks inside them are not fused; inline them first "
             "(onnx.inliner.inline_local_functions) to fuse them")
+
+
+def _nodes_within(nodes):
+    """These nodes and those of the subgraphs they hold, at any depth."""
+    for node in nodes:
+        yield node
+        for sub in subgraphs_of(node):
+            yield from _nodes_within(sub.node)
 
 
 def _left_alone(model: onnx.ModelProto, report: Report) -> Report:

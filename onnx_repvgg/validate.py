@@ -160,6 +160,8 @@ def _worse(previous: OutputCheck | None, check: OutputCheck) -> OutputCheck:
     previous.max_abs_diff = max(previous.max_abs_diff, check.max_abs_diff)
     previous.max_rel_diff = max(previous.max_rel_diff, check.max_rel_diff)
     previous.passed = previous.passed and check.passed
+    if not check.passed and previous.reason is None:  # (a NaN in one model only, in a later input set)
+        previous.reason = check.reason
     return previous
 
 
@@ -247,7 +249,8 @@ def _check_sets_fit(first: tuple[dict, dict], given: Mapping[str, np.ndarray], i
     if available is None:
         return
     feeds, outputs = first
-    shared = sum(_nbytes(feeds[name]) for name in given if name in feeds)
+    # (given data of another dtype is converted anew for every set: shared only when fed as it is)
+    shared = sum(_nbytes(feeds[name]) for name in given if name in feeds and feeds[name] is given[name])
     per_set = _nbytes(feeds) - shared + _nbytes(outputs)
     budget = available // 2 - shared
     if per_set * input_sets > budget:
@@ -294,13 +297,17 @@ def _meminfo_available() -> int | None:
     return None
 
 
-_CGROUP_FILES = (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),  # cgroup v2
-                 ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"))  # v1
+_CGROUP_FILES = (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current",  # cgroup v2
+                  "/sys/fs/cgroup/memory.stat", "inactive_file"),
+                 ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes",
+                  "/sys/fs/cgroup/memory/memory.stat", "total_inactive_file"))  # v1
 
 
 def _cgroup_room(files=_CGROUP_FILES) -> int | None:
-    """The limit of the cgroup this process runs in, less what it uses; None without a limit."""
-    for limit_path, usage_path in files:
+    """The limit of the cgroup this process runs in, less its working set (its usage less the
+    inactive file cache, which the kernel reclaims before it kills: the kubelet's measure);
+    None without a limit."""
+    for limit_path, usage_path, stat_path, inactive_key in files:
         try:
             with open(limit_path) as f:
                 limit = f.read().strip()
@@ -310,8 +317,21 @@ def _cgroup_room(files=_CGROUP_FILES) -> int | None:
             continue
         if limit == "max" or not limit.isdigit() or int(limit) >= 1 << 60:  # no limit (v1 says so with a huge number)
             return None
-        return max(0, int(limit) - usage)
+        return max(0, int(limit) - max(0, usage - _stat_value(stat_path, inactive_key)))
     return None
+
+
+def _stat_value(path: str, key: str) -> int:
+    """A value of a cgroup memory.stat file (0 when it cannot be read)."""
+    try:
+        with open(path) as f:
+            for line in f:
+                name, _, value = line.partition(" ")
+                if name == key:
+                    return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 def _run_original(a: ModelSource, fetch: list[str], shapes, data, input_sets: int, seed: int, defaulted):
@@ -343,7 +363,8 @@ def _run_original(a: ModelSource, fetch: list[str], shapes, data, input_sets: in
     text = one_line(first_error) if first_error else "no input shape worked"
     if "No corresponding Numpy type" in text:  # onnxruntime ran it, but cannot hand a value's type to Python
         raise ValidationError(f"onnxruntime cannot hand a value the comparison reads to numpy ({text})", "unsupported")
-    shape_error = any(key in text for key in ("dimension", "Invalid rank", "shape", "Got:", "Expected:"))
+    shape_error = any(key in text for key in ("dimension", "Invalid rank", "shape", "Got:", "Expected:",
+                                              "Unexpected input data type"))
     raise ValidationError(f"onnxruntime cannot run the original model at input shapes "
                           f"{ {k: list(v) for k, v in shapes.items()} }: {text}",
                           "input" if shape_error else "original")

@@ -177,3 +177,24 @@ def test_input_data_of_another_kind_is_refused(tmp_path, capsys):
     assert main([str(tmp_path / "in.onnx"), str(tmp_path / "out.onnx"), "--input-data", f"X:{tmp_path / 'x.npy'}"]) == 2
     err = capsys.readouterr().err
     assert "int64" in err and "tensor(float)" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_sparse_weight_is_named_as_one_not_as_computed_or_outer():
+    """(The check for values read from an enclosing graph took a main-graph sparse initializer
+    for one: helper-21's review.)"""
+    c = 4
+    rng = np.random.default_rng(0)
+    dense = numpy_helper.from_array(rng.standard_normal((c, c, 3, 3)).astype(np.float32), "w3")
+    sparse = helper.make_sparse_tensor(numpy_helper.from_array(np.ones(2, np.float32), "w1"),
+                                       numpy_helper.from_array(np.array([0, 5], np.int64), "w1_idx"), [c, c, 1, 1])
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w3"], ["a"], pads=[1, 1, 1, 1]),
+                               helper.make_node("Conv", ["x", "w1"], ["b"]),
+                               helper.make_node("Add", ["a", "b"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, c, 8, 8])], [dense],
+                              sparse_initializer=[sparse])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    _, report = fuse(model)
+    [skip] = report.skipped
+    assert "'w1' of Conv" in skip.reason and "(a sparse initializer: the rules read dense ones)" in skip.reason

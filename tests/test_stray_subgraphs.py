@@ -236,3 +236,23 @@ def test_a_block_in_an_if_body_reading_outer_weights_says_where_they_come_from()
     [skip] = report.skipped
     assert skip.reason_code == "non_constant" and "read from the enclosing graph" in skip.reason
     assert "computed at run time" not in skip.reason
+
+
+def test_a_function_whose_layers_sit_under_control_flow_or_in_a_called_function_is_unsearched():
+    model = _function_model("block")
+    body = model.functions[0]
+    branch = helper.make_graph(list(body.node), "then", [], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    outer = helper.make_function("local", "Gated", ["x", "w3", "w1", "c"], ["z"],
+                                 [helper.make_node("If", ["c"], ["z"], then_branch=branch, else_branch=branch)],
+                                 [helper.make_opsetid("", 17)])
+    wrapper = helper.make_function("local", "Wrapper", ["x", "w3", "w1", "c"], ["z"],
+                                   [helper.make_node("Gated", ["x", "w3", "w1", "c"], ["z"], domain="local")],
+                                   [helper.make_opsetid("", 17), helper.make_opsetid("local", 1)])
+    del model.functions[:]
+    model.functions.extend([outer, wrapper])
+    model.graph.input.append(helper.make_tensor_value_info("c", TensorProto.BOOL, []))
+    del model.graph.node[:]
+    model.graph.node.extend([helper.make_node("Wrapper", ["x", "w3", "w1", "c"], ["out"], domain="local")])
+    _, report = fuse(model)
+    assert report.unsearched is not None and "1 calls of model-local functions that hold layers (Wrapper x1)" in \
+        report.unsearched

@@ -72,8 +72,8 @@ def test_the_room_under_a_cgroup_limit_bounds_the_memory_available(tmp_path, mon
     import importlib
 
     module = importlib.import_module("onnx_repvgg.validate")
-    limit, usage = tmp_path / "memory.max", tmp_path / "memory.current"
-    files = ((str(limit), str(usage)),)
+    limit, usage, stat = tmp_path / "memory.max", tmp_path / "memory.current", tmp_path / "memory.stat"
+    files = ((str(limit), str(usage), str(stat), "inactive_file"),)
     usage.write_text("1000\n")
     limit.write_text("max\n")
     assert module._cgroup_room(files) is None  # no limit
@@ -83,7 +83,9 @@ def test_the_room_under_a_cgroup_limit_bounds_the_memory_available(tmp_path, mon
     assert module._cgroup_room(files) == 4000
     usage.write_text("9000\n")
     assert module._cgroup_room(files) == 0
-    assert module._cgroup_room(((str(tmp_path / "absent"), str(usage)),)) is None
+    stat.write_text("anon 2000\ninactive_file 6000\nactive_file 1000\n")  # cache the kernel reclaims first
+    assert module._cgroup_room(files) == 2000
+    assert module._cgroup_room(((str(tmp_path / "absent"), str(usage), str(stat), "inactive_file"),)) is None
     monkeypatch.setattr(module, "_meminfo_available", lambda: 1 << 30)
     monkeypatch.setattr(module, "_cgroup_room", lambda: 1 << 20)
     assert module.available_memory() == 1 << 20  # the least of the two
@@ -198,3 +200,26 @@ def test_a_block_that_failed_on_nan_or_inf_says_so_in_the_report():
     failed.reason = None
     assert "block 'conv' checked alone: max abs diff 0, max rel diff 0 exceed the tolerance" in \
         _validation_text(Validation(passed=False, input_sets=1, blocks=[failed]))
+
+
+def test_a_later_input_set_or_part_that_differs_by_a_nan_keeps_its_reason():
+    from onnx_repvgg.validate import _check, _worse
+
+    ones = np.ones(3, np.float32)
+    nan = np.array([1.0, np.nan, 1.0], np.float32)
+    merged = _worse(_check("y", "output", ones, ones, None, None, None), _check("y", "output", ones, nan, None, None, None))
+    assert not merged.passed and "NaN or infinite in one model" in merged.reason
+    parts = compare("s", [ones, ones, ones], [ones + 1, ones, nan], 1e-4, 1e-5)  # the first failing part says nothing
+    assert not parts.passed and "NaN or infinite in one model" in parts.reason
+
+
+def test_given_data_converted_for_every_set_is_counted_per_set(monkeypatch):
+    import importlib
+
+    module = importlib.import_module("onnx_repvgg.validate")
+    given = {"x": np.zeros(1 << 17, np.float64)}  # 1 MB of float64 for a float32 input: a new array each set
+    first = ({"x": given["x"].astype(np.float32)}, {"y": np.zeros(0, np.float32)})
+    monkeypatch.setattr(module, "available_memory", lambda: 4 << 20)  # half: 2 MB, 512 KB a set
+    module._check_sets_fit(first, given, 4)
+    with pytest.raises(module.ValidationError, match="ask for at most 4"):
+        module._check_sets_fit(first, given, 5)

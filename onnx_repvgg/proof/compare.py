@@ -108,6 +108,7 @@ def _compare_parts(name: str, expected, actual, rtol: float, atol: float) -> Out
         part = compare(name, e, a, rtol, atol)
         worst.max_abs_diff = max(worst.max_abs_diff, part.max_abs_diff)
         worst.max_rel_diff = max(worst.max_rel_diff, part.max_rel_diff)
-        if not part.passed and worst.passed:
-            worst.passed, worst.reason = False, part.reason
+        if not part.passed:
+            worst.passed = False
+            worst.reason = worst.reason or part.reason  # (the first part that says what differs)
     return worst
