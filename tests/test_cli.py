@@ -628,6 +628,11 @@ def test_types_validation_cannot_make_or_read_are_named_as_such(tmp_path, capsys
     np.save(tmp_path / "s.npy", np.array(["a", "bc"]))  # given: used as it is
     assert main([str(tmp_path / "text.onnx"), str(tmp_path / "out.onnx"), "-q", "--input-data",
                  f"s:{tmp_path / 's.npy'}"]) == 0
+    np.save(tmp_path / "f.npy", np.ones(2, np.float32))  # data of another type: the input's fault, not the model's
+    assert main([str(tmp_path / "text.onnx"), str(tmp_path / "o2.onnx"), "-q", "--input-data",
+                 f"s:{tmp_path / 'f.npy'}"]) == 2
+    err = capsys.readouterr().err
+    assert "Check --input-shape/--input-data against the model's inputs" in err and "does not run" not in err
 
 
 def test_a_negative_declared_dim_is_chosen_like_a_dynamic_one(tmp_path, capsys):
