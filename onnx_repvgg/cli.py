@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
 import tempfile
+import threading
 import time
 
 from . import __version__
@@ -38,7 +41,7 @@ exit codes:
      onnx.checker leaves open (the default opset imported twice with different versions, a
      weight no reader takes); or out of memory
   3  internal error (a bug: please report it; ONNX_REPVGG_DEBUG=1 shows the traceback)
-  130 interrupted; nothing written
+  130 interrupted; nothing written (once the output is in place, the message says it is complete)
 """
 
 
@@ -235,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     except io.BadInput as err:
         print(f"onnx-repvgg: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except InterruptedAfterWriting as done:
+        print(f"onnx-repvgg: interrupted after {done} was written (it is complete)", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except KeyboardInterrupt:
         print("onnx-repvgg: interrupted; nothing written", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -256,6 +262,9 @@ def _check_output_path(args) -> None:
         if os.path.exists(args.input) and _same_file(args.input, args.output) and not args.overwrite:
             raise UsageError("output is the input file; pass --overwrite to replace it")
         _check_writable(args.output, "output")
+        data = os.path.join(os.path.dirname(os.path.abspath(args.output)), os.path.basename(args.output) + ".data")
+        if os.path.isdir(data):  # where an output with external data puts its weights (staging.Staging)
+            raise io.BadInput(f"the output's data file {data} is a directory")
     if args.json:
         _check_writable(args.json, "JSON report")
 
@@ -473,21 +482,51 @@ def _phases(args, shapes, loaded, staging, say, timings, progress) -> int:
     # The JSON report is staged before the model is moved into place: a report that cannot be
     # written fails the run (exit 2) with nothing written, never after the model was.
     pending = _stage_json(args, report)
-    try:
-        staging.commit()
-    except BaseException:
+    # The moves into place are one step for an interrupt: a Ctrl-C between the data file's and the
+    # model's would leave an old model beside new data (the input itself, with --overwrite).
+    with _interrupts_deferred() as interrupted:
+        try:
+            staging.commit()
+        except BaseException:
+            if pending is not None:
+                os.unlink(pending)
+            raise
         if pending is not None:
-            os.unlink(pending)
-        raise
-    if pending is not None:
-        os.replace(pending, args.json)
-
-    say(f"onnx-repvgg {__version__}: {args.input} -> {args.output}")
-    if not args.quiet:
-        say(report.to_text(verbose=args.verbose, color=args.color))
-    if args.no_check:
-        say("validation: skipped (--no-check)")
+            os.replace(pending, args.json)
+    try:
+        if interrupted:
+            raise KeyboardInterrupt
+        say(f"onnx-repvgg {__version__}: {args.input} -> {args.output}")
+        if not args.quiet:
+            say(report.to_text(verbose=args.verbose, color=args.color))
+        if args.no_check:
+            say("validation: skipped (--no-check)")
+    except KeyboardInterrupt:
+        raise InterruptedAfterWriting(args.output) from None
     return EXIT_OK
+
+
+class InterruptedAfterWriting(KeyboardInterrupt):
+    """Interrupted once the output was in place (while the report was printed)."""
+
+
+@contextlib.contextmanager
+def _interrupts_deferred():
+    """SIGINT held while the block runs (in the main thread, where Python handles it); the list
+    it yields is not empty afterwards if one came meanwhile."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    try:
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    except (ValueError, OSError):  # (no signal handling here)
+        yield received
+        return
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _stage_json(args, report) -> str | None:

@@ -646,3 +646,65 @@ def test_a_negative_declared_dim_is_chosen_like_a_dynamic_one(tmp_path, capsys):
     assert main([str(tmp_path / "in.onnx"), str(tmp_path / "out.onnx"), "-q", "--json", str(report)]) == 0
     validation = json.loads(report.read_text())["validation"]
     assert validation["passed"] and validation["defaulted_dims"] == ["x[0]"] and validation["input_shapes"]["x"][0] > 0
+
+
+def test_an_interrupt_between_the_moves_into_place_waits_for_both(tmp_path, capsys, monkeypatch):
+    """A Ctrl-C between moving the data file and the model into place left an old model beside
+    new data (with --overwrite: the input corrupted), and one after them said 'nothing written'
+    (helper-22's hunt). The moves finish, and the message says the output is complete."""
+    import signal as signals
+
+    import onnxruntime as ort
+
+    from onnx_repvgg.storage import staging
+
+    src = os.path.join(MODELS, "repvgg_a0_tiny_dynamo.onnx")
+    model = tmp_path / "repvgg_a0_tiny_dynamo.onnx"  # (its data file's name is written in it)
+    shutil.copy(src, model)
+    shutil.copy(src + ".data", str(model) + ".data")
+    replace = os.replace
+    moves = []
+
+    def interrupted_after_the_first(a, b):
+        replace(a, b)
+        moves.append(b)
+        if len(moves) == 1:
+            os.kill(os.getpid(), signals.SIGINT)  # (delivered at once unless held)
+
+    monkeypatch.setattr(staging.os, "replace", interrupted_after_the_first)
+    assert main([str(model), str(model), "--overwrite", "--no-check"]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err == f"onnx-repvgg: interrupted after {model} was written (it is complete)"
+    assert [os.path.basename(m) for m in moves] == [model.name + ".data", model.name]
+    fused = onnx.load(str(model))  # the new model with the new data
+    assert "BatchNormalization" not in op_counts(fused) and listing(tmp_path) == [model.name, model.name + ".data"]
+    x = np.random.default_rng(0).standard_normal((1, 3, 64, 64)).astype(np.float32)
+    reference = ort.InferenceSession(src, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    got = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_an_interrupt_while_the_report_is_printed_says_the_output_is_written(tmp_path, capsys, monkeypatch):
+    from onnx_repvgg.report import Report
+
+    block_model(tmp_path / "in.onnx")
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Report, "to_text", interrupted)
+    out = tmp_path / "out.onnx"
+    assert main([str(tmp_path / "in.onnx"), str(out)]) == 130
+    assert capsys.readouterr().err.strip() == f"onnx-repvgg: interrupted after {out} was written (it is complete)"
+    assert listing(tmp_path) == ["in.onnx", "out.onnx"]
+
+
+def test_an_output_whose_data_file_path_is_a_directory_is_refused_before_the_run(tmp_path, capsys, monkeypatch):
+    import onnx_repvgg.cli as cli
+
+    block_model(tmp_path / "in.onnx")
+    os.mkdir(tmp_path / "out.onnx.data")
+    monkeypatch.setattr(cli, "fuse", lambda *a, **k: pytest.fail("ran"))
+    assert main([str(tmp_path / "in.onnx"), str(tmp_path / "out.onnx")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"onnx-repvgg: error: the output's data file {tmp_path / 'out.onnx.data'} is a directory"
