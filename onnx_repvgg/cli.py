@@ -213,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError("an input model is required")
         if args.output is None and not args.dry_run:
             raise UsageError("an output path is required (or use --dry-run)")
+        for flag, path in (("input", args.input), ("output", args.output), ("--json", args.json)):
+            if path is not None and not path.strip():
+                raise UsageError(f"the {flag} path is empty")
         if args.exit_code and not args.dry_run:
             raise UsageError("--exit-code goes with --dry-run (it reports whether anything would be fused)")
         if args.check < 1:
@@ -529,6 +532,12 @@ def _interrupts_deferred():
         signal.signal(signal.SIGINT, previous)
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _stage_json(args, report) -> str | None:
     """Write the JSON report to a hidden file beside its target; return that file's path."""
     if not args.json:
@@ -537,6 +546,7 @@ def _stage_json(args, report) -> str | None:
     path = None
     try:
         handle, path = tempfile.mkstemp(prefix=f".{os.path.basename(args.json)}.", suffix=".tmp", dir=folder)
+        os.chmod(path, 0o666 & ~_umask())  # (mkstemp makes it 0600: the mode a new file gets, as the model's)
         with os.fdopen(handle, "w") as f:
             f.write(json_text(report.to_dict()))
             f.write("\n")

@@ -708,3 +708,17 @@ def test_an_output_whose_data_file_path_is_a_directory_is_refused_before_the_run
     assert main([str(tmp_path / "in.onnx"), str(tmp_path / "out.onnx")]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"onnx-repvgg: error: the output's data file {tmp_path / 'out.onnx.data'} is a directory"
+
+
+def test_empty_paths_are_refused_and_the_report_gets_a_new_files_mode(tmp_path, capsys):
+    """(helper-22's hunt: an empty output ran the whole pass before failing, --json "" was
+    ignored, and the report was written 0600 where the model gets the umask's mode.)"""
+    block_model(tmp_path / "in.onnx")
+    for args in ([str(tmp_path / "in.onnx"), ""], [str(tmp_path / "in.onnx"), str(tmp_path / "out.onnx"), "--json", ""],
+                 ["", str(tmp_path / "out.onnx")]):
+        assert main(args) == 2
+        assert capsys.readouterr().err.strip().endswith("path is empty")
+    assert listing(tmp_path) == ["in.onnx"]
+    report = tmp_path / "r.json"
+    assert main([str(tmp_path / "in.onnx"), str(tmp_path / "out.onnx"), "-q", "--json", str(report)]) == 0
+    assert os.stat(report).st_mode & 0o777 == os.stat(tmp_path / "out.onnx").st_mode & 0o777
