@@ -180,3 +180,23 @@ def test_validate_takes_paths_with_external_data(tmp_path):
     assert main([path, str(tmp_path / "fused.onnx"), "--no-check", "-q"]) == 0
     result = validate(path, str(tmp_path / "fused.onnx"))
     assert result.passed and len(result.blocks) == 2 and all(b.checked for b in result.blocks)
+
+
+def test_a_choice_made_inside_a_loop_or_if_body_makes_the_outputs_not_comparable():
+    """A greedy pick written as a Loop of ArgMax (torch.jit.script exports one) chooses inside
+    the body: near-tied scores can swap there as after a TopK. The continuity walk did not look
+    into bodies, and a correct fusion was refused (helper-23's hunt)."""
+    b = GraphBuilder(channels=4)
+    conv = b.conv(b.x, 4, 4, 3)
+    flat = b.op("Flatten", [conv])
+    pick = onnx.helper.make_graph([onnx.helper.make_node("ArgMax", [flat], ["best"], axis=1, name="Pick")], "then",
+                                  [], [onnx.helper.make_tensor_value_info("best", onnx.TensorProto.INT64, None)])
+    keep = onnx.helper.make_graph([onnx.helper.make_node("Shape", [flat], ["size"])], "else", [],
+                                  [onnx.helper.make_tensor_value_info("size", onnx.TensorProto.INT64, None)])
+    chosen, after = b.fresh("chosen"), b.fresh("after")
+    b.nodes.append(onnx.helper.make_node("If", ["cond"], [chosen], then_branch=pick, else_branch=keep, name="Choose"))
+    b.nodes.append(onnx.helper.make_node("Cast", [chosen], [after], to=onnx.TensorProto.FLOAT))
+    plain = b.op("Relu", [flat])
+    jumped = not_comparable(onnx.helper.make_graph(b.nodes, "g", [], []), {conv})
+    assert jumped == {chosen: "after If 'Choose' (ArgMax 'Pick' inside)", after: "after If 'Choose' (ArgMax 'Pick' inside)"}
+    assert plain not in jumped

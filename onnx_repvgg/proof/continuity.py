@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import onnx
 
+from ..graph import subgraphs_of
 from .changes import node_inputs
 
 # op type -> which outputs jump when the inputs move a little (None: all of them)
@@ -46,6 +47,19 @@ def _jumping_outputs(node: onnx.NodeProto) -> list[str]:
     return [out for i, out in enumerate(node.output) if out and (slots is None or i in slots)]
 
 
+def _jump_inside(node: onnx.NodeProto) -> str | None:
+    """The first op in the subgraphs a node holds (If, Loop, Scan bodies, at any depth) whose
+    outputs can jump, as "<Op> '<node>'"; None when there is none."""
+    for sub in subgraphs_of(node):
+        for inner in sub.node:
+            if _jumping_outputs(inner):
+                return f"{inner.op_type} '{inner.name or inner.output[0]}'"
+            deeper = _jump_inside(inner)
+            if deeper is not None:
+                return deeper
+    return None
+
+
 def not_comparable(graph: onnx.GraphProto, changed: set[str]) -> dict[str, str]:
     """{tensor: "after <Op> '<node>'"} for every tensor downstream of a discontinuous op that a
     changed tensor reaches. The graph's nodes are in topological order (ONNX requires it)."""
@@ -68,6 +82,10 @@ def not_comparable(graph: onnx.GraphProto, changed: set[str]) -> dict[str, str]:
                 continue
         jumping = _jumping_outputs(node)
         label = f"after {node.op_type} '{node.name or node.output[0]}'"
+        inner = None if jumping else _jump_inside(node)
+        if inner is not None:  # a choice made in a body (a Loop of ArgMax picks): every output may jump
+            jumping = [out for out in node.output if out]
+            label += f" ({inner} inside)"
         for out in jumping:
             jumped[out] = label
         moved.update(out for out in node.output if out and out not in jumped)
