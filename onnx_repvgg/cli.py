@@ -265,7 +265,7 @@ def _check_output_path(args) -> None:
         if os.path.exists(args.input) and _same_file(args.input, args.output) and not args.overwrite:
             raise UsageError("output is the input file; pass --overwrite to replace it")
         _check_writable(args.output, "output")
-        data = os.path.join(os.path.dirname(os.path.abspath(args.output)), os.path.basename(args.output) + ".data")
+        data = args.output + ".data"
         if os.path.isdir(data):  # where an output with external data puts its weights (staging.Staging)
             raise io.BadInput(f"the output's data file {data} is a directory")
     if args.json:

@@ -28,7 +28,7 @@ import onnx
 from .graph import ReferenceAttribute, attributes
 from .proof.blocks import WINDOW_OPS, check_regions
 from .proof.changes import find_regions
-from .proof.compare import DEFAULT_ATOL, DEFAULT_RTOL, HALF_ATOL, HALF_RTOL, compare, tolerances
+from .proof.compare import DEFAULT_ATOL, DEFAULT_RTOL, HALF_ATOL, HALF_RTOL, arrays_in, compare, tolerances
 from .proof.continuity import not_comparable
 from .proof.runtime import ModelSource, ValidationError, extra_outputs, feeds_for, one_line, open_model, session
 from .report import OutputCheck, Validation, human_bytes
@@ -262,15 +262,8 @@ def _check_sets_fit(first: tuple[dict, dict], given: Mapping[str, np.ndarray], i
 
 
 def _nbytes(value) -> int:
-    """Bytes held by a run's value: an array, or the arrays in a sequence or map output (0 for
-    anything else; never raises)."""
-    if isinstance(value, np.ndarray):
-        return value.nbytes
-    if isinstance(value, dict):
-        return sum(_nbytes(v) for v in value.values())
-    if isinstance(value, (list, tuple)):
-        return sum(_nbytes(v) for v in value)
-    return 0
+    """Bytes held by a run's value (or a dict of them): its arrays' (compare.arrays_in)."""
+    return sum(array.nbytes for array in arrays_in(value))
 
 
 def available_memory() -> int | None:
@@ -287,14 +280,8 @@ def available_memory() -> int | None:
 
 
 def _meminfo_available() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+    kilobytes = _file_value("/proc/meminfo", "MemAvailable:")
+    return None if kilobytes is None else kilobytes * 1024
 
 
 _CGROUP_FILES = (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current",  # cgroup v2
@@ -317,21 +304,22 @@ def _cgroup_room(files=_CGROUP_FILES) -> int | None:
             continue
         if limit == "max" or not limit.isdigit() or int(limit) >= 1 << 60:  # no limit (v1 says so with a huge number)
             return None
-        return max(0, int(limit) - max(0, usage - _stat_value(stat_path, inactive_key)))
+        return max(0, int(limit) - max(0, usage - (_file_value(stat_path, inactive_key) or 0)))
     return None
 
 
-def _stat_value(path: str, key: str) -> int:
-    """A value of a cgroup memory.stat file (0 when it cannot be read)."""
+def _file_value(path: str, key: str) -> int | None:
+    """The number after `key` on its line of a "key value [unit]" file (/proc/meminfo, a cgroup's
+    memory.stat); None when it cannot be read."""
     try:
         with open(path) as f:
             for line in f:
-                name, _, value = line.partition(" ")
-                if name == key:
-                    return int(value)
+                fields = line.split()
+                if len(fields) > 1 and fields[0] == key:
+                    return int(fields[1])
     except (OSError, ValueError):
         pass
-    return 0
+    return None
 
 
 def _run_original(a: ModelSource, fetch: list[str], shapes, data, input_sets: int, seed: int, defaulted):

@@ -8,7 +8,7 @@ coordinates) is not measured against its largest values.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -25,20 +25,23 @@ HALF_ATOL = 1e-3
 def tolerances(expected, rtol: float | None, atol: float | None) -> tuple[float, float]:
     """The tolerances for a tensor (or the tensors of a sequence or map output): the ones given,
     else the defaults of its dtype."""
-    half = _first_array(expected).dtype == np.float16
+    half = next(arrays_in(expected), _EMPTY).dtype == np.float16
     return (rtol if rtol is not None else (HALF_RTOL if half else DEFAULT_RTOL),
             atol if atol is not None else (HALF_ATOL if half else DEFAULT_ATOL))
 
 
-def _first_array(value) -> np.ndarray:
-    """The first tensor of a value as onnxruntime gives it (an array; a list of them for a
-    sequence output; a dict, or a list of dicts, for a map output), or an empty float32 array."""
-    while isinstance(value, (list, tuple, dict)):
-        parts = list(value.values()) if isinstance(value, dict) else list(value)
-        if not parts:
-            return np.zeros(0, np.float32)
-        value = parts[0]
-    return np.asarray(value) if value is not None else np.zeros(0, np.float32)
+def arrays_in(value) -> Iterator[np.ndarray | np.generic]:
+    """The numpy values in a value as onnxruntime gives it: an array; a list of them for a
+    sequence output; a dict, or a list of dicts, for a map output; None for an absent optional
+    one (anything else holds none)."""
+    if isinstance(value, (np.ndarray, np.generic)):
+        yield value
+    elif isinstance(value, (list, tuple, dict)):
+        for part in value.values() if isinstance(value, dict) else value:
+            yield from arrays_in(part)
+
+
+_EMPTY = np.zeros(0, np.float32)
 
 
 def compare(name: str, expected, actual, rtol: float, atol: float) -> OutputCheck:

@@ -66,10 +66,9 @@ def const(view: GraphView, name: str, what: str, node: onnx.NodeProto) -> np.nda
         if producer is not None and producer.op_type in ("DequantizeLinear", "QuantizeLinear"):
             raise Skip("quantized", f"{what} '{name}' of {node.op_type} '{node.name}' is quantized "
                        f"({producer.op_type}); QDQ models are left as they are")
-        sparse = {s.values.name for s in view.graph.sparse_initializer}
         if name in view.graph_inputs:
             where = "a graph input"
-        elif name in sparse:
+        elif any(sparse.values.name == name for sparse in view.graph.sparse_initializer):
             where = "a sparse initializer: the rules read dense ones"
         elif not view.main_graph and name not in view.producer and name not in view.initializers:  # from outside
             where = ("read from the enclosing graph: blocks inside an If, Loop or Scan body are fused only when "

@@ -30,7 +30,7 @@ rank and channel count are known) or per-channel vectors from BN.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import onnx
@@ -38,7 +38,7 @@ import onnx
 from ..block import Reason
 from ..graph import GraphView
 from .common import Skip, bn_affine, bn_affines
-from .passthrough import NEUTRAL_OPS, PASSTHROUGH_OPS, neutral_cheaply, passthrough_input
+from .passthrough import PASSTHROUGH_OPS, neutral_cheaply, passthrough_input
 
 LINEAR_OPS = ("Add", "Sum", "Sub", "Neg", "Mul", "Div", "BatchNormalization")
 _LINEAR = frozenset(LINEAR_OPS)
@@ -206,11 +206,7 @@ class LinearIndex:
                 cache[index] = _bn_expansion(inputs[0], affine)
 
     def is_passthrough(self, index: int | None) -> bool:
-        if index is None:
-            return False
-        exp = self._cache.get(index, _MISSING)
-        if exp is _MISSING:
-            exp = self.expansion(index)
+        exp = self.expansion(index) if index is not None else None
         return exp is not None and exp.passthrough
 
     def origin(self, name: str) -> str:
@@ -259,9 +255,7 @@ class LinearIndex:
         uses = view.consumers.get(name)
         if not uses or len(uses) != 1 or name in view.graph_outputs:  # not view.is_private(name)
             return False
-        exp = self._cache.get(uses[0][0], _MISSING)
-        if exp is _MISSING:
-            exp = self.expansion(uses[0][0])
+        exp = self.expansion(uses[0][0])
         if exp is None or exp.problem is not None or not exp.children:  # not usable
             return False
         for child, _ in exp.children:
@@ -283,21 +277,13 @@ class LinearIndex:
         if self._roots is None:
             view = self.view
             top: dict[int, int] = {}  # node -> the root above it (each path is climbed once)
-            relevant, known, ops = self._relevant.get, self._cache.get, view.ops
             for index in view.of_type(*LINEAR_OPS):
                 if view.shape_questions:
                     break  # a view without shapes read one: its round is redone with shapes, this ends it
-                if index in top:
+                if index in top or not self.relevant(index) or neutral_cheaply(view, index):
                     continue
-                found = relevant(index)  # self.relevant(index)
-                if not (found if found is not None else self._explore(index)):
-                    continue
-                if ops[index] in NEUTRAL_OPS and neutral_cheaply(view, index):
-                    continue
-                exp = known(index, _MISSING)
-                if exp is _MISSING:
-                    exp = self.expansion(index)
-                if exp is None or exp.problem is not None or not exp.children or exp.passthrough:  # not usable
+                exp = self.expansion(index)
+                if exp is None or not exp.usable or exp.passthrough:
                     continue
                 path = [index]
                 while path[-1] not in top and self._absorbed(view.outputs_of[path[-1]][0]):
@@ -382,7 +368,6 @@ class LinearIndex:
         view = self.view
         may_be_constant, producer_of, expansion, absorbed = (view.may_be_constant, view.producer.get, self.expansion,
                                                              self._absorbed)
-        known = self._cache.get  # expansion(), where it was made already (most nodes a tree reaches)
         nodes, leaves, constants = [root], [], []
         passthrough_only = True
         # (name, factors, parent): a leaf's parent is the nearest node above it that is not
@@ -393,9 +378,7 @@ class LinearIndex:
         index, outer, above = root, (), root
         while True:
             if index >= 0:
-                exp = known(index, _MISSING)
-                if exp is _MISSING:
-                    exp = expansion(index)
+                exp = expansion(index)
                 assert exp is not None
                 if exp.passthrough:
                     parent = above
@@ -419,9 +402,7 @@ class LinearIndex:
                 continue
             child = producer_of(name)
             if child is not None:
-                exp = known(child, _MISSING)
-                if exp is _MISSING:
-                    exp = expansion(child)
+                exp = expansion(child)
                 if exp is not None and exp.problem is None and exp.children and absorbed(name):  # usable(child)
                     nodes.append(child)
                     index, outer, above = child, factors, parent
@@ -458,7 +439,6 @@ class Expansions:
                 yield i, exp
 
 
-_MISSING: Any = object()  # (typed Any: a lookup's result is then its value's type)
 _EXPANDABLE = frozenset(LINEAR_OPS) | frozenset(PASSTHROUGH_OPS)
 # Ops whose output a rule may read as a branch (a tree leaf), and ops a tree may fold into.
 _BRANCH_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "AveragePool", "BatchNormalization"})

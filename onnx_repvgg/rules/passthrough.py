@@ -43,7 +43,6 @@ from .elem_types import elem_type
 PASSTHROUGH_OPS = ("Identity", "Dropout", "Cast", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Expand", "Pad",
                    "Concat", "Sum", "Mul", "Div", "Add", "Sub")
 _NEUTRAL = {"Mul": 1.0, "Div": 1.0, "Add": 0.0, "Sub": 0.0}
-NEUTRAL_OPS = frozenset(_NEUTRAL)  # the ops neutral_cheaply() can say yes to
 _PASSTHROUGH = frozenset(PASSTHROUGH_OPS)
 
 def _extra_outputs_unused(view: GraphView, node: onnx.NodeProto) -> bool:
